@@ -1,0 +1,22 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tidelog.cluster.cli import main
+
+
+def test_version_is_printed(capsys) -> None:
+    try:
+        main(["--version"])
+    except SystemExit as exit_:
+        assert exit_.code == 0
+    assert capsys.readouterr().out.startswith("tidelog ")
+
+
+def test_console_script_prints_help() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "tidelog.cluster.cli", "--help"],
+        capture_output=True, text=True, check=True, timeout=60,
+    ).stdout
+    assert "usage: tidelog" in out
