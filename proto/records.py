@@ -1,0 +1,513 @@
+"""Kafka RecordBatch v2 (magic 2), byte for byte (DESIGN.md §2).
+
+Two paths:
+
+* the **header-only path** for the broker (`scan_batches`, `scan_valid_prefix`,
+  `stamp_batches`): it checks lengths, magic and CRC-32C and rewrites baseOffset and
+  partitionLeaderEpoch in place (the CRC covers neither), never touching individual records;
+* the **record path** for clients and compaction (`encode_batch`, `decode_batches`).
+
+Field positions are named constants, as in Kafka's ``DefaultRecordBatch``. Every kind of bad
+input raises `CorruptRecordError` with a reason: the decoder checks each length against the bytes
+that remain before it slices, so a lying length field never causes a large allocation or a hang.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Iterator, Sequence, Union
+
+import crc32c as _crc32c
+import lz4.frame
+
+Buffer = Union[bytes, bytearray, memoryview]
+
+# Header layout, big-endian: name = byte position (DefaultRecordBatch.java).
+BASE_OFFSET_OFFSET = 0
+BATCH_LENGTH_OFFSET = 8
+PARTITION_LEADER_EPOCH_OFFSET = 12
+MAGIC_OFFSET = 16
+CRC_OFFSET = 17
+ATTRIBUTES_OFFSET = 21
+LAST_OFFSET_DELTA_OFFSET = 23
+BASE_TIMESTAMP_OFFSET = 27
+MAX_TIMESTAMP_OFFSET = 35
+PRODUCER_ID_OFFSET = 43
+PRODUCER_EPOCH_OFFSET = 51
+BASE_SEQUENCE_OFFSET = 53
+RECORDS_COUNT_OFFSET = 57
+RECORDS_OFFSET = 61
+BATCH_OVERHEAD = RECORDS_OFFSET
+# batchLength counts the bytes after itself, i.e. the whole batch minus baseOffset and batchLength.
+LOG_OVERHEAD = BATCH_LENGTH_OFFSET + 4
+
+MAGIC = 2
+COMPRESSION_CODEC_MASK = 0x07
+TIMESTAMP_TYPE_MASK = 0x08
+TRANSACTIONAL_FLAG_MASK = 0x10
+CONTROL_FLAG_MASK = 0x20
+DELETE_HORIZON_FLAG_MASK = 0x40
+
+NO_PRODUCER_ID = -1
+NO_PRODUCER_EPOCH = -1
+NO_SEQUENCE = -1
+NO_TIMESTAMP = -1
+
+# The smallest record: length, attributes, timestampDelta, offsetDelta, keyLength, valueLength
+# and headerCount, each one byte. Used to reject a record count that the bytes cannot hold.
+MIN_RECORD_SIZE = 7
+# A decompressed batch larger than this is treated as corrupt rather than allocated.
+MAX_DECOMPRESSED_BYTES = 256 * 1024 * 1024
+
+_HEADER = struct.Struct(">qiibIhiqqqhii")
+assert _HEADER.size == BATCH_OVERHEAD
+_BASE_OFFSET = struct.Struct(">q")
+_INT32 = struct.Struct(">i")
+
+
+class CorruptRecordError(ValueError):
+    """Bytes that are not a valid sequence of RecordBatch v2 batches."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Compression(enum.IntEnum):
+    NONE = 0
+    GZIP = 1
+    SNAPPY = 2
+    LZ4 = 3
+    ZSTD = 4
+
+    @classmethod
+    def parse(cls, name: str | Compression) -> Compression:
+        if isinstance(name, Compression):
+            return name
+        try:
+            return cls[name.upper()]
+        except KeyError:
+            raise ValueError(
+                f"unknown compression {name!r}; choose one of none, gzip, lz4"
+            ) from None
+
+
+_SUPPORTED_CODECS = frozenset({Compression.NONE, Compression.GZIP, Compression.LZ4})
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    offset: int
+    timestamp: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes | None], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class BatchHeader:
+    """The 61-byte header of one batch, read without decoding any record."""
+
+    position: int
+    size: int
+    base_offset: int
+    partition_leader_epoch: int
+    attributes: int
+    last_offset_delta: int
+    base_timestamp: int
+    max_timestamp: int
+    producer_id: int
+    producer_epoch: int
+    base_sequence: int
+    record_count: int
+
+    @property
+    def last_offset(self) -> int:
+        return self.base_offset + self.last_offset_delta
+
+    @property
+    def next_offset(self) -> int:
+        return self.base_offset + self.last_offset_delta + 1
+
+    @property
+    def compression(self) -> Compression:
+        return Compression(self.attributes & COMPRESSION_CODEC_MASK)
+
+    @property
+    def is_control(self) -> bool:
+        return bool(self.attributes & CONTROL_FLAG_MASK)
+
+    @property
+    def is_transactional(self) -> bool:
+        return bool(self.attributes & TRANSACTIONAL_FLAG_MASK)
+
+    @property
+    def log_append_time(self) -> bool:
+        return bool(self.attributes & TIMESTAMP_TYPE_MASK)
+
+    @property
+    def last_sequence(self) -> int:
+        if self.base_sequence == NO_SEQUENCE:
+            return NO_SEQUENCE
+        return (self.base_sequence + self.last_offset_delta) & 0x7FFFFFFF
+
+
+def _read_header(view: memoryview, position: int, *, verify_crc: bool) -> BatchHeader:
+    """Parse and check the batch starting at ``position``; ``view`` may hold more after it."""
+    available = len(view) - position
+    if available < LOG_OVERHEAD:
+        raise CorruptRecordError(
+            f"truncated batch at byte {position}: {available} bytes, need at least {LOG_OVERHEAD}"
+        )
+    (batch_length,) = _INT32.unpack_from(view, position + BATCH_LENGTH_OFFSET)
+    size = batch_length + LOG_OVERHEAD
+    if size < BATCH_OVERHEAD:
+        raise CorruptRecordError(
+            f"batch at byte {position} declares length {batch_length}, "
+            f"less than the {BATCH_OVERHEAD - LOG_OVERHEAD}-byte minimum"
+        )
+    if size > available:
+        raise CorruptRecordError(
+            f"truncated batch at byte {position}: declares {size} bytes, {available} present"
+        )
+    magic = view[position + MAGIC_OFFSET]
+    if magic != MAGIC:
+        raise CorruptRecordError(f"batch at byte {position} has magic {magic}; only magic 2 is supported")
+    (
+        base_offset,
+        _,
+        partition_leader_epoch,
+        _,
+        crc,
+        attributes,
+        last_offset_delta,
+        base_timestamp,
+        max_timestamp,
+        producer_id,
+        producer_epoch,
+        base_sequence,
+        record_count,
+    ) = _HEADER.unpack_from(view, position)
+    if verify_crc:
+        actual = _crc32c.crc32c(view[position + ATTRIBUTES_OFFSET : position + size])
+        if actual != crc:
+            raise CorruptRecordError(
+                f"CRC mismatch in batch at byte {position}: stored {crc:#010x}, computed {actual:#010x}"
+            )
+    if record_count < 0 or last_offset_delta < 0 or last_offset_delta < record_count - 1:
+        raise CorruptRecordError(
+            f"batch at byte {position} has record count {record_count} and "
+            f"lastOffsetDelta {last_offset_delta}, which cannot both be right"
+        )
+    codec = attributes & COMPRESSION_CODEC_MASK
+    if codec > Compression.ZSTD:
+        raise CorruptRecordError(f"batch at byte {position} names unknown compression codec {codec}")
+    if codec == Compression.NONE and record_count * MIN_RECORD_SIZE > size - BATCH_OVERHEAD:
+        raise CorruptRecordError(
+            f"batch at byte {position} claims {record_count} records in "
+            f"{size - BATCH_OVERHEAD} bytes of uncompressed data"
+        )
+    return BatchHeader(
+        position=position,
+        size=size,
+        base_offset=base_offset,
+        partition_leader_epoch=partition_leader_epoch,
+        attributes=attributes,
+        last_offset_delta=last_offset_delta,
+        base_timestamp=base_timestamp,
+        max_timestamp=max_timestamp,
+        producer_id=producer_id,
+        producer_epoch=producer_epoch,
+        base_sequence=base_sequence,
+        record_count=record_count,
+    )
+
+
+def scan_batches(buf: Buffer, *, verify_crc: bool = True) -> list[BatchHeader]:
+    """Headers of every batch in ``buf``, which must be whole valid batches and nothing else."""
+    view = memoryview(buf).cast("B")
+    headers: list[BatchHeader] = []
+    position = 0
+    while position < len(view):
+        header = _read_header(view, position, verify_crc=verify_crc)
+        headers.append(header)
+        position += header.size
+    return headers
+
+
+def scan_valid_prefix(buf: Buffer, *, verify_crc: bool = True) -> tuple[list[BatchHeader], int]:
+    """Headers of the longest valid prefix of ``buf`` and its length; stops at a torn tail."""
+    view = memoryview(buf).cast("B")
+    headers: list[BatchHeader] = []
+    position = 0
+    while position < len(view):
+        try:
+            header = _read_header(view, position, verify_crc=verify_crc)
+        except CorruptRecordError:
+            break
+        headers.append(header)
+        position += header.size
+    return headers, position
+
+
+def stamp_batches(buf: bytearray | memoryview, base_offset: int, partition_leader_epoch: int) -> int:
+    """Give the batches in ``buf`` contiguous offsets from ``base_offset`` and the epoch, in place.
+
+    ``buf`` must already have passed `scan_batches`. Returns the next offset to assign.
+    """
+    view = memoryview(buf).cast("B")
+    position = 0
+    next_offset = base_offset
+    while position < len(view):
+        (batch_length,) = _INT32.unpack_from(view, position + BATCH_LENGTH_OFFSET)
+        (last_offset_delta,) = _INT32.unpack_from(view, position + LAST_OFFSET_DELTA_OFFSET)
+        _BASE_OFFSET.pack_into(view, position + BASE_OFFSET_OFFSET, next_offset)
+        _INT32.pack_into(view, position + PARTITION_LEADER_EPOCH_OFFSET, partition_leader_epoch)
+        next_offset += last_offset_delta + 1
+        position += batch_length + LOG_OVERHEAD
+    return next_offset
+
+
+# --- varints (zig-zag, as protobuf's sint32/sint64) -----------------------------------------
+
+
+def _write_varint(out: bytearray, value: int) -> None:
+    zigzag = (value << 1) ^ (value >> 63)
+    zigzag &= 0xFFFFFFFFFFFFFFFF
+    while zigzag > 0x7F:
+        out.append((zigzag & 0x7F) | 0x80)
+        zigzag >>= 7
+    out.append(zigzag)
+
+
+def _read_varint(view: memoryview, position: int, end: int, max_bytes: int) -> tuple[int, int]:
+    result = 0
+    shift = 0
+    for i in range(max_bytes):
+        if position + i >= end:
+            raise CorruptRecordError("varint runs past the end of the record")
+        byte = view[position + i]
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return (result >> 1) ^ -(result & 1), position + i + 1
+        shift += 7
+    raise CorruptRecordError(f"varint longer than {max_bytes} bytes")
+
+
+def _read_varint32(view: memoryview, position: int, end: int) -> tuple[int, int]:
+    return _read_varint(view, position, end, 5)
+
+
+def _read_varlong(view: memoryview, position: int, end: int) -> tuple[int, int]:
+    return _read_varint(view, position, end, 10)
+
+
+# --- encoding -------------------------------------------------------------------------------
+
+
+def _write_bytes(out: bytearray, data: bytes | None) -> None:
+    if data is None:
+        _write_varint(out, -1)
+    else:
+        _write_varint(out, len(data))
+        out += data
+
+
+def _encode_records(records: Sequence[Record], base_timestamp: int) -> bytearray:
+    out = bytearray()
+    body = bytearray()
+    for offset_delta, record in enumerate(records):
+        body.clear()
+        body.append(0)  # record attributes: unused in v2
+        _write_varint(body, record.timestamp - base_timestamp)
+        _write_varint(body, offset_delta)
+        _write_bytes(body, record.key)
+        _write_bytes(body, record.value)
+        _write_varint(body, len(record.headers))
+        for header_key, header_value in record.headers:
+            _write_bytes(body, header_key.encode("utf-8"))
+            _write_bytes(body, header_value)
+        _write_varint(out, len(body))
+        out += body
+    return out
+
+
+def _compress(codec: Compression, data: bytes) -> bytes:
+    if codec is Compression.LZ4:
+        # Kafka's framing: an LZ4 frame with independent 64 KiB blocks, no content size and no
+        # content checksum (Lz4BlockOutputStream).
+        return lz4.frame.compress(
+            data,
+            block_size=lz4.frame.BLOCKSIZE_MAX64KB,
+            block_linked=False,
+            content_checksum=False,
+            store_size=False,
+        )
+    if codec is Compression.GZIP:
+        compressor = zlib.compressobj(wbits=31)
+        return compressor.compress(data) + compressor.flush()
+    raise ValueError(f"compression {codec.name.lower()} is not supported; use none, gzip or lz4")
+
+
+def _decompress(codec: Compression, data: memoryview) -> memoryview:
+    if codec not in _SUPPORTED_CODECS:
+        raise CorruptRecordError(f"compression {codec.name.lower()} is not supported by this tidelog")
+    try:
+        if codec is Compression.LZ4:
+            decompressor = lz4.frame.LZ4FrameDecompressor()
+            out = decompressor.decompress(bytes(data), max_length=MAX_DECOMPRESSED_BYTES)
+            complete = decompressor.eof
+        else:
+            zdecompressor = zlib.decompressobj(wbits=31)
+            out = zdecompressor.decompress(bytes(data), MAX_DECOMPRESSED_BYTES)
+            complete = zdecompressor.eof
+    except (RuntimeError, zlib.error, ValueError) as exc:
+        raise CorruptRecordError(f"{codec.name.lower()} data does not decompress: {exc}") from None
+    if not complete:
+        raise CorruptRecordError(
+            f"{codec.name.lower()} data is truncated or expands past {MAX_DECOMPRESSED_BYTES} bytes"
+        )
+    return memoryview(out)
+
+
+def encode_batch(
+    records: Sequence[Record],
+    *,
+    base_offset: int = 0,
+    compression: str | Compression = "none",
+    producer_id: int = NO_PRODUCER_ID,
+    producer_epoch: int = NO_PRODUCER_EPOCH,
+    base_sequence: int = NO_SEQUENCE,
+    partition_leader_epoch: int = 0,
+    is_transactional: bool = False,
+    is_control: bool = False,
+) -> bytes:
+    """One batch holding ``records``; record i gets offset ``base_offset + i``."""
+    if not records:
+        raise ValueError("a batch needs at least one record")
+    codec = Compression.parse(compression)
+    base_timestamp = records[0].timestamp
+    max_timestamp = max(record.timestamp for record in records)
+    payload: bytes | bytearray = _encode_records(records, base_timestamp)
+    if codec is not Compression.NONE:
+        payload = _compress(codec, bytes(payload))
+    attributes = codec.value
+    if is_transactional:
+        attributes |= TRANSACTIONAL_FLAG_MASK
+    if is_control:
+        attributes |= CONTROL_FLAG_MASK
+    batch = bytearray(BATCH_OVERHEAD + len(payload))
+    _HEADER.pack_into(
+        batch,
+        0,
+        base_offset,
+        len(batch) - LOG_OVERHEAD,
+        partition_leader_epoch,
+        MAGIC,
+        0,
+        attributes,
+        len(records) - 1,
+        base_timestamp,
+        max_timestamp,
+        producer_id,
+        producer_epoch,
+        base_sequence,
+        len(records),
+    )
+    batch[BATCH_OVERHEAD:] = payload
+    struct.pack_into(">I", batch, CRC_OFFSET, _crc32c.crc32c(memoryview(batch)[ATTRIBUTES_OFFSET:]))
+    return bytes(batch)
+
+
+# --- decoding -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RecordBatch(BatchHeader):
+    """A checked batch: its header fields plus the bytes to decode records from on demand."""
+
+    buffer: memoryview
+
+    def records(self) -> Iterator[Record]:
+        payload = self.buffer[BATCH_OVERHEAD : self.size]
+        if self.compression is not Compression.NONE:
+            payload = _decompress(self.compression, payload)
+        return _decode_records(self, payload)
+
+
+def _decode_bytes(view: memoryview, position: int, end: int) -> tuple[bytes | None, int]:
+    length, position = _read_varint32(view, position, end)
+    if length < 0:
+        return None, position
+    if length > end - position:
+        raise CorruptRecordError(f"field of {length} bytes runs past the end of its record")
+    return bytes(view[position : position + length]), position + length
+
+
+def _decode_records(batch: BatchHeader, payload: memoryview) -> Iterator[Record]:
+    end = len(payload)
+    if batch.record_count * MIN_RECORD_SIZE > end:
+        raise CorruptRecordError(f"{batch.record_count} records cannot fit in {end} bytes")
+    position = 0
+    for _ in range(batch.record_count):
+        length, position = _read_varint32(payload, position, end)
+        if length < MIN_RECORD_SIZE - 1 or length > end - position:
+            raise CorruptRecordError(f"record length {length} does not fit the batch")
+        record_end = position + length
+        position += 1  # attributes
+        timestamp_delta, position = _read_varlong(payload, position, record_end)
+        offset_delta, position = _read_varint32(payload, position, record_end)
+        if not 0 <= offset_delta <= batch.last_offset_delta:
+            raise CorruptRecordError(
+                f"record offset delta {offset_delta} outside 0..{batch.last_offset_delta}"
+            )
+        key, position = _decode_bytes(payload, position, record_end)
+        value, position = _decode_bytes(payload, position, record_end)
+        header_count, position = _read_varint32(payload, position, record_end)
+        if header_count < 0 or header_count * 2 > record_end - position:
+            raise CorruptRecordError(f"header count {header_count} does not fit the record")
+        headers = []
+        for _ in range(header_count):
+            raw_key, position = _decode_bytes(payload, position, record_end)
+            if raw_key is None:
+                raise CorruptRecordError("record header with a null key")
+            try:
+                header_key = raw_key.decode("utf-8")
+            except UnicodeDecodeError:
+                raise CorruptRecordError("record header key is not UTF-8") from None
+            header_value, position = _decode_bytes(payload, position, record_end)
+            headers.append((header_key, header_value))
+        if position != record_end:
+            raise CorruptRecordError(
+                f"record declares {length} bytes but its fields take {length - (record_end - position)}"
+            )
+        timestamp = (
+            batch.max_timestamp if batch.log_append_time else batch.base_timestamp + timestamp_delta
+        )
+        yield Record(batch.base_offset + offset_delta, timestamp, key, value, tuple(headers))
+    if position != end:
+        raise CorruptRecordError(f"{end - position} bytes left over after {batch.record_count} records")
+
+
+def decode_batches(buf: Buffer, *, verify_crc: bool = True) -> Iterator[RecordBatch]:
+    """Each batch of ``buf`` in turn, checked as `scan_batches` checks it."""
+    view = memoryview(buf).cast("B")
+    position = 0
+    while position < len(view):
+        header = _read_header(view, position, verify_crc=verify_crc)
+        fields = {name: getattr(header, name) for name in BatchHeader.__dataclass_fields__}
+        yield RecordBatch(**fields, buffer=view[position : position + header.size])
+        position += header.size
+
+
+def decode_records(buf: Buffer) -> list[Record]:
+    """Every record of every non-control batch in ``buf``: what a consumer sees."""
+    return [
+        record
+        for batch in decode_batches(buf)
+        if not batch.is_control
+        for record in batch.records()
+    ]
