@@ -1,7 +1,8 @@
 """The `tidelog` command line.
 
 The entry point lives in `tidelog.cluster` because it is the one room allowed to import both the
-node (for `tidelog node`) and the client (for everything else); see docs/DESIGN.md §1 and §9.
+node (for `tidelog node` and `tidelog cluster`) and the client (for everything else); see
+docs/DESIGN.md §1 and §9. Each room registers its own sub-commands.
 """
 
 from __future__ import annotations
@@ -9,6 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 from importlib.metadata import PackageNotFoundError, version
+
+from tidelog.client import cli as client_cli
+from tidelog.cluster import commands as cluster_commands
+from tidelog.proto.errors import TidelogError
 
 
 def package_version() -> str:
@@ -24,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="tidelog: a Kafka-style distributed partitioned log.",
     )
     parser.add_argument("--version", action="version", version=f"tidelog {package_version()}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    cluster_commands.register(subparsers)
+    client_cli.register(subparsers)
     return parser
 
 
@@ -39,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(handler(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except TidelogError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
