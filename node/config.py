@@ -1,0 +1,295 @@
+"""Node configuration: a TOML file plus command-line flags (DESIGN.md §9).
+
+Every key, its default and its meaning is in `NODE_KEYS` and `TOPIC_CONFIG_DEFAULTS`; the
+`tidelog node start --help` text and docs are generated from them, so they cannot drift.
+Flags win over the file; the file wins over defaults.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping
+
+DEFAULT_PORT = 9192
+METADATA_TOPIC = "__cluster_metadata"
+CONSUMER_OFFSETS_TOPIC = "__consumer_offsets"
+MAX_TOPIC_NAME_LENGTH = 249
+_TOPIC_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message says which key and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str, *, what: str = "address") -> Address:
+        host, sep, port = text.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ConfigError(f"{what} must be HOST:PORT, got {text!r}")
+        return cls(host.strip("[]"), int(port))
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Voter:
+    node_id: int
+    address: Address
+
+
+def parse_voters(text: str) -> tuple[Voter, ...]:
+    """``"1@host:port,2@host:port"`` → voters, in the given order, ids unique."""
+    voters: list[Voter] = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        node_id, sep, address = item.partition("@")
+        if not sep or not node_id.strip().lstrip("-").isdigit():
+            raise ConfigError(f"controller voter must be ID@HOST:PORT, got {item!r}")
+        voters.append(Voter(int(node_id), Address.parse(address, what="controller voter address")))
+    ids = [voter.node_id for voter in voters]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"controller voter ids must be unique, got {text!r}")
+    return tuple(voters)
+
+
+def format_voters(voters: tuple[Voter, ...]) -> str:
+    return ",".join(f"{voter.node_id}@{voter.address}" for voter in voters)
+
+
+# --- topic configs (Kafka's names and meanings) ---------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TopicConfigKey:
+    name: str
+    default: str
+    kind: str  # "int", "long", "enum"
+    doc: str
+    minimum: int | None = None
+    choices: tuple[str, ...] = ()
+
+
+_TOPIC_KEYS: tuple[TopicConfigKey, ...] = (
+    TopicConfigKey("cleanup.policy", "delete", "enum",
+                   "delete: drop whole old segments by retention; compact: keep the latest record per key",
+                   choices=("delete", "compact", "compact,delete", "delete,compact")),
+    TopicConfigKey("retention.ms", "604800000", "long",
+                   "delete segments whose newest record is older than this (-1: keep forever)", minimum=-1),
+    TopicConfigKey("retention.bytes", "-1", "long",
+                   "delete the oldest segments while a partition is larger than this (-1: no limit)",
+                   minimum=-1),
+    TopicConfigKey("segment.bytes", "1073741824", "int", "roll a new segment at this size", minimum=14),
+    TopicConfigKey("segment.ms", "604800000", "long", "roll a new segment after this age", minimum=1),
+    TopicConfigKey("max.message.bytes", "1048588", "int",
+                   "the largest record batch a producer may send to this topic", minimum=0),
+    TopicConfigKey("index.interval.bytes", "4096", "int",
+                   "bytes between two entries of the sparse offset index", minimum=0),
+    TopicConfigKey("delete.retention.ms", "86400000", "long",
+                   "how long compaction keeps tombstones", minimum=0),
+)
+TOPIC_CONFIG_KEYS: Mapping[str, TopicConfigKey] = MappingProxyType({k.name: k for k in _TOPIC_KEYS})
+TOPIC_CONFIG_DEFAULTS: Mapping[str, str] = MappingProxyType({k.name: k.default for k in _TOPIC_KEYS})
+
+
+def validate_topic_config(name: str, value: str) -> str:
+    """The normalised value, or ConfigError saying what is wrong."""
+    key = TOPIC_CONFIG_KEYS.get(name)
+    if key is None:
+        raise ConfigError(f"unknown topic config {name!r}; known: {', '.join(TOPIC_CONFIG_KEYS)}")
+    value = str(value).strip()
+    if key.kind == "enum":
+        normalised = value.replace(" ", "")
+        if normalised not in key.choices:
+            raise ConfigError(f"{name} must be one of {', '.join(key.choices)}, got {value!r}")
+        return normalised
+    try:
+        number = int(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {value!r}") from None
+    if key.minimum is not None and number < key.minimum:
+        raise ConfigError(f"{name} must be at least {key.minimum}, got {number}")
+    if key.kind == "int" and number > 2**31 - 1:
+        raise ConfigError(f"{name} must fit in 32 bits, got {number}")
+    return str(number)
+
+
+def effective_topic_configs(overrides: Mapping[str, str], defaults: Mapping[str, str]) -> dict[str, str]:
+    merged = dict(defaults)
+    merged.update(overrides)
+    return merged
+
+
+def topic_name_error(name: str) -> str | None:
+    """Why ``name`` is not a valid topic name (Kafka's rules), or None."""
+    if not name:
+        return "topic name is empty"
+    if len(name) > MAX_TOPIC_NAME_LENGTH:
+        return f"topic name is {len(name)} characters long; the limit is {MAX_TOPIC_NAME_LENGTH}"
+    if name in (".", ".."):
+        return f"topic name cannot be {name!r}"
+    bad = sorted(set(name) - _TOPIC_NAME_CHARS)
+    if bad:
+        return f"topic name {name!r} has characters outside [a-zA-Z0-9._-]: {''.join(bad)!r}"
+    return None
+
+
+def is_internal_topic(name: str) -> bool:
+    return name.startswith("__")
+
+
+# --- node configuration ---------------------------------------------------------------------
+
+
+class FlushPolicy:
+    ALWAYS = "always"
+    INTERVAL = "interval"
+    CHOICES = (ALWAYS, INTERVAL)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeKey:
+    name: str
+    default: Any
+    doc: str
+
+
+# The TOML keys of a node config file, with their defaults (None = required or derived).
+NODE_KEYS: tuple[NodeKey, ...] = (
+    NodeKey("node_id", None, "this node's id, an integer >= 0 unique in the cluster (required)"),
+    NodeKey("listen", f"127.0.0.1:{DEFAULT_PORT}", "HOST:PORT the gRPC server binds"),
+    NodeKey("advertised", None, "HOST:PORT clients and other nodes use to reach this node (default: listen)"),
+    NodeKey("data_dir", None, "directory for partitions and metadata (required)"),
+    NodeKey("controller_voters", None,
+            "the metadata quorum as ID@HOST:PORT,... (default: this node alone)"),
+    NodeKey("cluster_id", None, "cluster id written when the metadata log is created (default: random)"),
+    NodeKey("flush", FlushPolicy.ALWAYS,
+            "always: fsync appended data before it counts as committed (group commit); "
+            "interval: fsync every flush_interval_ms, so a crash of every replica can lose the "
+            "last interval of acknowledged records"),
+    NodeKey("flush_interval_ms", 1000, "fsync period with flush = interval"),
+    NodeKey("default_partitions", 1, "partitions of a topic created with num_partitions -1"),
+    NodeKey("default_replication_factor", 1,
+            "replication factor of a topic created with replication_factor -1 (capped at the node count)"),
+    NodeKey("max_request_bytes", 104857600, "largest gRPC message the node accepts or sends"),
+    NodeKey("fetch_max_wait_ms_limit", 30000, "cap on a Fetch's max_wait_ms"),
+    NodeKey("shutdown_grace_ms", 5000, "on SIGTERM, how long in-flight requests may take to finish"),
+    NodeKey("topic_defaults", {}, "a table of topic config defaults for this cluster, e.g. "
+            "topic_defaults = { \"segment.bytes\" = \"1048576\" }"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    node_id: int
+    data_dir: Path
+    listen: Address = Address("127.0.0.1", DEFAULT_PORT)
+    advertised: Address | None = None
+    controller_voters: tuple[Voter, ...] = ()
+    cluster_id: str | None = None
+    flush: str = FlushPolicy.ALWAYS
+    flush_interval_ms: int = 1000
+    default_partitions: int = 1
+    default_replication_factor: int = 1
+    max_request_bytes: int = 104857600
+    fetch_max_wait_ms_limit: int = 30000
+    shutdown_grace_ms: int = 5000
+    topic_defaults: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def advertised_address(self) -> Address:
+        return self.advertised or self.listen
+
+    @property
+    def voters(self) -> tuple[Voter, ...]:
+        """The metadata quorum; a node configured with none is a cluster of one."""
+        return self.controller_voters or (Voter(self.node_id, self.advertised_address),)
+
+    @property
+    def topic_config_defaults(self) -> Mapping[str, str]:
+        return MappingProxyType(effective_topic_configs(self.topic_defaults, TOPIC_CONFIG_DEFAULTS))
+
+
+def _int(name: str, value: Any, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    try:
+        number = int(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {value!r}") from None
+    if number < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {number}")
+    return number
+
+
+def build_config(values: Mapping[str, Any]) -> NodeConfig:
+    """A checked NodeConfig from a flat mapping of NODE_KEYS names (TOML values or flag strings)."""
+    known = {key.name for key in NODE_KEYS}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown node config key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    if values.get("node_id") is None:
+        raise ConfigError("node_id is required (--node-id or node_id in the config file)")
+    if values.get("data_dir") is None:
+        raise ConfigError("data_dir is required (--data-dir or data_dir in the config file)")
+    flush = str(values.get("flush", FlushPolicy.ALWAYS))
+    if flush not in FlushPolicy.CHOICES:
+        raise ConfigError(f"flush must be one of {', '.join(FlushPolicy.CHOICES)}, got {flush!r}")
+    topic_defaults_raw = values.get("topic_defaults") or {}
+    if not isinstance(topic_defaults_raw, Mapping):
+        raise ConfigError("topic_defaults must be a table of topic config names to values")
+    topic_defaults = {k: validate_topic_config(k, str(v)) for k, v in topic_defaults_raw.items()}
+    listen = Address.parse(str(values.get("listen") or f"127.0.0.1:{DEFAULT_PORT}"), what="listen")
+    advertised = values.get("advertised")
+    voters = values.get("controller_voters")
+    config = NodeConfig(
+        node_id=_int("node_id", values["node_id"]),
+        data_dir=Path(str(values["data_dir"])).expanduser().resolve(),
+        listen=listen,
+        advertised=Address.parse(str(advertised), what="advertised") if advertised else None,
+        controller_voters=parse_voters(str(voters)) if voters else (),
+        cluster_id=str(values["cluster_id"]) if values.get("cluster_id") else None,
+        flush=flush,
+        flush_interval_ms=_int("flush_interval_ms", values.get("flush_interval_ms", 1000), 1),
+        default_partitions=_int("default_partitions", values.get("default_partitions", 1), 1),
+        default_replication_factor=_int(
+            "default_replication_factor", values.get("default_replication_factor", 1), 1),
+        max_request_bytes=_int("max_request_bytes", values.get("max_request_bytes", 104857600), 1024),
+        fetch_max_wait_ms_limit=_int(
+            "fetch_max_wait_ms_limit", values.get("fetch_max_wait_ms_limit", 30000), 0),
+        shutdown_grace_ms=_int("shutdown_grace_ms", values.get("shutdown_grace_ms", 5000), 0),
+        topic_defaults=MappingProxyType(topic_defaults),
+    )
+    if config.controller_voters and config.node_id in {v.node_id for v in config.controller_voters}:
+        own = next(v for v in config.controller_voters if v.node_id == config.node_id)
+        if own.address.port != config.advertised_address.port:
+            raise ConfigError(
+                f"controller voter {own.node_id}@{own.address} does not match this node's "
+                f"advertised address {config.advertised_address}")
+    return config
+
+
+def load_config(path: Path | None, overrides: Mapping[str, Any]) -> NodeConfig:
+    """Defaults, then the TOML file at ``path``, then ``overrides`` (flags; None = not given)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as file:
+                values.update(tomllib.load(file))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return build_config(values)
+
+
+def with_changes(config: NodeConfig, **changes: Any) -> NodeConfig:
+    return replace(config, **changes)

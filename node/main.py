@@ -1,0 +1,69 @@
+"""`python -m tidelog.node.main` and `tidelog node start`: run one node in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from tidelog.node.config import NODE_KEYS, ConfigError, NodeConfig, load_config
+from tidelog.node.server import StartupError, run
+
+
+def add_node_arguments(parser: argparse.ArgumentParser) -> None:
+    docs = {key.name: key for key in NODE_KEYS}
+
+    def text(name: str) -> str:
+        key = docs[name]
+        default = "" if key.default in (None, {}) else f" (default: {key.default})"
+        return f"{key.doc}{default}; config key {name}"
+
+    parser.add_argument("--config", type=Path, metavar="FILE.toml",
+                        help="TOML file with the keys below (flags win over the file)")
+    parser.add_argument("--node-id", type=int, help=text("node_id"))
+    parser.add_argument("--listen", metavar="HOST:PORT", help=text("listen"))
+    parser.add_argument("--advertised", metavar="HOST:PORT", help=text("advertised"))
+    parser.add_argument("--data-dir", metavar="DIR", help=text("data_dir"))
+    parser.add_argument("--controller-voters", metavar="ID@HOST:PORT,...", help=text("controller_voters"))
+    parser.add_argument("--cluster-id", help=text("cluster_id"))
+    parser.add_argument("--flush", choices=("always", "interval"), help=text("flush"))
+    parser.add_argument("--flush-interval-ms", type=int, help=text("flush_interval_ms"))
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="log verbosity (default: INFO)")
+
+
+def config_from_args(args: argparse.Namespace) -> NodeConfig:
+    return load_config(args.config, {
+        "node_id": args.node_id,
+        "listen": args.listen,
+        "advertised": args.advertised,
+        "data_dir": args.data_dir,
+        "controller_voters": args.controller_voters,
+        "cluster_id": args.cluster_id,
+        "flush": args.flush,
+        "flush_interval_ms": args.flush_interval_ms,
+    })
+
+
+def start(args: argparse.Namespace) -> int:
+    """Handler of `tidelog node start`: run until SIGTERM/SIGINT; 0 after a clean shutdown."""
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_from_args(args)
+        return asyncio.run(run(config))
+    except (ConfigError, StartupError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tidelog node start", description="Run one tidelog node.")
+    add_node_arguments(parser)
+    return start(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

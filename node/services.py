@@ -1,0 +1,341 @@
+"""The client-facing gRPC services, Broker and Admin (DESIGN.md §6, proto/api.proto).
+
+Every per-partition problem is answered with its ErrorCode and a message, never with a gRPC
+status and never by storing anything: input is validated with the header-only scan before a
+single byte reaches the log. gRPC status codes are left to transport failures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Iterable, Mapping
+
+import grpc
+
+from tidelog.node.config import topic_name_error
+from tidelog.node.metadata import MetadataImage
+from tidelog.node.partitions import Partition, PartitionClosed, StorageFailed
+from tidelog.proto import api_pb2, api_pb2_grpc
+from tidelog.proto import records as codec
+from tidelog.proto.common_pb2 import ErrorCode
+
+if TYPE_CHECKING:
+    from tidelog.node.server import Node
+
+log = logging.getLogger(__name__)
+
+EARLIEST_TIMESTAMP = -2
+LATEST_TIMESTAMP = -1
+DEFAULT_PRODUCE_TIMEOUT_MS = 30000
+DEFAULT_FETCH_MAX_BYTES = 52428800  # Kafka's fetch.max.bytes
+
+
+class _Rejected(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _leader_hint(node: Node, image: MetadataImage, topic: str, partition: int) -> api_pb2.LeaderHint:
+    leader_id, epoch = node.leader_of(image, topic, partition)
+    registration = image.nodes.get(leader_id)
+    if registration is None:
+        return api_pb2.LeaderHint(leader_id=-1, leader_epoch=epoch)
+    return api_pb2.LeaderHint(leader_id=leader_id, leader_epoch=epoch, host=registration.host,
+                              port=registration.port)
+
+
+def _locate(node: Node, image: MetadataImage, topic: str, index: int) -> Partition:
+    """The local leader replica of (topic, index), or _Rejected with the right code."""
+    if topic_name_error(topic) is not None:
+        raise _Rejected(ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, f"no topic {topic!r}")
+    topic_image = image.topics.get(topic)
+    if topic_image is None:
+        raise _Rejected(ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, f"no topic {topic!r}")
+    if image.partition(topic, index) is None:
+        raise _Rejected(ErrorCode.UNKNOWN_TOPIC_OR_PARTITION,
+                        f"topic {topic!r} has {len(topic_image.partitions)} partition(s); no partition {index}")
+    partition = node.partitions.get(topic, index)
+    leader_id, _ = node.leader_of(image, topic, index)
+    if partition is None or leader_id != node.config.node_id:
+        raise _Rejected(ErrorCode.NOT_LEADER_OR_FOLLOWER,
+                        f"node {node.config.node_id} does not lead {topic}-{index}")
+    return partition
+
+
+class BrokerService(api_pb2_grpc.BrokerServicer):
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    # --- Produce --------------------------------------------------------------------------
+
+    async def Produce(self, request: api_pb2.ProduceRequest, context: grpc.aio.ServicerContext
+                      ) -> api_pb2.ProduceResponse:
+        node = self.node
+        image = node.image
+        acks = request.acks
+        timeout_ms = request.timeout_ms if request.timeout_ms > 0 else DEFAULT_PRODUCE_TIMEOUT_MS
+        results: list[api_pb2.ProducePartitionResult] = []
+        waits: list[tuple[api_pb2.ProducePartitionResult, Partition, int]] = []
+        for data in request.partitions:
+            result = api_pb2.ProducePartitionResult(
+                topic=data.topic, partition=data.partition, base_offset=-1, log_append_time_ms=-1,
+                log_start_offset=-1)
+            results.append(result)
+            try:
+                if acks not in (0, 1, -1):
+                    raise _Rejected(ErrorCode.INVALID_REQUIRED_ACKS, f"acks must be 0, 1 or -1 (all), got {acks}")
+                if node.shutting_down:
+                    raise _Rejected(ErrorCode.NOT_LEADER_OR_FOLLOWER, "node is shutting down")
+                partition = _locate(node, image, data.topic, data.partition)
+                batches = self._validate(node.topic_configs(image.topics[data.topic]), data.records)
+                appended = partition.append(batches)
+            except _Rejected as exc:
+                result.error, result.error_message = exc.code, exc.message
+            except (PartitionClosed, StorageFailed) as exc:
+                result.error, result.error_message = ErrorCode.NOT_LEADER_OR_FOLLOWER, str(exc)
+            except Exception as exc:  # bad input must never take the node down
+                log.exception("produce to %s-%d failed", data.topic, data.partition)
+                result.error, result.error_message = ErrorCode.UNKNOWN_SERVER_ERROR, repr(exc)
+            else:
+                result.base_offset = appended.base_offset
+                result.log_start_offset = partition.log_start_offset
+                if acks == -1:
+                    waits.append((result, partition, appended.last_offset))
+            if result.error in (ErrorCode.NOT_LEADER_OR_FOLLOWER, ErrorCode.NONE):
+                result.leader.CopyFrom(_leader_hint(node, image, data.topic, data.partition))
+        if waits:
+            await asyncio.gather(*(self._await_commit(r, p, o, timeout_ms / 1000) for r, p, o in waits))
+        if acks == 0:
+            for result in results:
+                result.base_offset = -1
+        return api_pb2.ProduceResponse(partitions=results)
+
+    @staticmethod
+    async def _await_commit(result: api_pb2.ProducePartitionResult, partition: Partition, offset: int,
+                            timeout: float) -> None:
+        try:
+            await asyncio.wait_for(partition.wait_committed(offset), timeout)
+        except asyncio.TimeoutError:
+            result.error = ErrorCode.REQUEST_TIMED_OUT
+            result.error_message = f"not committed within {int(timeout * 1000)} ms; the records may still commit"
+        except (PartitionClosed, StorageFailed) as exc:
+            result.error = ErrorCode.NOT_LEADER_OR_FOLLOWER
+            result.error_message = f"{exc}; the records may or may not be committed"
+
+    @staticmethod
+    def _validate(configs: Mapping[str, str], records: bytes) -> bytearray:
+        if not records:
+            raise _Rejected(ErrorCode.CORRUPT_MESSAGE, "no record batches in the request")
+        try:
+            headers = codec.scan_batches(records)
+        except codec.CorruptRecordError as exc:
+            raise _Rejected(ErrorCode.CORRUPT_MESSAGE, f"corrupt record batch: {exc.reason}") from None
+        limit = int(configs["max.message.bytes"])
+        for header in headers:
+            if header.is_control:
+                raise _Rejected(ErrorCode.INVALID_REQUEST, "producers may not write control batches")
+            if header.size > limit:
+                raise _Rejected(ErrorCode.MESSAGE_TOO_LARGE,
+                                f"a batch of {header.size} bytes exceeds max.message.bytes={limit}")
+            if header.record_count < 1:
+                raise _Rejected(ErrorCode.CORRUPT_MESSAGE, "a record batch holds no records")
+        return bytearray(records)
+
+    # --- Fetch ----------------------------------------------------------------------------
+
+    async def Fetch(self, request: api_pb2.FetchRequest, context: grpc.aio.ServicerContext
+                    ) -> api_pb2.FetchResponse:
+        node = self.node
+        loop = asyncio.get_running_loop()
+        max_wait = min(max(request.max_wait_ms, 0), node.config.fetch_max_wait_ms_limit) / 1000
+        deadline = loop.time() + max_wait
+        max_bytes = request.max_bytes if request.max_bytes > 0 else DEFAULT_FETCH_MAX_BYTES
+        while True:
+            results, partitions, total, failed = self._fetch_once(request, max_bytes)
+            remaining = deadline - loop.time()
+            if failed or total >= request.min_bytes or remaining <= 0 or node.shutting_down or not partitions:
+                return api_pb2.FetchResponse(partitions=results)
+            waiters = [p.wait_change() for p in partitions] + [node.shutdown_signal()]
+            await asyncio.wait(waiters, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+
+    def _fetch_once(self, request: api_pb2.FetchRequest, max_bytes: int
+                    ) -> tuple[list[api_pb2.FetchPartitionResult], list[Partition], int, bool]:
+        node = self.node
+        image = node.image
+        results = []
+        partitions: list[Partition] = []
+        total = 0
+        failed = False
+        for wanted in request.partitions:
+            result = api_pb2.FetchPartitionResult(topic=wanted.topic, partition=wanted.partition,
+                                                  high_watermark=-1, log_start_offset=-1)
+            results.append(result)
+            try:
+                partition = _locate(node, image, wanted.topic, wanted.partition)
+                epoch = wanted.current_leader_epoch
+                # Epoch 0 never has a leader (the first election makes epoch 1), so 0 — proto3's
+                # default — means "unknown" like -1 does.
+                if 0 < epoch < partition.leader_epoch:
+                    raise _Rejected(ErrorCode.FENCED_LEADER_EPOCH,
+                                    f"epoch {epoch} is older than the leader's {partition.leader_epoch}")
+                if epoch > partition.leader_epoch:
+                    raise _Rejected(ErrorCode.UNKNOWN_LEADER_EPOCH,
+                                    f"epoch {epoch} is newer than the leader's {partition.leader_epoch}")
+                high_watermark = partition.high_watermark
+                start = partition.log_start_offset
+                result.high_watermark, result.log_start_offset = high_watermark, start
+                offset = wanted.fetch_offset
+                if offset < start or offset > partition.end_offset:
+                    raise _Rejected(ErrorCode.OFFSET_OUT_OF_RANGE,
+                                    f"offset {offset} is outside [{start}, {high_watermark}] of "
+                                    f"{wanted.topic}-{wanted.partition}")
+                partitions.append(partition)
+                limit = wanted.partition_max_bytes if wanted.partition_max_bytes > 0 else max_bytes
+                limit = min(limit, max_bytes - total)
+                if limit <= 0 and total > 0:
+                    continue
+                data = partition.read_committed(offset, max(limit, 1))
+                result.records = data
+                total += len(data)
+            except _Rejected as exc:
+                result.error, result.error_message = exc.code, exc.message
+                failed = True
+            except (PartitionClosed, StorageFailed) as exc:
+                result.error, result.error_message = ErrorCode.NOT_LEADER_OR_FOLLOWER, str(exc)
+                failed = True
+            except Exception as exc:
+                log.exception("fetch from %s-%d failed", wanted.topic, wanted.partition)
+                result.error, result.error_message = ErrorCode.UNKNOWN_SERVER_ERROR, repr(exc)
+                failed = True
+            if result.error in (ErrorCode.NOT_LEADER_OR_FOLLOWER, ErrorCode.NONE, ErrorCode.FENCED_LEADER_EPOCH):
+                result.leader.CopyFrom(_leader_hint(node, image, wanted.topic, wanted.partition))
+        return results, partitions, total, failed
+
+    # --- ListOffsets ----------------------------------------------------------------------
+
+    async def ListOffsets(self, request: api_pb2.ListOffsetsRequest, context: grpc.aio.ServicerContext
+                          ) -> api_pb2.ListOffsetsResponse:
+        node = self.node
+        image = node.image
+        results = []
+        for wanted in request.partitions:
+            result = api_pb2.ListOffsetsPartitionResult(topic=wanted.topic, partition=wanted.partition,
+                                                        offset=-1, timestamp=-1, leader_epoch=-1)
+            results.append(result)
+            try:
+                partition = _locate(node, image, wanted.topic, wanted.partition)
+                result.leader_epoch = partition.leader_epoch
+                if wanted.timestamp == EARLIEST_TIMESTAMP:
+                    result.offset = partition.log_start_offset
+                elif wanted.timestamp == LATEST_TIMESTAMP:
+                    result.offset = partition.high_watermark
+                elif wanted.timestamp < 0:
+                    raise _Rejected(ErrorCode.INVALID_REQUEST,
+                                    f"timestamp must be -2 (earliest), -1 (latest) or >= 0, got {wanted.timestamp}")
+                else:
+                    result.offset, result.timestamp = partition.offset_for_timestamp(wanted.timestamp)
+            except _Rejected as exc:
+                result.error, result.error_message = exc.code, exc.message
+            except (PartitionClosed, StorageFailed) as exc:
+                result.error, result.error_message = ErrorCode.NOT_LEADER_OR_FOLLOWER, str(exc)
+            except Exception as exc:
+                log.exception("list offsets of %s-%d failed", wanted.topic, wanted.partition)
+                result.error, result.error_message = ErrorCode.UNKNOWN_SERVER_ERROR, repr(exc)
+            if result.error in (ErrorCode.NOT_LEADER_OR_FOLLOWER, ErrorCode.NONE):
+                result.leader.CopyFrom(_leader_hint(node, image, wanted.topic, wanted.partition))
+        return api_pb2.ListOffsetsResponse(partitions=results)
+
+    # --- Metadata -------------------------------------------------------------------------
+
+    async def Metadata(self, request: api_pb2.MetadataRequest, context: grpc.aio.ServicerContext
+                       ) -> api_pb2.MetadataResponse:
+        node = self.node
+        image = node.image
+        names = list(request.topics) or sorted(image.topics)
+        return api_pb2.MetadataResponse(
+            cluster_id=image.cluster_id, controller_id=node.controller_id, nodes=node.node_infos(image),
+            topics=[topic_metadata(node, image, name) for name in names])
+
+
+def topic_metadata(node: Node, image: MetadataImage, name: str) -> api_pb2.TopicMetadata:
+    error = topic_name_error(name)
+    if error is not None:
+        return api_pb2.TopicMetadata(name=name, error=ErrorCode.INVALID_TOPIC_EXCEPTION, error_message=error)
+    topic = image.topics.get(name)
+    if topic is None:
+        return api_pb2.TopicMetadata(name=name, error=ErrorCode.UNKNOWN_TOPIC_OR_PARTITION,
+                                     error_message=f"no topic {name!r}")
+    alive = {info.node_id for info in node.node_infos(image) if info.alive}
+    partitions = []
+    for assignment in topic.partitions:
+        leader_id, epoch = node.leader_of(image, name, assignment.partition)
+        partitions.append(api_pb2.PartitionMetadata(
+            partition=assignment.partition,
+            error=ErrorCode.NONE if leader_id >= 0 else ErrorCode.LEADER_NOT_AVAILABLE,
+            leader_id=leader_id, leader_epoch=epoch, replicas=assignment.replicas,
+            in_sync_replicas=[r for r in assignment.replicas if r in alive],
+            offline_replicas=[r for r in assignment.replicas if r not in alive]))
+    return api_pb2.TopicMetadata(name=name, internal=topic.internal, partitions=partitions,
+                                 topic_id=topic.topic_id)
+
+
+class AdminService(api_pb2_grpc.AdminServicer):
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    async def CreateTopics(self, request: api_pb2.CreateTopicsRequest, context: grpc.aio.ServicerContext
+                           ) -> api_pb2.CreateTopicsResponse:
+        results = await self.node.controller.create_topics(request.topics, request.validate_only)
+        return api_pb2.CreateTopicsResponse(topics=results)
+
+    async def DeleteTopics(self, request: api_pb2.DeleteTopicsRequest, context: grpc.aio.ServicerContext
+                           ) -> api_pb2.DeleteTopicsResponse:
+        return api_pb2.DeleteTopicsResponse(topics=await self.node.controller.delete_topics(request.names))
+
+    async def ListTopics(self, request: api_pb2.ListTopicsRequest, context: grpc.aio.ServicerContext
+                         ) -> api_pb2.ListTopicsResponse:
+        image = self.node.image
+        return api_pb2.ListTopicsResponse(topics=[
+            api_pb2.TopicListing(name=t.name, internal=t.internal, partition_count=len(t.partitions),
+                                 replication_factor=t.replication_factor)
+            for t in sorted(image.topics.values(), key=lambda t: t.name)
+            if request.include_internal or not t.internal])
+
+    async def DescribeTopics(self, request: api_pb2.DescribeTopicsRequest, context: grpc.aio.ServicerContext
+                             ) -> api_pb2.DescribeTopicsResponse:
+        node = self.node
+        image = node.image
+        names: Iterable[str] = list(request.names) or sorted(image.topics)
+        descriptions = []
+        for name in names:
+            description = api_pb2.TopicDescription(metadata=topic_metadata(node, image, name))
+            topic = image.topics.get(name)
+            if request.include_configs and topic is not None:
+                description.configs.update(node.topic_configs(topic))
+            descriptions.append(description)
+        return api_pb2.DescribeTopicsResponse(topics=descriptions)
+
+    async def AlterTopicConfigs(self, request: api_pb2.AlterTopicConfigsRequest,
+                                context: grpc.aio.ServicerContext) -> api_pb2.AlterTopicConfigsResponse:
+        result = await self.node.controller.alter_configs(request.topic, dict(request.set), list(request.delete),
+                                                          request.validate_only)
+        return api_pb2.AlterTopicConfigsResponse(result=result)
+
+    async def CreatePartitions(self, request: api_pb2.CreatePartitionsRequest,
+                               context: grpc.aio.ServicerContext) -> api_pb2.CreatePartitionsResponse:
+        result = await self.node.controller.create_partitions(request.topic, request.new_total_count,
+                                                              request.validate_only)
+        return api_pb2.CreatePartitionsResponse(result=result)
+
+    async def DescribeCluster(self, request: api_pb2.DescribeClusterRequest,
+                              context: grpc.aio.ServicerContext) -> api_pb2.DescribeClusterResponse:
+        node = self.node
+        image = node.image
+        return api_pb2.DescribeClusterResponse(
+            cluster_id=image.cluster_id, controller_id=node.controller_id, nodes=node.node_infos(image),
+            controller_voters=[v.node_id for v in node.config.voters], metadata_epoch=image.epoch,
+            metadata_offset=image.offset)
+

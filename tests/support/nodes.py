@@ -1,0 +1,305 @@
+"""Real node processes for process-level tests (DESIGN.md §10).
+
+Each node runs as ``sys.executable -m tidelog.node.main`` on a free loopback port, with its
+stdout/stderr in ``<data_dir>/node.log``. Every process started here is also registered with
+atexit, so an aborted test run never leaves nodes behind; the pytest fixtures in
+tests/conftest.py stop them by PID when the test ends, pass or fail.
+
+    cluster = start_cluster(tmp_path, nodes=1, flush="interval")
+    cluster.bootstrap        # "127.0.0.1:p1[,127.0.0.1:p2...]"
+    node = cluster.nodes[0]  # NodeProcess: node_id, port, address, pid, data_dir, log_path
+    node.kill(); node.restart(); cluster.wait_ready()
+    cluster.stop_all()
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import grpc
+
+from tidelog.proto import api_pb2, api_pb2_grpc
+
+LOOPBACK = "127.0.0.1"
+DEFAULT_START_TIMEOUT = 30.0
+LOG_FILE = "node.log"
+CONFIG_FILE = "node.toml"
+
+
+class NodeStartError(RuntimeError):
+    """A node did not come up; the message carries the tail of its log."""
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (bind to port 0 on loopback and let the kernel pick)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+def free_ports(count: int) -> list[int]:
+    # Hold every socket until all are chosen so the kernel cannot hand out one port twice.
+    socks = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind((LOOPBACK, 0))
+            socks.append(sock)
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f'"{k}" = {_toml_value(v)}' for k, v in value.items()) + " }"
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def write_config(path: Path, values: dict[str, Any]) -> None:
+    path.write_text("".join(f"{key} = {_toml_value(value)}\n" for key, value in values.items()))
+
+
+def probe(address: str, timeout: float = 1.0) -> api_pb2.DescribeClusterResponse | None:
+    """DescribeCluster of the node at ``address``, or None if it does not answer."""
+    try:
+        with grpc.insecure_channel(address) as channel:
+            return api_pb2_grpc.AdminStub(channel).DescribeCluster(
+                api_pb2.DescribeClusterRequest(), timeout=timeout)
+    except grpc.RpcError:
+        return None
+
+
+@dataclass(eq=False)
+class NodeProcess:
+    """One node process; config holds node TOML keys (see tidelog.node.config.NODE_KEYS)."""
+
+    node_id: int
+    port: int
+    data_dir: Path
+    config: dict[str, Any] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+    _log_file: Any = None
+
+    @property
+    def address(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        if self.process is None:
+            raise RuntimeError(f"node {self.node_id} was never started")
+        return self.process.pid
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / LOG_FILE
+
+    @property
+    def config_path(self) -> Path:
+        return self.data_dir / CONFIG_FILE
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def start(self, wait: bool = True, timeout: float = DEFAULT_START_TIMEOUT) -> NodeProcess:
+        if self.running():
+            raise RuntimeError(f"node {self.node_id} is already running (pid {self.pid})")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        values = {"node_id": self.node_id, "listen": self.address, "data_dir": str(self.data_dir),
+                  **self.config}
+        write_config(self.config_path, values)
+        if self._log_file is not None:
+            self._log_file.close()
+        self._log_file = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tidelog.node.main", "--config", str(self.config_path)],
+            stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT,
+            start_new_session=True,  # a Ctrl-C of pytest must not reach the nodes first
+        )
+        atexit.register(self._kill_at_exit)
+        if wait:
+            self.wait_serving(timeout)
+        return self
+
+    def wait_serving(self, timeout: float = DEFAULT_START_TIMEOUT) -> api_pb2.DescribeClusterResponse:
+        """Poll DescribeCluster until this node answers; raise with the log tail if it dies or hangs."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.running():
+                raise NodeStartError(f"node {self.node_id} exited with {self.returncode} during start-up:\n"
+                                     f"{self.log_tail()}")
+            answer = probe(self.address, timeout=max(0.1, min(1.0, deadline - time.monotonic())))
+            if answer is not None:
+                return answer
+            if time.monotonic() > deadline:
+                self.kill()
+                raise NodeStartError(f"node {self.node_id} did not answer on {self.address} within "
+                                     f"{timeout:.0f}s:\n{self.log_tail()}")
+            time.sleep(0.05)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def _signal(self, signum: int) -> None:
+        if self.running():
+            assert self.process is not None
+            try:
+                os.kill(self.process.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL if it has not exited by the deadline; returns the exit code."""
+        if self.process is None:
+            return None
+        if self.running():
+            self._signal(signal.SIGCONT)  # a paused process cannot handle SIGTERM
+            self._signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._signal(signal.SIGKILL)
+                self.process.wait()
+        self._forget()
+        return self.process.returncode
+
+    def kill(self) -> int | None:
+        """SIGKILL: the crash every acks=all record must survive."""
+        if self.process is None:
+            return None
+        self._signal(signal.SIGKILL)
+        self.process.wait()
+        self._forget()
+        return self.process.returncode
+
+    def pause(self) -> None:
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
+    def restart(self, wait: bool = True, timeout: float = DEFAULT_START_TIMEOUT) -> NodeProcess:
+        """Stop (gracefully) if running, then start again on the same port and data dir."""
+        if self.running():
+            self.stop()
+        return self.start(wait=wait, timeout=timeout)
+
+    def _forget(self) -> None:
+        atexit.unregister(self._kill_at_exit)
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def _kill_at_exit(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            try:
+                os.kill(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@dataclass(eq=False)
+class LocalCluster:
+    nodes: list[NodeProcess]
+
+    @property
+    def bootstrap(self) -> str:
+        return ",".join(node.address for node in self.nodes)
+
+    @property
+    def addresses(self) -> list[str]:
+        return [node.address for node in self.nodes]
+
+    def node(self, node_id: int) -> NodeProcess:
+        return next(n for n in self.nodes if n.node_id == node_id)
+
+    def running_nodes(self) -> list[NodeProcess]:
+        return [n for n in self.nodes if n.running()]
+
+    def wait_ready(self, timeout: float = DEFAULT_START_TIMEOUT, nodes: Iterable[NodeProcess] | None = None
+                   ) -> api_pb2.DescribeClusterResponse:
+        """Wait until every (running) node answers DescribeCluster and sees every node registered."""
+        wanted = list(nodes) if nodes is not None else self.running_nodes()
+        ids = {n.node_id for n in self.nodes}
+        deadline = time.monotonic() + timeout
+        last: api_pb2.DescribeClusterResponse | None = None
+        while True:
+            pending = []
+            for node in wanted:
+                answer = node.wait_serving(max(0.1, deadline - time.monotonic()))
+                if {info.node_id for info in answer.nodes} >= ids and answer.controller_id >= 0:
+                    last = answer
+                else:
+                    pending.append(node)
+            if not pending and last is not None:
+                return last
+            if time.monotonic() > deadline:
+                raise NodeStartError(f"cluster not ready within {timeout:.0f}s; waiting on "
+                                     f"{[n.node_id for n in pending]}:\n" +
+                                     "\n".join(n.log_tail(15) for n in pending))
+            wanted = pending
+            time.sleep(0.05)
+
+    def stop_all(self, timeout: float = 10.0) -> None:
+        for node in self.nodes:
+            node._signal(signal.SIGCONT)
+            node._signal(signal.SIGTERM)
+        for node in self.nodes:
+            node.stop(timeout)
+
+    def kill_all(self) -> None:
+        for node in self.nodes:
+            node.kill()
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
+
+
+def start_cluster(tmp_path: Path, nodes: int = 1, *, wait: bool = True,
+                  timeout: float = DEFAULT_START_TIMEOUT, **config: Any) -> LocalCluster:
+    """Start ``nodes`` nodes with data dirs ``tmp_path/node-<id>`` and wait until they serve.
+
+    ``config`` are node config keys (tidelog.node.config.NODE_KEYS), e.g. ``flush="interval"``
+    or ``topic_defaults={"segment.bytes": "1048576"}``; they apply to every node.
+    With more than one node, ``controller_voters`` is set to all of them.
+    """
+    ports = free_ports(nodes)
+    if nodes > 1 and "controller_voters" not in config:
+        config["controller_voters"] = ",".join(f"{i + 1}@{LOOPBACK}:{p}" for i, p in enumerate(ports))
+    cluster = LocalCluster([NodeProcess(i + 1, port, Path(tmp_path) / f"node-{i + 1}", dict(config))
+                            for i, port in enumerate(ports)])
+    try:
+        for node in cluster.nodes:
+            node.start(wait=False)
+        if wait:
+            cluster.wait_ready(timeout)
+    except BaseException:
+        cluster.kill_all()
+        raise
+    return cluster
