@@ -1,0 +1,315 @@
+"""Per-partition record batching for the producer (aiokafka's message_accumulator, in spirit).
+
+Records go into an *open* batch per partition; a batch is *sealed* when the next record would
+not fit in ``batch_size``, when ``linger_ms`` has passed since its first record, or on
+flush/close. The sender drains sealed batches; at most one batch per partition is in flight, so
+a retried batch is always re-sent before anything produced after it (per-partition order
+survives retries without idempotence). While a partition has a batch in flight its open batch
+keeps filling instead of being sealed on linger, so a slow partition gets fewer, larger batches.
+
+The accumulator is shared between the application's threads (appends) and the client's event
+loop (draining, completion), so its state is guarded by one lock; waiting for buffer memory is a
+`threading.Condition` for the sync facade, and the async producer is woken through
+``on_memory_freed``. It holds no futures logic of its own: a batch carries opaque completion
+handles for the producer to resolve.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from tidelog.client.types import TopicPartition
+from tidelog.proto.records import BATCH_OVERHEAD, Record
+
+# Kafka's DefaultRecord.MAX_RECORD_OVERHEAD: length, attributes, timestamp and offset deltas,
+# key/value lengths and header count, as varints at their largest.
+RECORD_OVERHEAD = 21
+
+
+def estimate_record_size(
+    key: bytes | None, value: bytes | None, headers: Iterable[tuple[str, bytes | None]]
+) -> int:
+    size = RECORD_OVERHEAD + (len(key) if key else 0) + (len(value) if value else 0)
+    for header_key, header_value in headers:
+        size += 10 + len(header_key) + (len(header_value) if header_value else 0)
+    return size
+
+
+@dataclass(slots=True, eq=False)
+class ProducerBatch:
+    tp: TopicPartition
+    batch_id: int
+    created: float  # monotonic seconds
+    deadline: float  # delivery timeout, monotonic seconds
+    records: list[Record] = field(default_factory=list)
+    handles: list[object] = field(default_factory=list)
+    size: int = BATCH_OVERHEAD
+    sealed: bool = False
+    attempts: int = 0
+    retry_at: float = 0.0
+    encoded: bytes | None = None
+    last_error: BaseException | None = None
+
+    @property
+    def record_count(self) -> int:
+        return len(self.records)
+
+
+@dataclass(slots=True)
+class _PartitionQueue:
+    open: ProducerBatch | None = None
+    sealed: deque[ProducerBatch] = field(default_factory=deque)
+    in_flight: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    batch: ProducerBatch
+    index: int  # position of the record within its batch
+    wake_sender: bool  # a batch was created or sealed: the sender must re-plan
+
+
+@dataclass(slots=True)
+class Drain:
+    """What the sender should do now."""
+
+    by_node: dict[int, list[ProducerBatch]]
+    unknown_leader: set[TopicPartition]
+    next_check: float | None  # monotonic time of the next linger/backoff deadline
+
+
+class BufferExhausted(Exception):
+    """No buffer memory became free within the allowed time."""
+
+
+class RecordAccumulator:
+    def __init__(
+        self,
+        *,
+        batch_size: int,
+        linger_ms: float,
+        buffer_memory: int,
+        delivery_timeout_ms: float,
+        clock: Callable[[], float] = time.monotonic,
+        on_memory_freed: Callable[[], None] | None = None,
+    ) -> None:
+        self.batch_size = batch_size
+        self.linger = linger_ms / 1000.0
+        self.buffer_memory = buffer_memory
+        self.delivery_timeout = delivery_timeout_ms / 1000.0
+        self._clock = clock
+        self._on_memory_freed = on_memory_freed
+        self._lock = threading.Lock()
+        self._memory_freed = threading.Condition(self._lock)
+        self._partitions: dict[TopicPartition, _PartitionQueue] = {}
+        self._used = 0
+        self._next_batch_id = 0
+        self._incomplete: set[int] = set()
+        self.closed = False
+
+    # --- appending (any thread) -------------------------------------------------------------
+
+    @property
+    def used_memory(self) -> int:
+        return self._used
+
+    def try_append(
+        self, tp: TopicPartition, record_fields: tuple, size: int, handle: object
+    ) -> AppendResult | None:
+        """Append a record, or return None when buffer memory is short.
+
+        ``record_fields`` is ``(timestamp, key, value, headers)``; the offset within the batch is
+        filled in here.
+        """
+        with self._lock:
+            return self._append_locked(tp, record_fields, size, handle)
+
+    def append(
+        self,
+        tp: TopicPartition,
+        record_fields: tuple,
+        size: int,
+        handle: object,
+        timeout: float,
+    ) -> AppendResult:
+        """Append, blocking the calling thread up to ``timeout`` seconds for buffer memory."""
+        deadline = self._clock() + timeout
+        with self._lock:
+            while True:
+                result = self._append_locked(tp, record_fields, size, handle)
+                if result is not None:
+                    return result
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    raise BufferExhausted(
+                        f"{size} bytes of buffer memory did not become free within "
+                        f"{timeout * 1000:.0f} ms (buffer_memory={self.buffer_memory})"
+                    )
+                self._memory_freed.wait(remaining)
+
+    def _append_locked(
+        self, tp: TopicPartition, record_fields: tuple, size: int, handle: object
+    ) -> AppendResult | None:
+        if self.closed:
+            raise RuntimeError("the producer is closed")
+        if self._used + size > self.buffer_memory and self._used > 0:
+            return None
+        queue = self._partitions.get(tp)
+        if queue is None:
+            queue = self._partitions[tp] = _PartitionQueue()
+        wake = False
+        batch = queue.open
+        if batch is not None and batch.records and batch.size + size > self.batch_size:
+            batch.sealed = True
+            queue.sealed.append(batch)
+            queue.open = batch = None
+            wake = True
+        if batch is None:
+            now = self._clock()
+            batch = ProducerBatch(
+                tp, self._next_batch_id, now, now + self.delivery_timeout
+            )
+            self._next_batch_id += 1
+            self._incomplete.add(batch.batch_id)
+            queue.open = batch
+            wake = True
+        timestamp, key, value, headers = record_fields
+        index = len(batch.records)
+        batch.records.append(Record(index, timestamp, key, value, headers))
+        batch.handles.append(handle)
+        batch.size += size
+        self._used += size
+        if batch.size >= self.batch_size:
+            batch.sealed = True
+            queue.sealed.append(batch)
+            queue.open = None
+            wake = True
+        return AppendResult(batch, index, wake)
+
+    # --- draining (the event loop) ----------------------------------------------------------
+
+    def seal_all(self) -> None:
+        """Make every open batch sendable now (flush and close)."""
+        with self._lock:
+            for queue in self._partitions.values():
+                if queue.open is not None:
+                    queue.open.sealed = True
+                    queue.sealed.append(queue.open)
+                    queue.open = None
+
+    def last_batch_id(self) -> int:
+        with self._lock:
+            return self._next_batch_id - 1
+
+    def any_incomplete_up_to(self, batch_id: int) -> bool:
+        with self._lock:
+            return any(i <= batch_id for i in self._incomplete)
+
+    def is_empty(self) -> bool:
+        with self._lock:
+            return not self._incomplete
+
+    def drain(
+        self,
+        now: float,
+        leader_of: Callable[[TopicPartition], int | None],
+        node_ready: Callable[[int], bool] = lambda node: True,
+    ) -> Drain:
+        """Take the batches to send now, grouped by leader node; each is marked in flight."""
+        by_node: dict[int, list[ProducerBatch]] = {}
+        unknown: set[TopicPartition] = set()
+        next_check: float | None = None
+
+        def later(moment: float) -> None:
+            nonlocal next_check
+            if next_check is None or moment < next_check:
+                next_check = moment
+
+        with self._lock:
+            for tp, queue in self._partitions.items():
+                if queue.in_flight:
+                    continue
+                if not queue.sealed and queue.open is not None:
+                    linger_end = queue.open.created + self.linger
+                    if now >= linger_end:
+                        queue.open.sealed = True
+                        queue.sealed.append(queue.open)
+                        queue.open = None
+                    else:
+                        later(linger_end)
+                        continue
+                if not queue.sealed:
+                    continue
+                head = queue.sealed[0]
+                if head.retry_at > now:
+                    later(head.retry_at)
+                    continue
+                leader = leader_of(tp)
+                if leader is None:
+                    unknown.add(tp)
+                    continue
+                if not node_ready(leader):
+                    continue
+                queue.in_flight = True
+                by_node.setdefault(leader, []).append(head)
+        return Drain(by_node, unknown, next_check)
+
+    def complete(self, batch: ProducerBatch) -> None:
+        """The in-flight ``batch`` is finished (delivered or failed for good): drop it."""
+        with self._lock:
+            queue = self._partitions[batch.tp]
+            assert queue.sealed and queue.sealed[0] is batch, "only the head batch is in flight"
+            queue.sealed.popleft()
+            queue.in_flight = False
+            self._release_locked(batch)
+
+    def reenqueue(self, batch: ProducerBatch, retry_at: float) -> None:
+        """The in-flight ``batch`` failed retriably: it stays first in line, sent again later."""
+        with self._lock:
+            queue = self._partitions[batch.tp]
+            assert queue.sealed and queue.sealed[0] is batch
+            queue.in_flight = False
+            batch.attempts += 1
+            batch.retry_at = retry_at
+
+    def expire(self, now: float) -> list[ProducerBatch]:
+        """Remove and return batches past their delivery timeout that are not in flight."""
+        expired: list[ProducerBatch] = []
+        with self._lock:
+            for queue in self._partitions.values():
+                if queue.in_flight:
+                    continue
+                while queue.sealed and queue.sealed[0].deadline <= now:
+                    expired.append(queue.sealed.popleft())
+                if not queue.sealed and queue.open is not None and queue.open.deadline <= now:
+                    expired.append(queue.open)
+                    queue.open = None
+            for batch in expired:
+                self._release_locked(batch)
+        return expired
+
+    def abort_all(self) -> list[ProducerBatch]:
+        """Remove and return every batch that is not in flight (a forced close)."""
+        aborted: list[ProducerBatch] = []
+        with self._lock:
+            for queue in self._partitions.values():
+                keep = [queue.sealed[0]] if queue.in_flight and queue.sealed else []
+                aborted.extend(b for b in queue.sealed if not keep or b is not keep[0])
+                queue.sealed = deque(keep)
+                if queue.open is not None:
+                    aborted.append(queue.open)
+                    queue.open = None
+            for batch in aborted:
+                self._release_locked(batch)
+        return aborted
+
+    def _release_locked(self, batch: ProducerBatch) -> None:
+        self._incomplete.discard(batch.batch_id)
+        self._used -= batch.size - BATCH_OVERHEAD
+        self._memory_freed.notify_all()
+        if self._on_memory_freed is not None:
+            self._on_memory_freed()

@@ -1,0 +1,829 @@
+"""The consumer: `AsyncConsumer` (the asyncio core) and `Consumer` (its sync facade).
+
+Without a consumer group (that arrives with the group issue) a consumer reads the partitions it
+is assigned, or every partition of the topics it subscribes to, from positions it keeps itself.
+
+Fetching is pipelined: one Fetch per leader node is in flight at a time, sent again as soon as
+the previous answer is decoded, for every partition holding fewer than two undelivered answers;
+so the next records are on their way while the application handles the current ones, and at
+most two answers (``max_partition_fetch_bytes`` each) are buffered per partition. A fetch that
+reports a leader change marks the partition's leader unknown, takes the answer's leader hint and
+refreshes metadata; the partition is fetched again once a leader is known, so `poll` simply
+waits (within its timeout) through a failover.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+
+import grpc
+
+from tidelog.client._loop import LoopThread
+from tidelog.client.connection import (
+    ClusterUnreachableError,
+    Connections,
+    Metadata,
+    describe_rpc_error,
+    is_retriable_rpc_error,
+)
+from tidelog.client.types import ConsumerRecord, OffsetAndTimestamp, TopicPartition
+from tidelog.proto import api_pb2
+from tidelog.proto.common_pb2 import ErrorCode
+from tidelog.proto.errors import TidelogError, is_retriable
+from tidelog.proto.records import CorruptRecordError, decode_batches
+
+log = logging.getLogger(__name__)
+
+EARLIEST_TIMESTAMP = -2
+LATEST_TIMESTAMP = -1
+
+_RESET_POLICIES = {"earliest": EARLIEST_TIMESTAMP, "latest": LATEST_TIMESTAMP, "none": None}
+_METADATA_ERRORS = frozenset(
+    {
+        ErrorCode.NOT_LEADER_OR_FOLLOWER,
+        ErrorCode.LEADER_NOT_AVAILABLE,
+        ErrorCode.UNKNOWN_TOPIC_OR_PARTITION,
+        ErrorCode.FENCED_LEADER_EPOCH,
+        ErrorCode.UNKNOWN_LEADER_EPOCH,
+    }
+)
+_PREFETCH_ANSWERS = 2
+
+
+@dataclass(slots=True, eq=False)
+class _CompletedFetch:
+    records: list[ConsumerRecord]
+    next_offset: int  # the offset after the last batch, control batches included
+    index: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class _PartitionState:
+    position: int | None = None
+    fetch_offset: int | None = None
+    paused: bool = False
+    epoch: int = 0  # bumped on every seek, so answers to older fetches are dropped
+    in_flight: bool = False
+    retry_at: float = 0.0
+    high_watermark: int = -1
+    log_start_offset: int = -1
+    buffered: deque[_CompletedFetch] = field(default_factory=deque)
+    error: BaseException | None = None
+
+    def seek(self, offset: int | None) -> None:
+        self.position = offset
+        self.fetch_offset = offset
+        self.epoch += 1
+        self.buffered.clear()
+        self.error = None
+
+
+class _Pulse:
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def fire(self) -> None:
+        event, self._event = self._event, asyncio.Event()
+        event.set()
+
+    def waiter(self) -> asyncio.Event:
+        return self._event
+
+
+class AsyncConsumer:
+    """Consume records from tidelog in asyncio code.
+
+    Defaults (Kafka's): auto_offset_reset="latest", fetch_max_wait_ms=500, fetch_min_bytes=1,
+    fetch_max_bytes=52428800, max_partition_fetch_bytes=1048576, max_poll_records=500,
+    request_timeout_ms=30000, default_api_timeout_ms=60000, retry_backoff_ms=100,
+    metadata_max_age_ms=300000; consumer_timeout_ms=None (iteration never stops by itself).
+    """
+
+    def __init__(
+        self,
+        bootstrap: str | Sequence[str] | None = None,
+        *,
+        topics: Iterable[str] | None = None,
+        auto_offset_reset: str = "latest",
+        fetch_max_wait_ms: int = 500,
+        fetch_min_bytes: int = 1,
+        fetch_max_bytes: int = 52428800,
+        max_partition_fetch_bytes: int = 1048576,
+        max_poll_records: int = 500,
+        request_timeout_ms: float = 30000,
+        default_api_timeout_ms: float = 60000,
+        retry_backoff_ms: float = 100,
+        metadata_max_age_ms: float = 300000,
+        consumer_timeout_ms: float | None = None,
+        key_deserializer: Callable[[bytes | None], Any] | None = None,
+        value_deserializer: Callable[[bytes | None], Any] | None = None,
+    ) -> None:
+        if auto_offset_reset not in _RESET_POLICIES:
+            raise ValueError(
+                f"invalid auto_offset_reset {auto_offset_reset!r}: use earliest, latest or none"
+            )
+        self.auto_offset_reset = auto_offset_reset
+        self.fetch_max_wait_ms = fetch_max_wait_ms
+        self.fetch_min_bytes = fetch_min_bytes
+        self.fetch_max_bytes = fetch_max_bytes
+        self.max_partition_fetch_bytes = max_partition_fetch_bytes
+        self.max_poll_records = max_poll_records
+        self.request_timeout = request_timeout_ms / 1000.0
+        self.api_timeout = default_api_timeout_ms / 1000.0
+        self.retry_backoff = retry_backoff_ms / 1000.0
+        self.consumer_timeout = None if consumer_timeout_ms is None else consumer_timeout_ms / 1000.0
+        self.key_deserializer = key_deserializer
+        self.value_deserializer = value_deserializer
+        self.connections = Connections(bootstrap)
+        self.metadata = Metadata(
+            self.connections,
+            request_timeout_ms=request_timeout_ms,
+            retry_backoff_ms=retry_backoff_ms,
+            metadata_max_age_ms=metadata_max_age_ms,
+        )
+        self._assignment: dict[TopicPartition, _PartitionState] = {}
+        self._subscription: tuple[str, ...] = ()
+        self._fetches: dict[int, asyncio.Task[None]] = {}
+        self._reset_task: asyncio.Task[None] | None = None
+        self._pulse: _Pulse | None = None
+        self._rotation = 0
+        self._iter_buffer: deque[ConsumerRecord] = deque()
+        self._closed = False
+        self._listening = False
+        if topics:
+            self.subscribe(topics)
+
+    # --- assignment ----------------------------------------------------------------------------
+
+    def _ensure_loop_state(self) -> _Pulse:
+        if self._pulse is None:
+            self._pulse = _Pulse()
+        if not self._listening:
+            self.metadata.add_listener(self._on_metadata)
+            self._listening = True
+        return self._pulse
+
+    def _on_metadata(self) -> None:
+        if self._subscription:
+            self._update_subscribed_assignment()
+        if self._pulse is not None:
+            self._pulse.fire()
+
+    def assign(self, partitions: Iterable[TopicPartition]) -> None:
+        """Read exactly these partitions (replacing any earlier assignment or subscription)."""
+        wanted = list(dict.fromkeys(partitions))
+        for tp in wanted:
+            if not isinstance(tp, TopicPartition):
+                raise TypeError(f"assign() takes TopicPartition objects, not {type(tp).__name__}")
+        self._subscription = ()
+        self._set_assignment(wanted)
+        self.metadata.add_topics(tp.topic for tp in wanted)
+
+    def subscribe(self, topics: Iterable[str]) -> None:
+        """Read every partition of ``topics`` (no group yet: each consumer reads them all)."""
+        if isinstance(topics, str):
+            topics = [topics]
+        self._subscription = tuple(dict.fromkeys(topics))
+        self.metadata.add_topics(self._subscription)
+        self._update_subscribed_assignment()
+
+    def unsubscribe(self) -> None:
+        self._subscription = ()
+        self._set_assignment([])
+
+    def _update_subscribed_assignment(self) -> None:
+        snapshot = self.metadata.snapshot
+        wanted = [
+            TopicPartition(topic, p)
+            for topic in self._subscription
+            for p in range(snapshot.partition_count(topic) or 0)
+        ]
+        self._set_assignment(wanted)
+
+    def _set_assignment(self, wanted: list[TopicPartition]) -> None:
+        self._assignment = {tp: self._assignment.get(tp) or _PartitionState() for tp in wanted}
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self._assignment)
+
+    def subscription(self) -> set[str]:
+        return set(self._subscription)
+
+    def _state(self, tp: TopicPartition) -> _PartitionState:
+        state = self._assignment.get(tp)
+        if state is None:
+            raise ValueError(f"{tp} is not assigned to this consumer")
+        return state
+
+    # --- positions -----------------------------------------------------------------------------
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        if offset < 0:
+            raise ValueError(f"invalid offset {offset}: use seek_to_beginning/seek_to_end")
+        self._state(tp).seek(offset)
+        self._cancel_fetch_for(tp)
+
+    async def seek_to_beginning(self, *partitions: TopicPartition) -> None:
+        await self._seek_to(partitions, EARLIEST_TIMESTAMP)
+
+    async def seek_to_end(self, *partitions: TopicPartition) -> None:
+        await self._seek_to(partitions, LATEST_TIMESTAMP)
+
+    async def _seek_to(self, partitions: Sequence[TopicPartition], which: int) -> None:
+        if not partitions and self._subscription and not self._assignment:
+            await self._resolve_subscription(self.api_timeout)
+        tps = list(partitions) or list(self._assignment)
+        for tp in tps:
+            self._state(tp)
+        offsets = await self._list_offsets({tp: which for tp in tps}, self.api_timeout)
+        for tp in tps:
+            self.seek(tp, offsets[tp][0])
+
+    async def position(self, tp: TopicPartition, timeout: float | None = None) -> int:
+        """The offset of the next record `poll` will return for ``tp``."""
+        state = self._state(tp)
+        if state.position is None:
+            await self._reset_positions([tp], self.api_timeout if timeout is None else timeout)
+        assert state.position is not None
+        return state.position
+
+    async def beginning_offsets(
+        self, partitions: Iterable[TopicPartition], timeout: float | None = None
+    ) -> dict[TopicPartition, int]:
+        answers = await self._list_offsets(
+            {tp: EARLIEST_TIMESTAMP for tp in partitions}, timeout or self.api_timeout
+        )
+        return {tp: offset for tp, (offset, _) in answers.items()}
+
+    async def end_offsets(
+        self, partitions: Iterable[TopicPartition], timeout: float | None = None
+    ) -> dict[TopicPartition, int]:
+        """The high watermark of each partition: the offset the next record will get."""
+        answers = await self._list_offsets(
+            {tp: LATEST_TIMESTAMP for tp in partitions}, timeout or self.api_timeout
+        )
+        return {tp: offset for tp, (offset, _) in answers.items()}
+
+    async def offsets_for_times(
+        self, timestamps: Mapping[TopicPartition, int], timeout: float | None = None
+    ) -> dict[TopicPartition, OffsetAndTimestamp | None]:
+        """The first offset whose timestamp is at or after the given one; None if there is none."""
+        for tp, ts in timestamps.items():
+            if ts < 0:
+                raise ValueError(f"invalid timestamp {ts} for {tp}: must be >= 0")
+        answers = await self._list_offsets(dict(timestamps), timeout or self.api_timeout)
+        return {
+            tp: None if ts < 0 or offset < 0 else OffsetAndTimestamp(offset, ts)
+            for tp, (offset, ts) in answers.items()
+        }
+
+    def pause(self, *partitions: TopicPartition) -> None:
+        for tp in partitions:
+            self._state(tp).paused = True
+
+    def resume(self, *partitions: TopicPartition) -> None:
+        for tp in partitions:
+            self._state(tp).paused = False
+        if self._pulse is not None:
+            self._pulse.fire()
+
+    def paused(self) -> set[TopicPartition]:
+        return {tp for tp, state in self._assignment.items() if state.paused}
+
+    def highwater(self, tp: TopicPartition) -> int | None:
+        """The last high watermark a fetch reported for ``tp`` (None before the first)."""
+        hw = self._state(tp).high_watermark
+        return hw if hw >= 0 else None
+
+    async def partitions_for_topic(self, topic: str) -> set[int]:
+        snapshot = await self.metadata.wait_for_topics([topic], self.api_timeout)
+        return set(range(snapshot.partition_count(topic) or 0))
+
+    async def topics(self) -> set[str]:
+        self.metadata.track_all_topics()
+        snapshot = await self.metadata.refresh()
+        return set(snapshot.topics)
+
+    # --- ListOffsets ---------------------------------------------------------------------------
+
+    async def _list_offsets(
+        self, wanted: Mapping[TopicPartition, int], timeout: float
+    ) -> dict[TopicPartition, tuple[int, int]]:
+        """ListOffsets for each partition at its leader, retrying retriable errors until timeout."""
+        deadline = time.monotonic() + timeout
+        pending = dict(wanted)
+        answers: dict[TopicPartition, tuple[int, int]] = {}
+        if not pending:
+            return answers
+        await self.metadata.wait_for_topics(sorted({tp.topic for tp in pending}), timeout)
+        backoff = self.retry_backoff
+        last_error: TidelogError | None = None
+        while pending:
+            snapshot = self.metadata.snapshot
+            by_node: dict[int, list[TopicPartition]] = {}
+            for tp in pending:
+                count = snapshot.partition_count(tp.topic)
+                if count is not None and tp.partition >= count:
+                    raise TidelogError(
+                        ErrorCode.UNKNOWN_TOPIC_OR_PARTITION,
+                        f"partition {tp.partition} of topic {tp.topic!r} does not exist "
+                        f"(the topic has {count})",
+                    )
+                leader = snapshot.leader_id(tp)
+                if leader is None:
+                    last_error = TidelogError(
+                        ErrorCode.LEADER_NOT_AVAILABLE, f"no leader known for {tp}"
+                    )
+                else:
+                    by_node.setdefault(leader, []).append(tp)
+            for node_id, tps in by_node.items():
+                address = snapshot.address(node_id)
+                assert address is not None
+                request = api_pb2.ListOffsetsRequest(
+                    partitions=[
+                        api_pb2.ListOffsetsPartition(
+                            topic=tp.topic, partition=tp.partition, timestamp=pending[tp]
+                        )
+                        for tp in tps
+                    ]
+                )
+                try:
+                    response = await self.connections.broker(address).ListOffsets(
+                        request, timeout=self.request_timeout
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    if not is_retriable_rpc_error(exc):
+                        raise TidelogError(
+                            ErrorCode.UNKNOWN_SERVER_ERROR, describe_rpc_error(exc, address)
+                        ) from None
+                    last_error = ClusterUnreachableError(describe_rpc_error(exc, address))
+                    continue
+                for result in response.partitions:
+                    tp = TopicPartition(result.topic, result.partition)
+                    if tp not in pending:
+                        continue
+                    if result.error == ErrorCode.NONE:
+                        answers[tp] = (result.offset, result.timestamp)
+                        del pending[tp]
+                        continue
+                    error = TidelogError(result.error, result.error_message or f"listing offsets of {tp}")
+                    if not error.retriable:
+                        raise error
+                    last_error = error
+                    if result.error in _METADATA_ERRORS and result.HasField("leader"):
+                        self.metadata.apply_leader_hint(tp, result.leader)
+            if not pending:
+                break
+            if time.monotonic() + backoff >= deadline:
+                raise last_error or TidelogError(
+                    ErrorCode.REQUEST_TIMED_OUT, f"listing offsets timed out after {timeout} s"
+                )
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
+            try:
+                await self.metadata.refresh()
+            except ClusterUnreachableError as exc:
+                last_error = exc
+        return answers
+
+    async def _reset_positions(self, tps: Sequence[TopicPartition], timeout: float) -> None:
+        which = _RESET_POLICIES[self.auto_offset_reset]
+        if which is None:
+            raise TidelogError(
+                ErrorCode.OFFSET_OUT_OF_RANGE,
+                f"no position for {', '.join(map(str, tps))} and auto_offset_reset='none': "
+                f"seek() first",
+            )
+        answers = await self._list_offsets({tp: which for tp in tps}, timeout)
+        for tp, (offset, _) in answers.items():
+            state = self._assignment.get(tp)
+            if state is not None and state.position is None:
+                state.seek(offset)
+
+    def _start_resets(self) -> None:
+        """Look up positions for partitions without one, in the background."""
+        missing = [tp for tp, s in self._assignment.items() if s.position is None and s.error is None]
+        if not missing or (self._reset_task is not None and not self._reset_task.done()):
+            return
+        if _RESET_POLICIES[self.auto_offset_reset] is None:
+            error = TidelogError(
+                ErrorCode.OFFSET_OUT_OF_RANGE,
+                f"no position for {', '.join(map(str, missing))} and auto_offset_reset='none': "
+                f"seek() first",
+            )
+            for tp in missing:
+                self._assignment[tp].error = error
+            return
+        self._reset_task = asyncio.get_running_loop().create_task(self._run_resets(missing))
+
+    async def _run_resets(self, tps: list[TopicPartition]) -> None:
+        try:
+            await self._reset_positions(tps, self.api_timeout)
+        except TidelogError as exc:
+            if not exc.retriable:
+                for tp in tps:
+                    state = self._assignment.get(tp)
+                    if state is not None and state.position is None:
+                        state.error = exc
+            else:
+                log.debug("offset reset failed, will retry: %s", exc)
+        finally:
+            if self._pulse is not None:
+                self._pulse.fire()
+
+    # --- fetching ------------------------------------------------------------------------------
+
+    def _cancel_fetch_for(self, tp: TopicPartition) -> None:
+        for task in list(self._fetches.values()):
+            if tp in getattr(task, "tidelog_partitions", ()):
+                task.cancel()
+
+    def _send_fetches(self) -> None:
+        snapshot = self.metadata.snapshot
+        now = time.monotonic()
+        by_node: dict[int, list[TopicPartition]] = {}
+        need_metadata = False
+        for tp, state in self._assignment.items():
+            if (
+                state.paused
+                or state.fetch_offset is None
+                or state.in_flight
+                or state.error is not None
+                or len(state.buffered) >= _PREFETCH_ANSWERS
+                or state.retry_at > now
+            ):
+                continue
+            leader = snapshot.leader_id(tp)
+            if leader is None:
+                need_metadata = True
+                continue
+            if leader in self._fetches:
+                continue
+            by_node.setdefault(leader, []).append(tp)
+        if need_metadata:
+            self.metadata.request_update()
+        loop = asyncio.get_running_loop()
+        for node_id, tps in by_node.items():
+            for tp in tps:
+                self._assignment[tp].in_flight = True
+            task = loop.create_task(self._fetch(node_id, tps))
+            task.tidelog_partitions = frozenset(tps)  # type: ignore[attr-defined]
+            self._fetches[node_id] = task
+
+    async def _fetch(self, node_id: int, tps: list[TopicPartition]) -> None:
+        sent = {tp: (self._assignment[tp].fetch_offset, self._assignment[tp].epoch) for tp in tps}
+        snapshot = self.metadata.snapshot
+        try:
+            address = snapshot.address(node_id)
+            if address is None:
+                self.metadata.request_update()
+                return
+            request = api_pb2.FetchRequest(
+                max_wait_ms=self.fetch_max_wait_ms,
+                min_bytes=self.fetch_min_bytes,
+                max_bytes=self.fetch_max_bytes,
+                partitions=[
+                    api_pb2.FetchPartition(
+                        topic=tp.topic,
+                        partition=tp.partition,
+                        fetch_offset=sent[tp][0],
+                        partition_max_bytes=self.max_partition_fetch_bytes,
+                        current_leader_epoch=(snapshot.leader(tp).leader_epoch if snapshot.leader(tp) else -1),
+                    )
+                    for tp in tps
+                ],
+            )
+            try:
+                response = await self.connections.broker(address).Fetch(
+                    request, timeout=self.request_timeout + self.fetch_max_wait_ms / 1000.0
+                )
+            except grpc.aio.AioRpcError as exc:
+                log.debug("fetch from node %d failed: %s", node_id, describe_rpc_error(exc, address))
+                self.metadata.request_update()
+                self._back_off(tps)
+                return
+            for result in response.partitions:
+                tp = TopicPartition(result.topic, result.partition)
+                state = self._assignment.get(tp)
+                if state is None or tp not in sent or (state.fetch_offset, state.epoch) != sent[tp]:
+                    continue  # unassigned or sought meanwhile
+                self._handle_fetch_result(tp, state, result)
+        finally:
+            for tp in tps:
+                state = self._assignment.get(tp)
+                if state is not None:
+                    state.in_flight = False
+            if self._fetches.get(node_id) is asyncio.current_task():
+                del self._fetches[node_id]
+            if not self._closed:
+                if self._pulse is not None:
+                    self._pulse.fire()
+                self._send_fetches()
+
+    def _back_off(self, tps: Iterable[TopicPartition]) -> None:
+        retry_at = time.monotonic() + self.retry_backoff
+        for tp in tps:
+            state = self._assignment.get(tp)
+            if state is not None:
+                state.retry_at = retry_at
+
+    def _handle_fetch_result(
+        self, tp: TopicPartition, state: _PartitionState, result: api_pb2.FetchPartitionResult
+    ) -> None:
+        if result.error == ErrorCode.NONE:
+            state.high_watermark = result.high_watermark
+            state.log_start_offset = result.log_start_offset
+            if not result.records:
+                return
+            fetch_offset = state.fetch_offset
+            assert fetch_offset is not None
+            try:
+                records, next_offset = self._decode(tp, result.records, fetch_offset)
+            except CorruptRecordError as exc:
+                state.error = TidelogError(
+                    ErrorCode.CORRUPT_MESSAGE, f"{tp} at offset {fetch_offset}: {exc.reason}"
+                )
+                return
+            if next_offset > fetch_offset:
+                state.buffered.append(_CompletedFetch(records, next_offset))
+                state.fetch_offset = next_offset
+            return
+        if result.error == ErrorCode.OFFSET_OUT_OF_RANGE:
+            if _RESET_POLICIES[self.auto_offset_reset] is None:
+                state.error = TidelogError(
+                    ErrorCode.OFFSET_OUT_OF_RANGE,
+                    f"offset {state.fetch_offset} is out of range for {tp} "
+                    f"and auto_offset_reset='none'",
+                )
+            elif not state.buffered:
+                log.info("offset %s out of range for %s; resetting to %s",
+                         state.fetch_offset, tp, self.auto_offset_reset)
+                state.seek(None)
+            return
+        if result.error in _METADATA_ERRORS:
+            if result.HasField("leader") and result.leader.leader_id >= 0:
+                self.metadata.apply_leader_hint(tp, result.leader)
+            else:
+                self.metadata.mark_leader_unknown(tp)
+            self.metadata.request_update()
+            self._back_off([tp])
+            return
+        if is_retriable(result.error):
+            self._back_off([tp])
+            return
+        state.error = TidelogError(result.error, result.error_message or f"fetching {tp}")
+
+    def _decode(
+        self, tp: TopicPartition, buf: bytes, fetch_offset: int
+    ) -> tuple[list[ConsumerRecord], int]:
+        records: list[ConsumerRecord] = []
+        next_offset = fetch_offset
+        kd, vd = self.key_deserializer, self.value_deserializer
+        topic, partition = tp.topic, tp.partition
+        for batch in decode_batches(buf):
+            if batch.next_offset <= fetch_offset:
+                continue
+            next_offset = batch.next_offset
+            if batch.is_control:
+                continue
+            for record in batch.records():
+                if record.offset < fetch_offset:
+                    continue
+                records.append(
+                    ConsumerRecord(
+                        topic,
+                        partition,
+                        record.offset,
+                        record.timestamp,
+                        kd(record.key) if kd else record.key,
+                        vd(record.value) if vd else record.value,
+                        record.headers,
+                    )
+                )
+        return records, next_offset
+
+    def _drain(self, max_records: int) -> list[ConsumerRecord]:
+        out: list[ConsumerRecord] = []
+        tps = list(self._assignment)
+        if not tps:
+            return out
+        start = self._rotation % len(tps)
+        self._rotation += 1
+        for tp in tps[start:] + tps[:start]:
+            state = self._assignment[tp]
+            if state.paused:
+                continue
+            while state.buffered and len(out) < max_records:
+                completed = state.buffered[0]
+                take = completed.records[completed.index : completed.index + max_records - len(out)]
+                out.extend(take)
+                completed.index += len(take)
+                if completed.index >= len(completed.records):
+                    state.buffered.popleft()
+                    state.position = completed.next_offset
+                else:
+                    state.position = take[-1].offset + 1
+            if len(out) >= max_records:
+                break
+        return out
+
+    def _raise_errors(self) -> None:
+        for tp, state in self._assignment.items():
+            if state.error is not None and not state.buffered:
+                error, state.error = state.error, None
+                raise error
+
+    async def _resolve_subscription(self, timeout: float) -> None:
+        try:
+            await self.metadata.wait_for_topics(self._subscription, timeout)
+        except TidelogError:
+            pass
+        self._update_subscribed_assignment()
+
+    # --- polling -------------------------------------------------------------------------------
+
+    async def poll(
+        self, timeout_ms: float = 0, max_records: int | None = None
+    ) -> list[ConsumerRecord]:
+        """Records from the assigned partitions, waiting up to ``timeout_ms`` for some."""
+        if self._closed:
+            raise RuntimeError("the consumer is closed")
+        pulse = self._ensure_loop_state()
+        limit = max_records or self.max_poll_records
+        deadline = time.monotonic() + timeout_ms / 1000.0
+        if self._subscription and (
+            not self._assignment or self.metadata.maybe_expired()
+        ):
+            self.metadata.request_update()
+        if not self._assignment and not self._subscription:
+            raise RuntimeError("the consumer has no assignment: call assign() or subscribe() first")
+        while True:
+            event = pulse.waiter()
+            self._start_resets()
+            records = self._drain(limit)
+            self._send_fetches()
+            if records:
+                return records
+            self._raise_errors()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            try:
+                # Wake at least every backoff to resend fetches that were backing off.
+                await asyncio.wait_for(event.wait(), min(remaining, max(self.retry_backoff, 0.05)))
+            except asyncio.TimeoutError:
+                pass
+
+    async def getmany(self, timeout_ms: float = 0, max_records: int | None = None) -> dict[TopicPartition, list[ConsumerRecord]]:
+        """`poll`, grouped by partition (aiokafka's name)."""
+        grouped: dict[TopicPartition, list[ConsumerRecord]] = {}
+        for record in await self.poll(timeout_ms, max_records):
+            grouped.setdefault(record.topic_partition, []).append(record)
+        return grouped
+
+    def __aiter__(self) -> AsyncIterator[ConsumerRecord]:
+        return self
+
+    async def __anext__(self) -> ConsumerRecord:
+        deadline = None if self.consumer_timeout is None else time.monotonic() + self.consumer_timeout
+        while not self._iter_buffer:
+            wait = 1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+            self._iter_buffer.extend(await self.poll(wait * 1000))
+            if not self._iter_buffer and deadline is not None and time.monotonic() >= deadline:
+                raise StopAsyncIteration
+        return self._iter_buffer.popleft()
+
+    async def __aenter__(self) -> AsyncConsumer:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        tasks = list(self._fetches.values())
+        if self._reset_task is not None:
+            tasks.append(self._reset_task)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.connections.close()
+
+
+class Consumer:
+    """Consume records from tidelog in ordinary (threaded) code; see `AsyncConsumer`."""
+
+    def __init__(self, bootstrap: str | Sequence[str] | None = None, **options: Any) -> None:
+        self._thread = LoopThread("tidelog-consumer")
+        try:
+            self._core: AsyncConsumer = self._thread.run(self._create(bootstrap, options))
+        except BaseException:
+            self._thread.stop()
+            raise
+        self._closed = False
+
+    @staticmethod
+    async def _create(bootstrap: Any, options: dict[str, Any]) -> AsyncConsumer:
+        return AsyncConsumer(bootstrap, **options)
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        async def run() -> Any:
+            return fn()
+
+        return self._thread.run(run())
+
+    def __enter__(self) -> Consumer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def assign(self, partitions: Iterable[TopicPartition]) -> None:
+        partitions = list(partitions)
+        self._call(lambda: self._core.assign(partitions))
+
+    def subscribe(self, topics: Iterable[str]) -> None:
+        topics = [topics] if isinstance(topics, str) else list(topics)
+        self._call(lambda: self._core.subscribe(topics))
+
+    def unsubscribe(self) -> None:
+        self._call(self._core.unsubscribe)
+
+    def assignment(self) -> set[TopicPartition]:
+        return self._call(self._core.assignment)
+
+    def subscription(self) -> set[str]:
+        return self._call(self._core.subscription)
+
+    def poll(self, timeout_ms: float = 0, max_records: int | None = None) -> list[ConsumerRecord]:
+        return self._thread.run(self._core.poll(timeout_ms, max_records))
+
+    def __iter__(self) -> Iterator[ConsumerRecord]:
+        return self
+
+    def __next__(self) -> ConsumerRecord:
+        try:
+            return self._thread.run(self._core.__anext__())
+        except StopAsyncIteration:
+            raise StopIteration from None
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self._call(lambda: self._core.seek(tp, offset))
+
+    def seek_to_beginning(self, *partitions: TopicPartition) -> None:
+        self._thread.run(self._core.seek_to_beginning(*partitions))
+
+    def seek_to_end(self, *partitions: TopicPartition) -> None:
+        self._thread.run(self._core.seek_to_end(*partitions))
+
+    def position(self, tp: TopicPartition, timeout: float | None = None) -> int:
+        return self._thread.run(self._core.position(tp, timeout))
+
+    def beginning_offsets(
+        self, partitions: Iterable[TopicPartition], timeout: float | None = None
+    ) -> dict[TopicPartition, int]:
+        return self._thread.run(self._core.beginning_offsets(list(partitions), timeout))
+
+    def end_offsets(
+        self, partitions: Iterable[TopicPartition], timeout: float | None = None
+    ) -> dict[TopicPartition, int]:
+        return self._thread.run(self._core.end_offsets(list(partitions), timeout))
+
+    def offsets_for_times(
+        self, timestamps: Mapping[TopicPartition, int], timeout: float | None = None
+    ) -> dict[TopicPartition, OffsetAndTimestamp | None]:
+        return self._thread.run(self._core.offsets_for_times(dict(timestamps), timeout))
+
+    def pause(self, *partitions: TopicPartition) -> None:
+        self._call(lambda: self._core.pause(*partitions))
+
+    def resume(self, *partitions: TopicPartition) -> None:
+        self._call(lambda: self._core.resume(*partitions))
+
+    def paused(self) -> set[TopicPartition]:
+        return self._call(self._core.paused)
+
+    def highwater(self, tp: TopicPartition) -> int | None:
+        return self._call(lambda: self._core.highwater(tp))
+
+    def partitions_for_topic(self, topic: str) -> set[int]:
+        return self._thread.run(self._core.partitions_for_topic(topic))
+
+    def topics(self) -> set[str]:
+        return self._thread.run(self._core.topics())
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._thread.run(self._core.close())
+        finally:
+            self._thread.stop()

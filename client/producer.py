@@ -1,0 +1,647 @@
+"""The producer: `AsyncProducer` (the asyncio core) and `Producer` (its sync facade).
+
+Shape (aiokafka's producer, DESIGN.md §8): `send` serializes the record, picks its partition
+(Kafka's murmur2 for keys, sticky for null keys) and appends it to the `RecordAccumulator`; one
+sender task drains batches that are full or whose linger expired, groups them by leader node and
+sends one Produce request per node (several requests may be in flight per node, but at most one
+batch per partition, which keeps per-partition order across retries). Retriable errors are
+retried with exponential backoff until ``delivery_timeout_ms``; NOT_LEADER_OR_FOLLOWER takes the
+answer's leader hint at once and refreshes metadata in the background. Every outcome reaches the
+record's future.
+
+Defaults (documented in docs/CLIENT.md and the class docstring) follow Kafka's producer except
+``batch_size`` (128 KiB rather than 16 KiB: measured on this project, throughput keeps rising up
+to 64–256 KiB batches) and ``compression`` (lz4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import random
+import threading
+import time
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import grpc
+
+from tidelog.client._loop import LoopThread
+from tidelog.client.accumulator import (
+    BufferExhausted,
+    ProducerBatch,
+    RecordAccumulator,
+    estimate_record_size,
+)
+from tidelog.client.connection import (
+    ClusterSnapshot,
+    Connections,
+    Metadata,
+    describe_rpc_error,
+    is_retriable_rpc_error,
+)
+from tidelog.client.partitioner import StickyPartitioner, partition_for_key
+from tidelog.client.types import RecordMetadata, TopicPartition
+from tidelog.proto import api_pb2
+from tidelog.proto.common_pb2 import ErrorCode
+from tidelog.proto.errors import TidelogError, is_retriable
+from tidelog.proto.records import BATCH_OVERHEAD, Compression, encode_batch
+
+log = logging.getLogger(__name__)
+
+Serializer = Callable[[Any], "bytes | None"]
+HeadersArg = "Mapping[str, bytes | str | None] | Iterable[tuple[str, bytes | str | None]] | None"
+
+# Errors after which the partition's leader may have moved: look again.
+_METADATA_ERRORS = frozenset(
+    {
+        ErrorCode.NOT_LEADER_OR_FOLLOWER,
+        ErrorCode.LEADER_NOT_AVAILABLE,
+        ErrorCode.UNKNOWN_TOPIC_OR_PARTITION,
+        ErrorCode.FENCED_LEADER_EPOCH,
+        ErrorCode.UNKNOWN_LEADER_EPOCH,
+    }
+)
+
+
+def parse_acks(acks: int | str) -> int:
+    if isinstance(acks, str):
+        if acks.lower() == "all":
+            return -1
+        try:
+            acks = int(acks)
+        except ValueError:
+            raise ValueError(f"invalid acks {acks!r}: use 0, 1 or all") from None
+    if acks not in (0, 1, -1):
+        raise ValueError(f"invalid acks {acks!r}: use 0, 1 or all")
+    return acks
+
+
+def to_bytes(data: Any, what: str) -> bytes | None:
+    if data is None or isinstance(data, bytes):
+        return data
+    if isinstance(data, str):
+        return data.encode("utf-8")
+    if isinstance(data, (bytearray, memoryview)):
+        return bytes(data)
+    raise TypeError(
+        f"the record {what} must be bytes, str or None, not {type(data).__name__} "
+        f"(or pass {what}_serializer=...)"
+    )
+
+
+def normalize_headers(headers: Any) -> tuple[tuple[str, bytes | None], ...]:
+    if not headers:
+        return ()
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    return tuple((str(k), to_bytes(v, "header value")) for k, v in items)
+
+
+def _resolve(handle: object, value: Any = None, exc: BaseException | None = None) -> None:
+    """Complete a record's future, whichever kind it is, unless the caller cancelled it."""
+    if isinstance(handle, asyncio.Future):
+        if handle.done():
+            return
+        if exc is None:
+            handle.set_result(value)
+        else:
+            handle.set_exception(exc)
+    else:
+        assert isinstance(handle, concurrent.futures.Future)
+        try:
+            if exc is None:
+                handle.set_result(value)
+            else:
+                handle.set_exception(exc)
+        except concurrent.futures.InvalidStateError:
+            pass
+
+
+class _Pulse:
+    """Wake every coroutine waiting for 'something changed' (memory freed, a batch done)."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def fire(self) -> None:
+        event, self._event = self._event, asyncio.Event()
+        event.set()
+
+    def waiter(self) -> asyncio.Event:
+        return self._event
+
+
+class AsyncProducer:
+    """Produce records to tidelog from asyncio code.
+
+    ``fut = await producer.send(topic, value, key=...)`` queues a record (waiting for buffer
+    memory up to ``max_block_ms``) and returns an `asyncio.Future` of `RecordMetadata`;
+    ``await producer.send_and_wait(...)`` does both (aiokafka's API).
+
+    Defaults: acks="all", compression="lz4", linger_ms=5, batch_size=131072 (128 KiB),
+    buffer_memory=33554432 (32 MiB), max_block_ms=60000, max_request_size=1048576,
+    request_timeout_ms=30000, delivery_timeout_ms=120000, retry_backoff_ms=100 (doubling up to
+    retry_backoff_max_ms=1000), max_in_flight_requests_per_connection=5,
+    metadata_max_age_ms=300000.
+    """
+
+    def __init__(
+        self,
+        bootstrap: str | Sequence[str] | None = None,
+        *,
+        acks: int | str = "all",
+        compression: str = "lz4",
+        linger_ms: float = 5,
+        batch_size: int = 131072,
+        buffer_memory: int = 33554432,
+        max_block_ms: float = 60000,
+        max_request_size: int = 1048576,
+        request_timeout_ms: float = 30000,
+        delivery_timeout_ms: float = 120000,
+        retry_backoff_ms: float = 100,
+        retry_backoff_max_ms: float = 1000,
+        max_in_flight_requests_per_connection: int = 5,
+        metadata_max_age_ms: float = 300000,
+        key_serializer: Serializer | None = None,
+        value_serializer: Serializer | None = None,
+    ) -> None:
+        self.acks = parse_acks(acks)
+        self.compression = Compression.parse(compression)
+        if self.compression not in (Compression.NONE, Compression.GZIP, Compression.LZ4):
+            raise ValueError(f"compression {compression!r} is not supported; use none, gzip or lz4")
+        if batch_size <= 0 or buffer_memory <= 0 or max_request_size <= 0:
+            raise ValueError("batch_size, buffer_memory and max_request_size must be positive")
+        self.max_block = max_block_ms / 1000.0
+        self.max_request_size = max_request_size
+        self.request_timeout_ms = request_timeout_ms
+        self.retry_backoff = retry_backoff_ms / 1000.0
+        self.retry_backoff_max = retry_backoff_max_ms / 1000.0
+        self.max_in_flight = max_in_flight_requests_per_connection
+        self.key_serializer = key_serializer
+        self.value_serializer = value_serializer
+        self.connections = Connections(bootstrap)
+        self.metadata = Metadata(
+            self.connections,
+            request_timeout_ms=request_timeout_ms,
+            retry_backoff_ms=retry_backoff_ms,
+            metadata_max_age_ms=metadata_max_age_ms,
+        )
+        self.accumulator = RecordAccumulator(
+            batch_size=batch_size,
+            linger_ms=linger_ms,
+            buffer_memory=buffer_memory,
+            delivery_timeout_ms=delivery_timeout_ms,
+            on_memory_freed=self._on_memory_freed,
+        )
+        self._partitioner = StickyPartitioner(batch_size)
+        self._partitioner_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sender: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._memory_pulse: _Pulse | None = None
+        self._batch_pulse: _Pulse | None = None
+        self._in_flight: dict[int, int] = {}
+        self._requests: set[asyncio.Task[None]] = set()
+        self._closing = False
+        self._closed = False
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._sender is not None:
+            return
+        if self._closed:
+            raise RuntimeError("the producer is closed")
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._memory_pulse = _Pulse()
+        self._batch_pulse = _Pulse()
+        self.metadata.add_listener(self._wake_sender)
+        self._sender = self._loop.create_task(self._run_sender(), name="tidelog-producer-sender")
+
+    async def __aenter__(self) -> AsyncProducer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def flush(self, timeout: float | None = None) -> None:
+        """Send everything queued so far now and wait until each of those records is done."""
+        await self.start()
+        assert self._batch_pulse is not None
+        last = self.accumulator.last_batch_id()
+        self.accumulator.seal_all()
+        self._wake_sender()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.accumulator.any_incomplete_up_to(last):
+            event = self._batch_pulse.waiter()
+            if not self.accumulator.any_incomplete_up_to(last):
+                break
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TidelogError(ErrorCode.REQUEST_TIMED_OUT, f"flush did not finish in {timeout} s")
+            try:
+                await asyncio.wait_for(event.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+
+    async def close(self, timeout: float | None = None) -> None:
+        """Deliver what is queued (up to ``timeout`` seconds, default: the delivery timeout)."""
+        if self._closed:
+            return
+        self._closing = True
+        if self._sender is not None:
+            try:
+                await self.flush(timeout)
+            except TidelogError:
+                pass
+            self.accumulator.closed = True
+            error = TidelogError(ErrorCode.REQUEST_TIMED_OUT, "the producer was closed before delivery")
+            for batch in self.accumulator.abort_all():
+                self._fail_handles(batch, error)
+            self._sender.cancel()
+            requests = list(self._requests)
+            for task in requests:
+                task.cancel()
+            await asyncio.gather(self._sender, *requests, return_exceptions=True)
+        self.accumulator.closed = True
+        self._closed = True
+        await self.connections.close()
+
+    # --- sending -------------------------------------------------------------------------------
+
+    def _prepare(
+        self, topic: str, value: Any, key: Any, headers: Any, timestamp: int | None
+    ) -> tuple[tuple, int, bytes | None]:
+        if not isinstance(topic, str) or not topic:
+            raise TypeError("topic must be a non-empty string")
+        key_bytes = to_bytes(self.key_serializer(key) if self.key_serializer else key, "key")
+        value_bytes = to_bytes(
+            self.value_serializer(value) if self.value_serializer else value, "value"
+        )
+        header_items = normalize_headers(headers)
+        size = estimate_record_size(key_bytes, value_bytes, header_items)
+        if size + BATCH_OVERHEAD > self.max_request_size or size > self.accumulator.buffer_memory:
+            raise TidelogError(
+                ErrorCode.MESSAGE_TOO_LARGE,
+                f"the record is {size} bytes serialized, larger than max_request_size="
+                f"{self.max_request_size} (or buffer_memory={self.accumulator.buffer_memory})",
+            )
+        if timestamp is None:
+            timestamp = time.time_ns() // 1_000_000
+        return (timestamp, key_bytes, value_bytes, header_items), size, key_bytes
+
+    def _choose_partition(
+        self,
+        snapshot: ClusterSnapshot,
+        topic: str,
+        partition: int | None,
+        key_bytes: bytes | None,
+        size: int,
+    ) -> TopicPartition:
+        count = snapshot.partition_count(topic)
+        assert count is not None
+        if partition is not None:
+            if not 0 <= partition < count:
+                raise TidelogError(
+                    ErrorCode.UNKNOWN_TOPIC_OR_PARTITION,
+                    f"partition {partition} of topic {topic!r} does not exist "
+                    f"(the topic has {count})",
+                )
+            return TopicPartition(topic, partition)
+        if key_bytes is not None:
+            return TopicPartition(topic, partition_for_key(key_bytes, count))
+        available = snapshot.available_partitions(topic)
+        with self._partitioner_lock:
+            chosen = self._partitioner.partition(topic, count, available)
+            self._partitioner.on_append(topic, chosen, size, count, available)
+        return TopicPartition(topic, chosen)
+
+    async def send(
+        self,
+        topic: str,
+        value: Any = None,
+        key: Any = None,
+        headers: Any = None,
+        partition: int | None = None,
+        timestamp: int | None = None,
+    ) -> asyncio.Future[RecordMetadata]:
+        """Queue one record; the returned future resolves to its `RecordMetadata`.
+
+        Errors from the cluster or from timeouts (unknown topic, buffer full for
+        ``max_block_ms``, MESSAGE_TOO_LARGE, ...) fail the future rather than raise here.
+        """
+        if self._closing:
+            raise RuntimeError("the producer is closed")
+        await self.start()
+        assert self._loop is not None and self._memory_pulse is not None
+        future: asyncio.Future[RecordMetadata] = self._loop.create_future()
+        try:
+            fields, size, key_bytes = self._prepare(topic, value, key, headers, timestamp)
+            deadline = time.monotonic() + self.max_block
+            snapshot = self.metadata.snapshot
+            if snapshot.partition_count(topic) is None:
+                snapshot = await self.metadata.wait_for_topics([topic], self.max_block)
+            tp = self._choose_partition(snapshot, topic, partition, key_bytes, size)
+            while True:
+                event = self._memory_pulse.waiter()
+                result = self.accumulator.try_append(tp, fields, size, future)
+                if result is not None:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TidelogError(
+                        ErrorCode.REQUEST_TIMED_OUT,
+                        f"no buffer memory became free within max_block_ms="
+                        f"{self.max_block * 1000:.0f}",
+                    )
+                try:
+                    await asyncio.wait_for(event.wait(), remaining)
+                except asyncio.TimeoutError:
+                    pass
+            if result.wake_sender:
+                self._wake_sender()
+        except TidelogError as exc:
+            if not future.done():
+                future.set_exception(exc)
+        return future
+
+    async def send_and_wait(
+        self,
+        topic: str,
+        value: Any = None,
+        key: Any = None,
+        headers: Any = None,
+        partition: int | None = None,
+        timestamp: int | None = None,
+    ) -> RecordMetadata:
+        future = await self.send(topic, value, key, headers, partition, timestamp)
+        return await future
+
+    async def partitions_for(self, topic: str) -> list[int]:
+        snapshot = await self.metadata.wait_for_topics([topic], self.max_block)
+        return list(range(snapshot.partition_count(topic) or 0))
+
+    # --- the sender ----------------------------------------------------------------------------
+
+    def _wake_sender(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def _on_memory_freed(self) -> None:
+        # Called with the accumulator's lock held, always on the loop thread.
+        if self._memory_pulse is not None:
+            self._memory_pulse.fire()
+
+    def _node_ready(self, node_id: int) -> bool:
+        return self._in_flight.get(node_id, 0) < self.max_in_flight
+
+    async def _run_sender(self) -> None:
+        assert self._wake is not None and self._loop is not None
+        while True:
+            self._wake.clear()
+            now = time.monotonic()
+            for batch in self.accumulator.expire(now):
+                self._fail_handles(
+                    batch,
+                    batch.last_error
+                    if isinstance(batch.last_error, TidelogError)
+                    else TidelogError(
+                        ErrorCode.REQUEST_TIMED_OUT,
+                        f"{batch.record_count} record(s) for {batch.tp} expired: "
+                        f"delivery_timeout_ms={self.accumulator.delivery_timeout * 1000:.0f} passed "
+                        f"since the batch was created"
+                        + (f" (last error: {batch.last_error})" if batch.last_error else ""),
+                    ),
+                )
+            snapshot = self.metadata.snapshot
+            drain = self.accumulator.drain(now, snapshot.leader_id, self._node_ready)
+            if drain.unknown_leader:
+                self.metadata.add_topics(tp.topic for tp in drain.unknown_leader)
+                self.metadata.request_update()
+            for node_id, batches in drain.by_node.items():
+                for chunk in self._split_by_size(batches):
+                    self._in_flight[node_id] = self._in_flight.get(node_id, 0) + 1
+                    task = self._loop.create_task(self._send_request(node_id, chunk))
+                    self._requests.add(task)
+                    task.add_done_callback(self._requests.discard)
+            timeout = None
+            if drain.next_check is not None:
+                timeout = max(0.0, drain.next_check - time.monotonic())
+            if drain.unknown_leader or not self.accumulator.is_empty():
+                # Re-check expiry and leaders from time to time even when nothing else wakes us.
+                timeout = 0.5 if timeout is None else min(timeout, 0.5)
+            if timeout == 0.0:
+                await asyncio.sleep(0)
+                continue
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+
+    def _split_by_size(self, batches: list[ProducerBatch]) -> list[list[ProducerBatch]]:
+        for batch in batches:
+            if batch.encoded is None:
+                batch.encoded = encode_batch(batch.records, compression=self.compression)
+        chunks: list[list[ProducerBatch]] = []
+        current: list[ProducerBatch] = []
+        size = 0
+        for batch in batches:
+            assert batch.encoded is not None
+            if current and size + len(batch.encoded) > self.max_request_size:
+                chunks.append(current)
+                current, size = [], 0
+            current.append(batch)
+            size += len(batch.encoded)
+        if current:
+            chunks.append(current)
+        return chunks
+
+    async def _send_request(self, node_id: int, batches: list[ProducerBatch]) -> None:
+        try:
+            address = self.metadata.snapshot.address(node_id)
+            if address is None:
+                for batch in batches:
+                    self._retry_or_fail(
+                        batch, TidelogError(ErrorCode.LEADER_NOT_AVAILABLE, f"node {node_id} is unknown")
+                    )
+                self.metadata.request_update()
+                return
+            request = api_pb2.ProduceRequest(
+                acks=self.acks,
+                timeout_ms=int(self.request_timeout_ms),
+                partitions=[
+                    api_pb2.ProducePartitionData(
+                        topic=b.tp.topic, partition=b.tp.partition, records=b.encoded
+                    )
+                    for b in batches
+                ],
+            )
+            try:
+                response = await self.connections.broker(address).Produce(
+                    request, timeout=self.request_timeout_ms / 1000.0 + 5.0
+                )
+            except grpc.aio.AioRpcError as exc:
+                error = TidelogError(
+                    ErrorCode.REQUEST_TIMED_OUT if is_retriable_rpc_error(exc) else ErrorCode.UNKNOWN_SERVER_ERROR,
+                    f"produce to node {node_id} failed: {describe_rpc_error(exc, address)}",
+                )
+                self.metadata.request_update()
+                for batch in batches:
+                    self._retry_or_fail(batch, error)
+                return
+            results = {(r.topic, r.partition): r for r in response.partitions}
+            for batch in batches:
+                result = results.get((batch.tp.topic, batch.tp.partition))
+                if result is None:
+                    self._retry_or_fail(
+                        batch,
+                        TidelogError(ErrorCode.UNKNOWN_SERVER_ERROR, f"no result for {batch.tp}"),
+                    )
+                elif result.error == ErrorCode.NONE:
+                    self._complete(batch, result)
+                else:
+                    if result.error in _METADATA_ERRORS:
+                        if result.HasField("leader"):
+                            self.metadata.apply_leader_hint(batch.tp, result.leader)
+                        self.metadata.request_update()
+                    self._retry_or_fail(
+                        batch,
+                        TidelogError(result.error, result.error_message or f"producing to {batch.tp}"),
+                    )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug must still reach the futures, not vanish in a task
+            log.exception("producer request failed")
+            for batch in batches:
+                self.accumulator.complete(batch)
+                self._fail_handles(batch, exc)
+        finally:
+            self._in_flight[node_id] -= 1
+            self._wake_sender()
+
+    def _complete(self, batch: ProducerBatch, result: api_pb2.ProducePartitionResult) -> None:
+        self.accumulator.complete(batch)
+        topic, partition = batch.tp.topic, batch.tp.partition
+        base = result.base_offset if self.acks != 0 else -1
+        append_time = result.log_append_time_ms
+        for record, handle in zip(batch.records, batch.handles):
+            _resolve(
+                handle,
+                RecordMetadata(
+                    topic,
+                    partition,
+                    base + record.offset if base >= 0 else -1,
+                    append_time if append_time >= 0 else record.timestamp,
+                ),
+            )
+        self._batch_done()
+
+    def _retry_or_fail(self, batch: ProducerBatch, error: TidelogError) -> None:
+        batch.last_error = error
+        backoff = min(self.retry_backoff * (2 ** batch.attempts), self.retry_backoff_max)
+        backoff *= random.uniform(0.8, 1.2)
+        retry_at = time.monotonic() + backoff
+        if not error.retriable or retry_at >= batch.deadline or self._closed:
+            self.accumulator.complete(batch)
+            self._fail_handles(batch, error)
+            return
+        log.debug("retrying %s after %s (attempt %d)", batch.tp, error, batch.attempts + 1)
+        self.accumulator.reenqueue(batch, retry_at)
+
+    def _fail_handles(self, batch: ProducerBatch, error: BaseException) -> None:
+        for handle in batch.handles:
+            _resolve(handle, exc=error)
+        self._batch_done()
+
+    def _batch_done(self) -> None:
+        if self._batch_pulse is not None:
+            self._batch_pulse.fire()
+
+
+class Producer:
+    """Produce records to tidelog from ordinary (threaded) code.
+
+    ``send`` returns a `concurrent.futures.Future` of `RecordMetadata` and blocks only when the
+    buffer is full (up to ``max_block_ms``) or the topic's metadata is not known yet. Takes the
+    same options as `AsyncProducer`. The futures complete on the client's I/O thread, so
+    callbacks added to them should be quick and must not call blocking producer methods.
+    """
+
+    def __init__(self, bootstrap: str | Sequence[str] | None = None, **options: Any) -> None:
+        self._thread = LoopThread("tidelog-producer")
+        try:
+            self._core: AsyncProducer = self._thread.run(self._create(bootstrap, options))
+        except BaseException:
+            self._thread.stop()
+            raise
+        self._closed = False
+
+    @staticmethod
+    async def _create(bootstrap: Any, options: dict[str, Any]) -> AsyncProducer:
+        producer = AsyncProducer(bootstrap, **options)
+        await producer.start()
+        return producer
+
+    def __enter__(self) -> Producer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def send(
+        self,
+        topic: str,
+        value: Any = None,
+        key: Any = None,
+        headers: Any = None,
+        partition: int | None = None,
+        timestamp: int | None = None,
+    ) -> concurrent.futures.Future[RecordMetadata]:
+        if self._closed:
+            raise RuntimeError("the producer is closed")
+        core = self._core
+        future: concurrent.futures.Future[RecordMetadata] = concurrent.futures.Future()
+        try:
+            fields, size, key_bytes = core._prepare(topic, value, key, headers, timestamp)
+            deadline = time.monotonic() + core.max_block
+            snapshot = core.metadata.snapshot
+            if snapshot.partition_count(topic) is None:
+                snapshot = self._thread.run(core.metadata.wait_for_topics([topic], core.max_block))
+            tp = core._choose_partition(snapshot, topic, partition, key_bytes, size)
+            if self._thread.in_loop_thread():
+                result = core.accumulator.try_append(tp, fields, size, future)
+                if result is None:
+                    raise TidelogError(
+                        ErrorCode.REQUEST_TIMED_OUT,
+                        "buffer memory is full and send() was called from the client's I/O "
+                        "thread, where it cannot wait",
+                    )
+            else:
+                try:
+                    result = core.accumulator.append(
+                        tp, fields, size, future, max(0.0, deadline - time.monotonic())
+                    )
+                except BufferExhausted as exc:
+                    raise TidelogError(ErrorCode.REQUEST_TIMED_OUT, str(exc)) from None
+            if result.wake_sender:
+                self._thread.call_soon(core._wake_sender)
+        except TidelogError as exc:
+            future.set_exception(exc)
+        return future
+
+    def flush(self, timeout: float | None = None) -> None:
+        self._thread.run(self._core.flush(timeout))
+
+    def partitions_for(self, topic: str) -> list[int]:
+        return self._thread.run(self._core.partitions_for(topic))
+
+    def close(self, timeout: float | None = None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._thread.run(self._core.close(timeout))
+        finally:
+            self._thread.stop()
