@@ -648,6 +648,8 @@ class ProducerStateManager:
                     tail.append(header)
             self._end_offset = tail[0].base_offset if tail else replay_from
         else:
+            # The snapshot may predate the latest retention; forget what it deleted.
+            self.remove_before(log_start_offset)
             # A snapshot at offset S holds every batch whose base offset is below S.
             replay_from = loaded
             for header in read_batches_from(replay_from):
