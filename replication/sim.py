@@ -1,0 +1,684 @@
+"""Deterministic simulation of one Raft group under faults, with the safety invariants checked.
+
+    python -m tidelog.replication.sim --seeds 1000 [--start 0] [--nodes 3|5] [--steps 600] [--workers 2]
+
+Everything comes from one seed: `random.Random(seed)` drives the network (delay, drop, duplicate,
+reorder by delay, partitions that heal), the disks (flush latency; a crash loses what was not
+flushed and may tear the last batch), crashes and restarts, client proposals and voter changes.
+Time is simulated; the real `RaftGroup` runs unchanged. A step is one event (a delivery, a tick,
+a flush completing, a fault, a proposal); the invariants are checked as each step's outputs are
+applied:
+
+* election safety: at most one leader per epoch;
+* log matching: two batches with the same (base offset, epoch) end identical prefixes;
+* leader completeness: every new leader holds the whole committed prefix;
+* committed prefix: no node ever writes something else at, or truncates, a committed offset;
+* the high watermark of a replica never goes backwards (within one process lifetime);
+* a proposal reported committed stays at its offsets, with its bytes, on every node;
+* liveness: after the chaos phase all faults heal; a leader must then commit a new proposal
+  within a bounded simulated time.
+
+On a violation the run prints the seed, the invariant and the last events, and exits 1;
+`--seed N --trace` replays one seed exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import heapq
+import multiprocessing
+import random
+import sys
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from tidelog.proto.records import Record, encode_batch
+from tidelog.replication.log import MemoryLog
+from tidelog.replication.messages import Message
+from tidelog.replication.raft import (
+    MembershipChangeError,
+    NotLeaderError,
+    Output,
+    QuorumState,
+    RaftConfig,
+    RaftGroup,
+    Role,
+)
+
+GROUP = "sim-0"
+BUGS = ("vote_without_log_check", "commit_old_epoch", "vote_before_persist", "skip_truncation")
+
+_DELIVER, _TICK, _FLUSH, _FAULT, _RESTART, _HEAL, _PROPOSE = range(7)
+
+
+class Violation(Exception):
+    def __init__(self, invariant: str, detail: str) -> None:
+        super().__init__(f"{invariant}: {detail}")
+        self.invariant = invariant
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    nodes: int = 3
+    steps: int = 600
+    election_timeout_ms: int = 100
+    # Network.
+    min_delay_ms: int = 1
+    max_delay_ms: int = 8
+    long_delay_p: float = 0.02
+    drop_p: float = 0.03
+    duplicate_p: float = 0.03
+    # Faults, one every fault_interval on average during the chaos phase.
+    fault_interval_ms: int = 120
+    crash_weight: int = 4
+    partition_weight: int = 3
+    resign_weight: int = 1
+    membership_weight: int = 1
+    # A crash right after a node granted a vote: the classic moment to lose an unpersisted vote.
+    crash_after_vote_p: float = 0.05
+    tear_p: float = 0.5
+    max_flush_ms: int = 4
+    propose_interval_ms: int = 12
+    observers: int = 1
+    liveness_bound_ms: int = 40 * 100
+    bugs: tuple[str, ...] = ()
+
+    def raft_config(self) -> RaftConfig:
+        flags = {f"_bug_{name}": True for name in self.bugs}
+        return RaftConfig.scaled(self.election_timeout_ms, **flags)
+
+
+@dataclass(slots=True)
+class SeedResult:
+    seed: int
+    steps: int = 0
+    elections: int = 0
+    commits: int = 0
+    sim_ms: int = 0
+    violation: str | None = None
+    trace: list[str] = field(default_factory=list)
+
+
+class _Registry:
+    """Interns log prefixes: equal chain ids <=> identical batches from the start of the log."""
+
+    __slots__ = ("ids", "by_position")
+
+    def __init__(self) -> None:
+        self.ids: dict[tuple[int, bytes], int] = {}
+        # (base offset, epoch) -> chain id of the prefix ending with that batch: log matching.
+        self.by_position: dict[tuple[int, int], int] = {}
+
+
+class SimLog(MemoryLog):
+    """A MemoryLog that keeps, per batch, the chain id of the prefix it ends, and checks writes."""
+
+    def __init__(self, sim: Simulation, node_id: int) -> None:
+        self.chain: list[int] = []
+        self._sim = sim
+        self._node_id = node_id
+        self._recovering = False
+        super().__init__()
+
+    def _push(self, base: int, next_offset: int, epoch: int, data: bytes) -> None:
+        super()._push(base, next_offset, epoch, data)
+        registry = self._sim.registry
+        previous = self.chain[-1] if self.chain else -1
+        # CRC-covered content plus where it sits: the same batch at the same offsets and epoch.
+        key = (previous, data)
+        chain_id = registry.ids.get(key)
+        if chain_id is None:
+            chain_id = registry.ids[key] = len(registry.ids)
+        self.chain.append(chain_id)
+        position = (base, epoch)
+        known = registry.by_position.setdefault(position, chain_id)
+        if known != chain_id:
+            raise Violation(
+                "log matching",
+                f"node {self._node_id} holds a batch at offset {base} epoch {epoch} whose prefix differs "
+                f"from another node's batch at the same offset and epoch",
+            )
+        if not self._recovering:
+            self._sim.check_committed_write(self._node_id, next_offset, chain_id)
+
+    def truncate_to(self, offset: int) -> int:
+        keep = bisect.bisect_right(self._nexts, offset)
+        if keep < len(self.chain):
+            self._sim.check_committed_truncation(self._node_id, self._nexts[keep], self.chain[keep])
+        end = super().truncate_to(offset)
+        del self.chain[len(self._data) :]
+        return end
+
+    def crash(self, rng: random.Random, *, tear: bool = True) -> None:
+        # Recovery may bring back batches whose truncation was never flushed: the node's HW
+        # restarts at 0, so it claims nothing about them, and its next fetch truncates them again.
+        self.chain = []
+        self._recovering = True
+        try:
+            super().crash(rng, tear=tear)
+        finally:
+            self._recovering = False
+
+    def chain_at(self, end_offset: int) -> int | None:
+        """Chain id of the prefix ending exactly at ``end_offset`` (a batch boundary), if any."""
+        if end_offset == self._start:
+            return -1
+        index = bisect.bisect_left(self._nexts, end_offset)
+        if index < len(self._nexts) and self._nexts[index] == end_offset:
+            return self.chain[index]
+        return None
+
+
+class _Node:
+    __slots__ = ("node_id", "log", "group", "persisted", "incarnation", "hw", "tick_at", "up", "role")
+
+    def __init__(self, node_id: int, log: SimLog) -> None:
+        self.node_id = node_id
+        self.log = log
+        self.group: RaftGroup | None = None
+        self.persisted = QuorumState()
+        self.incarnation = 0
+        self.hw = 0
+        self.tick_at = -1
+        self.up = True
+        self.role = Role.UNATTACHED
+
+
+class Simulation:
+    def __init__(self, seed: int, config: SimConfig) -> None:
+        self.seed = seed
+        self.config = config
+        self.rng = random.Random(seed)
+        self.raft_config = config.raft_config()
+        self.registry = _Registry()
+        self.now = 0
+        self._queue: list[tuple[int, int, int, object, object]] = []
+        self._seq = 0
+        self.trace: deque[tuple[int, int, object, object]] = deque(maxlen=60)
+        voters = list(range(1, config.nodes + 1))
+        self.voters = tuple(voters)
+        observers = list(range(config.nodes + 1, config.nodes + 1 + config.observers))
+        self.all_ids = voters + observers
+        self.observers = tuple(observers)
+        self.nodes: dict[int, _Node] = {i: _Node(i, SimLog(self, i)) for i in self.all_ids}
+        # Global committed log: chain ids and end offsets of the committed batches, in order.
+        self.committed_chain: list[int] = []
+        self.committed_ends: list[int] = []
+        self.committed_payloads: dict[int, bytes] = {}
+        self.leaders: dict[int, int] = {}
+        self.blocked: set[tuple[int, int]] = set()
+        self.elections = 0
+        self.commits = 0
+        self.steps = 0
+        self.calm = False
+        self.heal_ms = 0
+        self.calm_commit = False
+        self._proposal_payloads: dict[tuple[int, int, int], bytes] = {}
+        self._payload_counter = 0
+        self._last_vote_grant: int | None = None
+
+    # --- scheduling -----------------------------------------------------------------------------
+
+    def _push(self, at: int, kind: int, a: object = None, b: object = None) -> None:
+        self._seq += 1
+        heapq.heappush(self._queue, (at, self._seq, kind, a, b))
+
+    def _start_node(self, node: _Node) -> None:
+        node.incarnation += 1
+        node.up = True
+        node.hw = 0
+        node.tick_at = -1
+        node.group = RaftGroup(
+            GROUP,
+            node.node_id,
+            self.voters,
+            self.observers,
+            log=node.log,
+            quorum_state=node.persisted,
+            config=self.raft_config,
+            rng=random.Random(self.rng.getrandbits(64)),
+            now_ms=self.now,
+        )
+        node.role = node.group.role
+        self._apply(node)
+
+    def _send(self, message: Message) -> None:
+        rng = self.rng
+        cfg = self.config
+        if not self.calm and rng.random() < cfg.drop_p:
+            return
+        copies = 2 if not self.calm and rng.random() < cfg.duplicate_p else 1
+        for _ in range(copies):
+            if not self.calm and rng.random() < cfg.long_delay_p:
+                delay = rng.randint(cfg.max_delay_ms, 3 * cfg.election_timeout_ms)
+            else:
+                delay = rng.randint(cfg.min_delay_ms, cfg.max_delay_ms)
+            self._push(self.now + delay, _DELIVER, message)
+
+    # --- applying a node's output and checking it ------------------------------------------------
+
+    def _apply(self, node: _Node) -> None:
+        group = node.group
+        assert group is not None
+        out: Output = group.take_output()
+        now = self.now
+        # The persist-before-send contract: the state is durable before any message leaves.
+        if out.quorum_state is not None:
+            node.persisted = out.quorum_state
+        for change in out.role_changes:
+            node.role = change.role
+            if change.role is Role.LEADER:
+                self._on_new_leader(node, change.epoch)
+        if out.high_watermark is not None:
+            self._on_high_watermark(node, out.high_watermark)
+        for proposal in out.committed:
+            self._on_committed(node, proposal.base_offset, proposal.last_offset, proposal.epoch)
+        if out.flush is not None:
+            self._push(now + self.rng.randint(0, self.config.max_flush_ms), _FLUSH, node, (node.incarnation, out.flush))
+        granted_vote = False
+        for message in out.messages:
+            self._send(message)
+            if type(message).__name__ == "VoteResponse" and message.granted and not message.pre_vote:  # type: ignore[union-attr]
+                granted_vote = True
+        deadline = group.next_deadline()
+        if deadline <= now:
+            deadline = now + 1
+        if node.tick_at <= now or deadline < node.tick_at:
+            node.tick_at = deadline
+            self._push(deadline, _TICK, node, node.incarnation)
+        if granted_vote and not self.calm and self.rng.random() < self.config.crash_after_vote_p:
+            self._crash(node)
+
+    def _on_new_leader(self, node: _Node, epoch: int) -> None:
+        self.elections += 1
+        other = self.leaders.setdefault(epoch, node.node_id)
+        if other != node.node_id:
+            raise Violation("election safety", f"nodes {other} and {node.node_id} both lead epoch {epoch}")
+        if self.committed_ends:
+            end = self.committed_ends[-1]
+            if node.log.chain_at(end) != self.committed_chain[-1]:
+                raise Violation(
+                    "leader completeness",
+                    f"node {node.node_id} leads epoch {epoch} without the committed prefix up to offset {end}",
+                )
+
+    def _on_high_watermark(self, node: _Node, hw: int) -> None:
+        if hw <= node.hw:
+            raise Violation("high watermark monotonic", f"node {node.node_id} HW {node.hw} -> {hw}")
+        node.hw = hw
+        log = node.log
+        chain_id = log.chain_at(hw)
+        if chain_id is None:
+            raise Violation("committed prefix", f"node {node.node_id} HW {hw} is not a batch end in its log")
+        ends = self.committed_ends
+        top = ends[-1] if ends else 0
+        if hw <= top:
+            index = bisect.bisect_left(ends, hw)
+            if index >= len(ends) or ends[index] != hw or self.committed_chain[index] != chain_id:
+                raise Violation(
+                    "committed prefix", f"node {node.node_id} claims HW {hw} over a prefix that differs from the committed one"
+                )
+            return
+        if top and log.chain_at(top) != self.committed_chain[-1]:
+            raise Violation(
+                "committed prefix", f"node {node.node_id} HW {hw} extends a prefix that differs below offset {top}"
+            )
+        start = bisect.bisect_right(log._nexts, top)
+        stop = bisect.bisect_right(log._nexts, hw)
+        for index in range(start, stop):
+            ends.append(log._nexts[index])
+            self.committed_chain.append(log.chain[index])
+
+    def _on_committed(self, node: _Node, base: int, last: int, epoch: int) -> None:
+        self.commits += 1
+        if self.calm and self.now >= self.heal_ms:
+            self.calm_commit = True
+        payload = self._proposal_payloads.pop((node.node_id, epoch, base), None)
+        ends = self.committed_ends
+        if not ends or ends[-1] <= last:
+            raise Violation("committed proposal", f"proposal at {base}..{last} reported committed above the HW")
+        if payload is None:
+            return  # a voters change, not a client proposal
+        index = bisect.bisect_left(node.log._bases, base)
+        if index >= len(node.log._bases) or node.log._bases[index] != base or node.log._data[index][21:] != payload:
+            raise Violation("committed proposal", f"node {node.node_id} reports a proposal at {base} it does not hold")
+        known = self.committed_payloads.setdefault(base, payload)
+        if known != payload:
+            raise Violation("committed proposal", f"two different proposals reported committed at offset {base}")
+
+    def check_committed_write(self, node_id: int, next_offset: int, chain_id: int) -> None:
+        ends = self.committed_ends
+        if ends and next_offset <= ends[-1]:
+            index = bisect.bisect_left(ends, next_offset)
+            if ends[index] != next_offset or self.committed_chain[index] != chain_id:
+                raise Violation(
+                    "committed prefix", f"node {node_id} writes a batch ending at {next_offset} that differs from the committed log"
+                )
+
+    def check_committed_truncation(self, node_id: int, first_removed_end: int, chain_id: int) -> None:
+        ends = self.committed_ends
+        if ends and first_removed_end <= ends[-1]:
+            index = bisect.bisect_left(ends, first_removed_end)
+            if ends[index] == first_removed_end and self.committed_chain[index] == chain_id:
+                raise Violation("committed prefix", f"node {node_id} truncates committed data ending at {first_removed_end}")
+
+    def final_check(self) -> None:
+        """Every committed proposal is still, with its bytes, at its offset on every node holding it."""
+        for node in self.nodes.values():
+            log = node.log
+            for base, payload in self.committed_payloads.items():
+                index = bisect.bisect_left(log._bases, base)
+                if index < len(log._bases) and log._bases[index] == base and index < len(log.chain):
+                    ends = self.committed_ends
+                    # Only a prefix that agrees with the committed log must hold it.
+                    at = bisect.bisect_left(ends, log._nexts[index])
+                    if at < len(ends) and ends[at] == log._nexts[index] and log.chain[index] == self.committed_chain[at]:
+                        if log._data[index][21:] != payload:
+                            raise Violation("committed proposal", f"node {node.node_id} changed the proposal at {base}")
+
+    # --- faults -----------------------------------------------------------------------------------
+
+    def _crash(self, node: _Node) -> None:
+        node.up = False
+        node.group = None
+        node.incarnation += 1
+        node.log.crash(self.rng, tear=self.rng.random() < self.config.tear_p)
+        t = self.config.election_timeout_ms
+        self._push(self.now + self.rng.randint(t // 2, 5 * t), _RESTART, node)
+
+    def _leader(self) -> _Node | None:
+        best: _Node | None = None
+        for node_id in self.all_ids:
+            node = self.nodes[node_id]
+            if node.up and node.role is Role.LEADER:
+                assert node.group is not None
+                if best is None or node.group.epoch > best.group.epoch:  # type: ignore[union-attr]
+                    best = node
+        return best
+
+    def _fault(self) -> None:
+        rng = self.rng
+        cfg = self.config
+        t = cfg.election_timeout_ms
+        total = cfg.crash_weight + cfg.partition_weight + cfg.resign_weight + cfg.membership_weight
+        pick = rng.randrange(total)
+        up = [self.nodes[i] for i in self.all_ids if self.nodes[i].up]
+        if pick < cfg.crash_weight:
+            down = len(self.all_ids) - len(up)
+            if down < (cfg.nodes - 1) // 2 + 1 and up:
+                leader = self._leader()
+                victim = leader if leader is not None and rng.random() < 0.5 else rng.choice(up)
+                self._crash(victim)
+        elif pick < cfg.crash_weight + cfg.partition_weight:
+            ids = list(self.all_ids)
+            rng.shuffle(ids)
+            cut = rng.randint(1, len(ids) // 2)
+            side = set(ids[:cut])
+            one_way = rng.random() < 0.2
+            for a in ids[:cut]:
+                for b in ids[cut:]:
+                    self.blocked.add((a, b))
+                    if not one_way:
+                        self.blocked.add((b, a))
+            del side
+            self._push(self.now + rng.randint(t, 5 * t), _HEAL)
+        elif pick < cfg.crash_weight + cfg.partition_weight + cfg.resign_weight:
+            leader = self._leader()
+            if leader is not None and leader.group is not None:
+                leader.group.resign()
+                self._apply(leader)
+        else:
+            leader = self._leader()
+            if leader is not None and leader.group is not None:
+                current = list(leader.group.voters)
+                if len(current) > cfg.nodes:
+                    new = [v for v in current if v != rng.choice(current)]
+                else:
+                    candidates = [i for i in self.all_ids if i not in current]
+                    if not candidates:
+                        return
+                    new = current + [rng.choice(candidates)]
+                try:
+                    leader.group.propose_voters(new)
+                except MembershipChangeError:
+                    return
+                self._apply(leader)
+
+    def _propose(self) -> None:
+        rng = self.rng
+        leader = self._leader()
+        if leader is None or rng.random() < 0.05:
+            candidates = [self.nodes[i] for i in self.all_ids if self.nodes[i].up]
+            if not candidates:
+                return
+            leader = rng.choice(candidates)
+        group = leader.group
+        assert group is not None
+        self._payload_counter += 1
+        records = [
+            Record(offset=i, timestamp=self.now, key=None, value=b"%d/%d" % (self._payload_counter, i))
+            for i in range(rng.randint(1, 3))
+        ]
+        batch = encode_batch(records)
+        try:
+            proposal = group.propose(batch)
+        except NotLeaderError:
+            return
+        self._proposal_payloads[(leader.node_id, proposal.epoch, proposal.base_offset)] = batch[21:]
+        self._apply(leader)
+
+    # --- the run ------------------------------------------------------------------------------
+
+    def run(self) -> SeedResult:
+        cfg = self.config
+        rng = self.rng
+        for node_id in self.all_ids:
+            self._start_node(self.nodes[node_id])
+        self._push(rng.randint(1, cfg.fault_interval_ms * 2), _FAULT)
+        self._push(rng.randint(1, cfg.propose_interval_ms), _PROPOSE)
+        queue = self._queue
+        trace = self.trace
+        nodes = self.nodes
+        blocked = self.blocked
+        pop = heapq.heappop
+        result = SeedResult(self.seed)
+        try:
+            while queue:
+                at, _, kind, a, b = pop(queue)
+                self.now = at
+                self.steps += 1
+                if not self.calm and self.steps >= cfg.steps:
+                    self._heal_all()
+                if self.calm and at > self.heal_ms + cfg.liveness_bound_ms:
+                    raise Violation(
+                        "liveness", f"no new proposal committed within {cfg.liveness_bound_ms} ms after all faults healed"
+                    )
+                if kind == _DELIVER:
+                    node = nodes[a.dst]  # type: ignore[attr-defined]
+                    if not node.up or (a.src, a.dst) in blocked:  # type: ignore[attr-defined]
+                        continue
+                    trace.append((at, kind, a, None))
+                    node.group.receive(a)  # type: ignore[union-attr, arg-type]
+                    self._apply(node)
+                elif kind == _TICK:
+                    node = a  # type: ignore[assignment]
+                    if not node.up or node.incarnation != b or node.tick_at != at:
+                        continue
+                    node.group.tick(at)  # type: ignore[union-attr]
+                    self._apply(node)
+                elif kind == _FLUSH:
+                    node = a  # type: ignore[assignment]
+                    incarnation, flush = b  # type: ignore[misc]
+                    if not node.up or node.incarnation != incarnation:
+                        continue
+                    node.log.flush()
+                    node.group.flush_completed(flush.up_to, flush.generation)  # type: ignore[union-attr]
+                    self._apply(node)
+                elif kind == _PROPOSE:
+                    trace.append((at, kind, None, None))
+                    self._propose()
+                    if self.calm_commit:
+                        break
+                    interval = cfg.propose_interval_ms if not self.calm else cfg.election_timeout_ms // 4
+                    self._push(at + rng.randint(1, interval), _PROPOSE)
+                elif kind == _FAULT:
+                    if self.calm:
+                        continue
+                    trace.append((at, kind, None, None))
+                    self._fault()
+                    self._push(at + rng.randint(1, cfg.fault_interval_ms * 2), _FAULT)
+                elif kind == _RESTART:
+                    node = a  # type: ignore[assignment]
+                    if node.up:
+                        continue
+                    trace.append((at, kind, node.node_id, None))
+                    self._start_node(node)
+                elif kind == _HEAL:
+                    if not self.calm:
+                        trace.append((at, kind, None, None))
+                        blocked.clear()
+            else:
+                raise Violation("liveness", "the simulation ran out of events")
+            self.final_check()
+        except Violation as violation:
+            result.violation = f"{violation.invariant}: {violation.detail}"
+        except Exception as error:  # a crash inside the core is a failure of this seed, not of the run
+            result.violation = f"exception: {type(error).__name__}: {error}"
+        result.steps = self.steps
+        result.elections = self.elections
+        result.commits = self.commits
+        result.sim_ms = self.now
+        if result.violation is not None:
+            result.trace = [self._format(entry) for entry in self.trace]
+        return result
+
+    def _heal_all(self) -> None:
+        self.calm = True
+        self.heal_ms = self.now
+        self.blocked.clear()
+        for node_id in self.all_ids:
+            node = self.nodes[node_id]
+            if not node.up:
+                self._start_node(node)
+
+    @staticmethod
+    def _format(entry: tuple[int, int, object, object]) -> str:
+        at, kind, a, _ = entry
+        names = {_DELIVER: "deliver", _FAULT: "fault", _RESTART: "restart", _HEAL: "heal", _PROPOSE: "propose"}
+        if kind == _DELIVER:
+            return f"{at:>7} ms  {_describe(a)}"  # type: ignore[arg-type]
+        if kind == _RESTART:
+            return f"{at:>7} ms  restart node {a}"
+        return f"{at:>7} ms  {names.get(kind, kind)}"
+
+
+def _describe(message: Message) -> str:
+    fields = []
+    for name in message.__slots__:  # type: ignore[union-attr]
+        if name == "group_id":
+            continue
+        value = getattr(message, name)
+        if name == "records":
+            value = f"<{len(value)} bytes>"
+        elif hasattr(value, "name"):
+            value = value.name
+        fields.append(f"{name}={value}")
+    return f"{type(message).__name__}(" + ", ".join(fields) + ")"
+
+
+def run_seed(seed: int, config: SimConfig) -> SeedResult:
+    return Simulation(seed, config).run()
+
+
+def _run_chunk(args: tuple[list[int], SimConfig]) -> list[SeedResult]:
+    seeds, config = args
+    results = []
+    for seed in seeds:
+        result = run_seed(seed, config)
+        if result.violation is None:
+            result.trace = []
+        results.append(result)
+        if result.violation is not None:
+            break
+    return results
+
+
+@dataclass(slots=True)
+class Summary:
+    seeds: int = 0
+    steps: int = 0
+    elections: int = 0
+    commits: int = 0
+    violations: list[SeedResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        rate = self.elections / self.seconds if self.seconds else 0.0
+        seeds_rate = self.seeds / self.seconds if self.seconds else 0.0
+        return (
+            f"seeds={self.seeds} steps={self.steps} elections={self.elections} commits={self.commits} "
+            f"violations={len(self.violations)} time={self.seconds:.1f}s "
+            f"({seeds_rate:.0f} seeds/s, {rate:.0f} elections/s)"
+        )
+
+
+def run_seeds(seeds: Sequence[int], config: SimConfig, *, workers: int = 1, stop_on_violation: bool = True) -> Summary:
+    started = time.perf_counter()
+    summary = Summary()
+    chunk = 20
+    chunks = [(list(seeds[i : i + chunk]), config) for i in range(0, len(seeds), chunk)]
+    if workers > 1:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            for results in pool.imap(_run_chunk, chunks):
+                if _collect(summary, results) and stop_on_violation:
+                    pool.terminate()
+                    break
+    else:
+        for args in chunks:
+            if _collect(summary, _run_chunk(args)) and stop_on_violation:
+                break
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _collect(summary: Summary, results: list[SeedResult]) -> bool:
+    for result in results:
+        summary.seeds += 1
+        summary.steps += result.steps
+        summary.elections += result.elections
+        summary.commits += result.commits
+        if result.violation is not None:
+            summary.violations.append(result)
+    return bool(summary.violations)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tidelog.replication.sim", description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, default=100, help="how many seeds to run")
+    parser.add_argument("--start", type=int, default=0, help="first seed")
+    parser.add_argument("--seed", type=int, default=None, help="replay exactly this one seed")
+    parser.add_argument("--nodes", type=int, choices=(3, 5), default=3, help="voters at the start")
+    parser.add_argument("--steps", type=int, default=600, help="chaos steps per seed before the faults heal")
+    parser.add_argument("--workers", type=int, default=1, help="processes running seeds in parallel")
+    parser.add_argument("--bug", choices=BUGS, action="append", default=[], help="run a deliberately broken core")
+    parser.add_argument("--trace", action="store_true", help="print the last events of every seed with a violation")
+    args = parser.parse_args(argv)
+    config = SimConfig(nodes=args.nodes, steps=args.steps, bugs=tuple(args.bug))
+    seeds = [args.seed] if args.seed is not None else list(range(args.start, args.start + args.seeds))
+    summary = run_seeds(seeds, config, workers=args.workers)
+    print(summary.line())
+    for result in summary.violations:
+        print(f"VIOLATION seed={result.seed} nodes={args.nodes} steps={args.steps}: {result.violation}")
+        print(f"  replay: python -m tidelog.replication.sim --seed {result.seed} --nodes {args.nodes} --steps {args.steps}"
+              + "".join(f" --bug {bug}" for bug in args.bug))
+        for line in result.trace[-25:]:
+            print("  " + line)
+    return 1 if summary.violations else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
