@@ -180,6 +180,8 @@ NODE_KEYS: tuple[NodeKey, ...] = (
             "replication factor of a topic created with replication_factor -1 (capped at the node count)"),
     NodeKey("max_request_bytes", 104857600, "largest gRPC message the node accepts or sends"),
     NodeKey("fetch_max_wait_ms_limit", 30000, "cap on a Fetch's max_wait_ms"),
+    NodeKey("retention_check_interval_ms", 300000,
+            "how often segments past retention.ms / retention.bytes are deleted"),
     NodeKey("shutdown_grace_ms", 5000, "on SIGTERM, how long in-flight requests may take to finish"),
     NodeKey("topic_defaults", {}, "a table of topic config defaults for this cluster, e.g. "
             "topic_defaults = { \"segment.bytes\" = \"1048576\" }"),
@@ -201,6 +203,7 @@ class NodeConfig:
     max_request_bytes: int = 104857600
     fetch_max_wait_ms_limit: int = 30000
     shutdown_grace_ms: int = 5000
+    retention_check_interval_ms: int = 300000
     topic_defaults: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
@@ -265,6 +268,8 @@ def build_config(values: Mapping[str, Any]) -> NodeConfig:
         fetch_max_wait_ms_limit=_int(
             "fetch_max_wait_ms_limit", values.get("fetch_max_wait_ms_limit", 30000), 0),
         shutdown_grace_ms=_int("shutdown_grace_ms", values.get("shutdown_grace_ms", 5000), 0),
+        retention_check_interval_ms=_int(
+            "retention_check_interval_ms", values.get("retention_check_interval_ms", 300000), 1),
         topic_defaults=MappingProxyType(topic_defaults),
     )
     if config.controller_voters and config.node_id in {v.node_id for v in config.controller_voters}:

@@ -246,22 +246,39 @@ class PartitionManager:
     """Opens and closes this node's partition replicas as the metadata image changes."""
 
     def __init__(self, data_dir: Path, node_id: int, flush_policy: str, flush_interval_ms: int,
-                 topic_config_defaults: Callable[[], Mapping[str, str]]) -> None:
+                 topic_config_defaults: Callable[[], Mapping[str, str]],
+                 retention_check_interval_ms: int = 300000) -> None:
         self.data_dir = data_dir
         self.node_id = node_id
         self.flush_policy = flush_policy
         self.flush_interval_ms = flush_interval_ms
         self._defaults = topic_config_defaults
         self.partitions: dict[tuple[str, int], Partition] = {}
-        self._interval_task: asyncio.Task[None] | None = None
+        self.retention_check_interval_ms = retention_check_interval_ms
+        self._tasks: list[asyncio.Task[None]] = []
         self._reconcile_lock = asyncio.Lock()
 
     def get(self, topic: str, partition: int) -> Partition | None:
         return self.partitions.get((topic, partition))
 
     def start(self) -> None:
+        loop = asyncio.get_running_loop()
         if self.flush_policy == FlushPolicy.INTERVAL:
-            self._interval_task = asyncio.get_running_loop().create_task(self._flush_periodically())
+            self._tasks.append(loop.create_task(self._flush_periodically()))
+        self._tasks.append(loop.create_task(self._enforce_retention_periodically()))
+
+    async def _enforce_retention_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.retention_check_interval_ms / 1000)
+            for partition in list(self.partitions.values()):
+                enforce = getattr(partition.log, "enforce_retention", None)
+                if enforce is None or partition.closed or partition.failure is not None:
+                    continue
+                try:
+                    # Never delete what consumers cannot have read yet.
+                    enforce(max_offset=partition.high_watermark)
+                except Exception:
+                    log.exception("retention of %s-%d failed", partition.topic, partition.partition)
 
     async def _flush_periodically(self) -> None:
         while True:
@@ -315,8 +332,8 @@ class PartitionManager:
                 _remove_dir(path)
 
     async def close_all(self) -> None:
-        if self._interval_task is not None:
-            self._interval_task.cancel()
+        for task in self._tasks:
+            task.cancel()
         partitions = list(self.partitions.values())
         self.partitions.clear()
         await asyncio.gather(*(p.close() for p in partitions), return_exceptions=True)

@@ -70,7 +70,8 @@ class Node:
         self.config = config
         self.shutting_down = False
         self.partitions = PartitionManager(config.data_dir, config.node_id, config.flush,
-                                           config.flush_interval_ms, lambda: config.topic_config_defaults)
+                                           config.flush_interval_ms, lambda: config.topic_config_defaults,
+                                           config.retention_check_interval_ms)
         self.metadata_log: LocalMetadataLog | None = None
         self.controller: Controller = None  # type: ignore[assignment]  # set in start()
         self._server: grpc.aio.Server | None = None

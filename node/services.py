@@ -197,7 +197,13 @@ class BrokerService(api_pb2_grpc.BrokerServicer):
                 limit = min(limit, max_bytes - total)
                 if limit <= 0 and total > 0:
                     continue
-                data = partition.read_committed(offset, max(limit, 1))
+                try:
+                    data = partition.read_committed(offset, max(limit, 1))
+                except Exception as exc:
+                    if type(exc).__name__ != "OffsetOutOfRangeError":
+                        raise
+                    # Retention moved the log start between the check and the read.
+                    raise _Rejected(ErrorCode.OFFSET_OUT_OF_RANGE, str(exc)) from None
                 result.records = data
                 total += len(data)
             except _Rejected as exc:
