@@ -15,7 +15,6 @@ is what the replicated version keeps.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import logging
 import os
@@ -26,7 +25,9 @@ from typing import Any, Callable, Mapping
 
 from tidelog.node.config import METADATA_TOPIC, FlushPolicy
 from tidelog.node.metadata import MetadataImage
+from tidelog.node.storage import LogConfig, OffsetOutOfRangeError, PartitionLog
 from tidelog.proto import records as codec
+from tidelog.proto.records import BATCH_OVERHEAD
 
 log = logging.getLogger(__name__)
 
@@ -35,44 +36,28 @@ LOCAL_LEADER_EPOCH = 1
 PARTITION_METADATA_FILE = "partition.metadata"
 
 
-def _storage() -> Any:
-    # storage.py is written in parallel with this module; fall back to the single-file stand-in
-    # until it exists (the stand-in goes away with it).
-    if importlib.util.find_spec("tidelog.node.storage") is not None:
-        from tidelog.node import storage
-        return storage
-    from tidelog.node import simplelog
-    return simplelog
-
-
 def _value(attribute: Any) -> int:
     return int(attribute() if callable(attribute) else attribute)
 
 
-def open_log(directory: Path, topic_configs: Mapping[str, str]) -> Any:
-    storage = _storage()
-    config_cls = getattr(storage, "LogConfig", None)
-    if config_cls is None:
-        return storage.PartitionLog.open(directory, None)
-    return storage.PartitionLog.open(directory, log_config(config_cls, topic_configs))
+def open_log(directory: Path, topic_configs: Mapping[str, str]) -> PartitionLog:
+    return PartitionLog.open(directory, log_config(topic_configs))
 
 
-def log_config(config_cls: Any, topic_configs: Mapping[str, str]) -> Any:
-    """The storage LogConfig for a topic's effective configs (Kafka names → field names)."""
-    wanted = {
-        "segment_bytes": int(topic_configs["segment.bytes"]),
-        "segment_ms": int(topic_configs["segment.ms"]),
-        "index_interval_bytes": int(topic_configs["index.interval.bytes"]),
-        "retention_bytes": int(topic_configs["retention.bytes"]),
-        "retention_ms": int(topic_configs["retention.ms"]),
-        "cleanup_policy": topic_configs["cleanup.policy"],
-        "delete_retention_ms": int(topic_configs["delete.retention.ms"]),
-        "max_message_bytes": int(topic_configs["max.message.bytes"]),
-    }
-    known = getattr(config_cls, "__dataclass_fields__", None)
-    if known is not None:
-        wanted = {k: v for k, v in wanted.items() if k in known}
-    return config_cls(**wanted)
+def log_config(topic_configs: Mapping[str, str]) -> LogConfig:
+    """The storage LogConfig for a topic's effective configs (Kafka names → field names).
+
+    cleanup.policy=compact and delete.retention.ms are accepted and shown but not acted on
+    until compaction exists.
+    """
+    return LogConfig(
+        segment_bytes=max(int(topic_configs["segment.bytes"]), BATCH_OVERHEAD),
+        segment_ms=int(topic_configs["segment.ms"]),
+        index_interval_bytes=int(topic_configs["index.interval.bytes"]),
+        retention_bytes=int(topic_configs["retention.bytes"]),
+        retention_ms=int(topic_configs["retention.ms"]),
+        max_message_bytes=max(int(topic_configs["max.message.bytes"]), BATCH_OVERHEAD),
+    )
 
 
 class PartitionClosed(Exception):

@@ -16,6 +16,7 @@ import grpc
 from tidelog.node.config import topic_name_error
 from tidelog.node.metadata import MetadataImage
 from tidelog.node.partitions import Partition, PartitionClosed, StorageFailed
+from tidelog.node.storage import OffsetOutOfRangeError
 from tidelog.proto import api_pb2, api_pb2_grpc
 from tidelog.proto import records as codec
 from tidelog.proto.common_pb2 import ErrorCode
@@ -199,9 +200,7 @@ class BrokerService(api_pb2_grpc.BrokerServicer):
                     continue
                 try:
                     data = partition.read_committed(offset, max(limit, 1))
-                except Exception as exc:
-                    if type(exc).__name__ != "OffsetOutOfRangeError":
-                        raise
+                except OffsetOutOfRangeError as exc:
                     # Retention moved the log start between the check and the read.
                     raise _Rejected(ErrorCode.OFFSET_OUT_OF_RANGE, str(exc)) from None
                 result.records = data

@@ -45,8 +45,10 @@ class Stubs:
         return response.partitions[0]
 
     def read_all(self, topic: str, partition: int) -> list[codec.Record]:
+        return self.read_all_from(topic, partition, 0)
+
+    def read_all_from(self, topic: str, partition: int, offset: int) -> list[codec.Record]:
         out: list[codec.Record] = []
-        offset = 0
         while True:
             result = self.fetch(topic, partition, offset)
             assert result.error == ErrorCode.NONE, result
@@ -246,7 +248,7 @@ def test_list_offsets_earliest_latest_and_by_time(stubs: Stubs) -> None:
 
     assert lookup(-2).offset == 0
     assert lookup(-1).offset == 3
-    assert lookup(1500).offset == 1
+    assert (lookup(1500).offset, lookup(1500).timestamp) == (1, 2000)
     assert lookup(0).offset == 0
     assert lookup(10_000).offset == 3
 
@@ -316,4 +318,28 @@ def test_sigterm_during_long_poll_exits_cleanly(tmp_path: Path) -> None:
         assert not waiter.is_alive()
         client.close()
     finally:
+        local.stop_all()
+
+
+def test_retention_deletes_old_segments_and_moves_the_log_start(tmp_path: Path) -> None:
+    local = start_cluster(tmp_path, nodes=1, retention_check_interval_ms=100)
+    client = Stubs(local.bootstrap)
+    try:
+        client.create("short", **{"segment.bytes": "1024", "retention.bytes": "2048"})
+        for i in range(20):
+            assert client.produce("short", 0, batch(b"x" * 300)).error == ErrorCode.NONE
+
+        def earliest() -> int:
+            return client.broker.ListOffsets(api_pb2.ListOffsetsRequest(partitions=[
+                api_pb2.ListOffsetsPartition(topic="short", partition=0, timestamp=-2)])).partitions[0].offset
+
+        deadline = time.monotonic() + 20
+        while earliest() == 0:
+            assert time.monotonic() < deadline, "retention never deleted a segment"
+            time.sleep(0.05)
+        start = earliest()
+        assert client.fetch("short", 0, 0).error == ErrorCode.OFFSET_OUT_OF_RANGE
+        assert [r.offset for r in client.read_all_from("short", 0, start)][-1] == 19
+    finally:
+        client.close()
         local.stop_all()
