@@ -83,6 +83,7 @@ from tidelog.proto.records import (
     MAX_TIMESTAMP_OFFSET,
     PARTITION_LEADER_EPOCH_OFFSET,
     BatchHeader,
+    CorruptRecordError,
     scan_batches,
     scan_valid_prefix,
     stamp_batches,
@@ -639,8 +640,10 @@ class PartitionLog:
                     break
             position = start_position if index == first else 0
             segment.flushed_size = position
-            for batch_position, header in _scan_valid(segment.fd, position, file_size,
-                                                      max(self.config.max_message_bytes, _SCAN_CHUNK)):
+            tail = (_scan_valid(segment.fd, position, file_size,
+                                max(self.config.max_message_bytes, _SCAN_CHUNK))
+                    if position < file_size else ())
+            for batch_position, header in tail:
                 if (header.base_offset != expected
                         or header.partition_leader_epoch < self.latest_epoch
                         or header.last_offset_delta > _MAX_RELATIVE - (expected - segment.base_offset)):
@@ -1165,6 +1168,36 @@ class PartitionLog:
                 if batch.max_timestamp >= timestamp:
                     return TimestampOffset(batch.base_offset, batch.max_timestamp)
         return None
+
+    def verify(self) -> None:
+        """Read the whole log and check every batch's CRC and offsets, including the part
+        before the recovery point that opening trusts without reading. Raises CorruptLogError
+        at the first bad batch. Slow (reads everything); for operators and for a replica that
+        suspects its disk."""
+        self._check_usable()
+        max_batch = max(self.config.max_message_bytes, _SCAN_CHUNK)
+        expected = self._bases[0]
+        for segment in list(self._segments):
+            size, position = segment.size, 0
+            for batch_position, header in _scan_valid(segment.fd, 0, size, max_batch):
+                if header.base_offset != expected:
+                    raise CorruptLogError(
+                        f"{self.directory}: {segment_name(segment.base_offset)} byte "
+                        f"{batch_position}: batch at offset {header.base_offset}, expected {expected}")
+                expected = header.next_offset
+                position = batch_position + header.size
+            if position < size:
+                reason = "not a whole batch"
+                try:
+                    scan_batches(os.pread(segment.fd, min(size - position, max_batch), position))
+                except CorruptRecordError as exc:
+                    reason = exc.reason
+                raise CorruptLogError(
+                    f"{self.directory}: {segment_name(segment.base_offset)} byte {position} "
+                    f"(offset {expected}): {reason}")
+        if expected != self._end_offset:
+            raise CorruptLogError(f"{self.directory}: batches end at {expected}, "
+                                  f"the log at {self._end_offset}")
 
     # --- leader epochs (KIP-101 / KIP-595) ------------------------------------------------
 
