@@ -287,6 +287,7 @@ class RaftGroup:
         self._failed_elections = 0
         self._granted: set[int] = set()
         self._rejected: set[int] = set()
+        self._vote_resend_ms = _NEVER
         # Follower state.
         self._fetch_id = 0
         self._fetch_inflight = False
@@ -378,6 +379,8 @@ class RaftGroup:
             return deadline
         if self.node_id not in self._voters:
             return _NEVER
+        if role is Role.PROSPECTIVE or role is Role.CANDIDATE:
+            return min(self._election_deadline, self._vote_resend_ms)
         return self._election_deadline
 
     # --- inputs ---------------------------------------------------------------------------------
@@ -407,7 +410,14 @@ class RaftGroup:
                     self._send_fetch()
             elif now >= self._fetch_retry_ms:
                 self._maybe_send_fetch()
-        elif self.node_id in self._voters and now >= self._election_deadline:
+        elif self.node_id not in self._voters:
+            return
+        elif now < self._election_deadline:
+            if (role is Role.PROSPECTIVE or role is Role.CANDIDATE) and now >= self._vote_resend_ms:
+                # KRaft retries unanswered vote requests: a voter that restarted or lost the
+                # request may still decide this election.
+                self._request_votes()
+        else:
             if role is Role.PROSPECTIVE:
                 self._prospective_failed()
             else:
@@ -557,14 +567,7 @@ class RaftGroup:
         self._rejected = set()
         self._election_deadline = self._now + self._random_election_timeout()
         self._announce()
-        log = self._log
-        for voter in self._voters:
-            if voter != self.node_id:
-                self._send(
-                    VoteRequest(
-                        self.group_id, self.node_id, voter, self._epoch + 1, log.last_epoch, log.end_offset, True
-                    )
-                )
+        self._request_votes()
         self._count_pre_votes()
 
     def _prospective_failed(self) -> None:
@@ -589,14 +592,7 @@ class RaftGroup:
         self._rejected = set()
         self._election_deadline = self._now + self._random_election_timeout() + self._backoff()
         self._announce()
-        log = self._log
-        for voter in self._voters:
-            if voter != self.node_id:
-                self._send(
-                    VoteRequest(
-                        self.group_id, self.node_id, voter, self._epoch, log.last_epoch, log.end_offset, False
-                    )
-                )
+        self._request_votes()
         self._count_votes()
 
     def _become_leader(self) -> None:
@@ -713,6 +709,19 @@ class RaftGroup:
         elif self._role is Role.CANDIDATE and m.epoch == self._epoch:
             (self._granted if m.granted else self._rejected).add(m.src)
             self._count_votes()
+
+    def _request_votes(self) -> None:
+        """(Re)send the vote or pre-vote request to every voter that has not answered yet."""
+        pre_vote = self._role is Role.PROSPECTIVE
+        epoch = self._epoch + 1 if pre_vote else self._epoch
+        log = self._log
+        answered = self._granted | self._rejected
+        for voter in self._voters:
+            if voter not in answered:
+                self._send(
+                    VoteRequest(self.group_id, self.node_id, voter, epoch, log.last_epoch, log.end_offset, pre_vote)
+                )
+        self._vote_resend_ms = self._now + self._config.request_timeout_ms
 
     def _count_pre_votes(self) -> None:
         majority = len(self._voters) // 2 + 1

@@ -9,7 +9,7 @@ Time is simulated; the real `RaftGroup` runs unchanged. A step is one event (a d
 a flush completing, a fault, a proposal); the invariants are checked as each step's outputs are
 applied:
 
-* election safety: at most one leader per epoch;
+* election safety: at most one leader per epoch, and no voter grants two votes in one epoch;
 * log matching: two batches with the same (base offset, epoch) end identical prefixes;
 * leader completeness: every new leader holds the whole committed prefix;
 * committed prefix: no node ever writes something else at, or truncates, a committed offset;
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 from tidelog.proto.records import Record, encode_batch
 from tidelog.replication.log import MemoryLog
-from tidelog.replication.messages import Message
+from tidelog.replication.messages import Message, VoteResponse
 from tidelog.replication.raft import (
     MembershipChangeError,
     NotLeaderError,
@@ -79,7 +79,9 @@ class SimConfig:
     resign_weight: int = 1
     membership_weight: int = 1
     # A crash right after a node granted a vote: the classic moment to lose an unpersisted vote.
-    crash_after_vote_p: float = 0.05
+    crash_after_vote_p: float = 0.2
+    # ... and a leader right after its high watermark moved, before followers hear of the new one.
+    crash_after_commit_p: float = 0.02
     tear_p: float = 0.5
     max_flush_ms: int = 4
     propose_interval_ms: int = 12
@@ -87,9 +89,9 @@ class SimConfig:
     liveness_bound_ms: int = 40 * 100
     bugs: tuple[str, ...] = ()
 
-    def raft_config(self) -> RaftConfig:
-        flags = {f"_bug_{name}": True for name in self.bugs}
-        return RaftConfig.scaled(self.election_timeout_ms, **flags)
+    def raft_config(self, max_fetch_bytes: int) -> RaftConfig:
+        flags: dict[str, int | bool] = {f"_bug_{name}": True for name in self.bugs}
+        return RaftConfig.scaled(self.election_timeout_ms, max_fetch_bytes=max_fetch_bytes, **flags)
 
 
 @dataclass(slots=True)
@@ -163,6 +165,12 @@ class SimLog(MemoryLog):
         finally:
             self._recovering = False
 
+    def durable_key(self) -> tuple[int, int]:
+        """(last epoch, end offset) of the flushed prefix: what a crash now would leave at least."""
+        if not self._synced:
+            return (0, self._start)
+        return (self._epochs[self._synced - 1], self._nexts[self._synced - 1])
+
     def chain_at(self, end_offset: int) -> int | None:
         """Chain id of the prefix ending exactly at ``end_offset`` (a batch boundary), if any."""
         if end_offset == self._start:
@@ -174,7 +182,7 @@ class SimLog(MemoryLog):
 
 
 class _Node:
-    __slots__ = ("node_id", "log", "group", "persisted", "incarnation", "hw", "tick_at", "up", "role")
+    __slots__ = ("node_id", "log", "group", "persisted", "incarnation", "hw", "tick_at", "up", "role", "cut_incarnation")
 
     def __init__(self, node_id: int, log: SimLog) -> None:
         self.node_id = node_id
@@ -186,6 +194,7 @@ class _Node:
         self.tick_at = -1
         self.up = True
         self.role = Role.UNATTACHED
+        self.cut_incarnation = -1
 
 
 class Simulation:
@@ -193,7 +202,9 @@ class Simulation:
         self.seed = seed
         self.config = config
         self.rng = random.Random(seed)
-        self.raft_config = config.raft_config()
+        # Small fetch responses (one batch, or a few) open the windows where a follower holds an
+        # old epoch's entry but not yet the new leader's leader-change batch (Raft Figure 8).
+        self.raft_config = config.raft_config(self.rng.choice((1, 200, 1 << 20)))
         self.registry = _Registry()
         self.now = 0
         self._queue: list[tuple[int, int, int, object, object]] = []
@@ -210,6 +221,8 @@ class Simulation:
         self.committed_ends: list[int] = []
         self.committed_payloads: dict[int, bytes] = {}
         self.leaders: dict[int, int] = {}
+        # (voter, epoch) -> the candidate it granted: Raft §5.2, at most one vote per epoch.
+        self.votes: dict[tuple[int, int], int] = {}
         self.blocked: set[tuple[int, int]] = set()
         self.elections = 0
         self.commits = 0
@@ -257,7 +270,7 @@ class Simulation:
                 delay = rng.randint(cfg.max_delay_ms, 3 * cfg.election_timeout_ms)
             else:
                 delay = rng.randint(cfg.min_delay_ms, cfg.max_delay_ms)
-            self._push(self.now + delay, _DELIVER, message)
+            self._push(self.now + delay, _DELIVER, message, self.nodes[message.src].incarnation)
 
     # --- applying a node's output and checking it ------------------------------------------------
 
@@ -273,8 +286,10 @@ class Simulation:
             node.role = change.role
             if change.role is Role.LEADER:
                 self._on_new_leader(node, change.epoch)
+        crash = False
         if out.high_watermark is not None:
             self._on_high_watermark(node, out.high_watermark)
+            crash = node.role is Role.LEADER and self.rng.random() < self.config.crash_after_commit_p
         for proposal in out.committed:
             self._on_committed(node, proposal.base_offset, proposal.last_offset, proposal.epoch)
         if out.flush is not None:
@@ -282,15 +297,23 @@ class Simulation:
         granted_vote = False
         for message in out.messages:
             self._send(message)
-            if type(message).__name__ == "VoteResponse" and message.granted and not message.pre_vote:  # type: ignore[union-attr]
+            if type(message) is VoteResponse and message.granted and not message.pre_vote:
                 granted_vote = True
+                voted = self.votes.setdefault((node.node_id, message.epoch), message.dst)
+                if voted != message.dst:
+                    raise Violation(
+                        "vote safety",
+                        f"node {node.node_id} voted for both {voted} and {message.dst} in epoch {message.epoch}",
+                    )
         deadline = group.next_deadline()
         if deadline <= now:
             deadline = now + 1
         if node.tick_at <= now or deadline < node.tick_at:
             node.tick_at = deadline
             self._push(deadline, _TICK, node, node.incarnation)
-        if granted_vote and not self.calm and self.rng.random() < self.config.crash_after_vote_p:
+        if granted_vote and self.rng.random() < self.config.crash_after_vote_p:
+            crash = True
+        if crash and not self.calm:
             self._crash(node)
 
     def _on_new_leader(self, node: _Node, epoch: int) -> None:
@@ -332,6 +355,30 @@ class Simulation:
         for index in range(start, stop):
             ends.append(log._nexts[index])
             self.committed_chain.append(log.chain[index])
+        if node.role is Role.LEADER:
+            self._check_electable(node, hw, chain_id)
+
+    def _check_electable(self, leader: _Node, hw: int, chain_id: int) -> None:
+        """Leader completeness, checked ahead of time (the argument of Raft §5.4.3).
+
+        Once the prefix up to ``hw`` commits, no replica lacking it may have a log at least as
+        up to date as a majority of the voters' *durable* logs, or it could be elected later.
+        """
+        assert leader.group is not None
+        voters = leader.group.voters
+        durable = [self.nodes[v].log.durable_key() for v in voters if v in self.nodes]
+        majority = len(voters) // 2 + 1
+        for node_id in self.all_ids:
+            log = self.nodes[node_id].log
+            if log.chain_at(hw) == chain_id:
+                continue
+            key = (log.last_epoch, log.end_offset)
+            if sum(1 for other in durable if other <= key) >= majority:
+                raise Violation(
+                    "leader completeness",
+                    f"node {leader.node_id} committed up to {hw}, but node {node_id}, which lacks that prefix, "
+                    f"has a log (epoch {key[0]}, end {key[1]}) as up to date as a majority of the voters",
+                )
 
     def _on_committed(self, node: _Node, base: int, last: int, epoch: int) -> None:
         self.commits += 1
@@ -383,12 +430,20 @@ class Simulation:
     # --- faults -----------------------------------------------------------------------------------
 
     def _crash(self, node: _Node) -> None:
+        if self.rng.random() < 0.5:
+            # A power cut rather than a process kill: what it had sent but not yet delivered is lost.
+            node.cut_incarnation = node.incarnation
         node.up = False
         node.group = None
         node.incarnation += 1
         node.log.crash(self.rng, tear=self.rng.random() < self.config.tear_p)
         t = self.config.election_timeout_ms
-        self._push(self.now + self.rng.randint(t // 2, 5 * t), _RESTART, node)
+        # Half the crashes are a process restart (back within moments), half a machine outage.
+        if self.rng.random() < 0.5:
+            delay = self.rng.randint(1, t // 10)
+        else:
+            delay = self.rng.randint(t // 2, 5 * t)
+        self._push(self.now + delay, _RESTART, node)
 
     def _leader(self) -> _Node | None:
         best: _Node | None = None
@@ -501,6 +556,8 @@ class Simulation:
                     node = nodes[a.dst]  # type: ignore[attr-defined]
                     if not node.up or (a.src, a.dst) in blocked:  # type: ignore[attr-defined]
                         continue
+                    if b <= nodes[a.src].cut_incarnation:  # type: ignore[attr-defined, operator]
+                        continue  # sent just before its sender lost power
                     trace.append((at, kind, a, None))
                     node.group.receive(a)  # type: ignore[union-attr, arg-type]
                     self._apply(node)
