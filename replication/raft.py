@@ -426,8 +426,10 @@ class RaftGroup:
                 # Unattached, Resigned and Candidate all go (back) to asking for pre-votes.
                 self._become_prospective()
 
-    def propose(self, batches: bytes) -> Proposal:
+    def propose(self, batches: bytes, now_ms: int | None = None) -> Proposal:
         """Append client batches as leader; the proposal commits or fails in a later Output."""
+        if now_ms is not None and now_ms > self._now:
+            self._now = now_ms
         if self._role is not Role.LEADER:
             raise NotLeaderError(self._epoch, self._leader_id if self._role is Role.FOLLOWER else None)
         base, last = self._log.append(batches, self._epoch)
@@ -464,8 +466,10 @@ class RaftGroup:
         if self._role is Role.LEADER:
             self._resign()
 
-    def flush_completed(self, offset: int, generation: int) -> None:
+    def flush_completed(self, offset: int, generation: int, now_ms: int | None = None) -> None:
         """The driver made the log durable up to ``offset`` for a `Flush` of ``generation``."""
+        if now_ms is not None and now_ms > self._now:
+            self._now = now_ms
         if generation != self._flush_generation:
             return
         offset = min(offset, self._log.end_offset)
@@ -480,7 +484,11 @@ class RaftGroup:
             if not self._fetch_inflight:
                 self._maybe_send_fetch()
 
-    def receive(self, message: Message) -> None:
+    def receive(self, message: Message, now_ms: int | None = None) -> None:
+        """Handle one message. ``now_ms`` (the driver's clock) dates leases and deadlines set
+        here; without it the time of the last input is used. Timers only fire in `tick`."""
+        if now_ms is not None and now_ms > self._now:
+            self._now = now_ms
         if message.group_id != self.group_id or message.dst != self.node_id:
             raise ValueError(f"message for {message.group_id}/{message.dst} given to {self.group_id}/{self.node_id}")
         kind = type(message)

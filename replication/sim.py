@@ -51,6 +51,7 @@ from tidelog.replication.raft import (
 GROUP = "sim-0"
 BUGS = ("vote_without_log_check", "commit_old_epoch", "vote_before_persist", "skip_truncation")
 
+_NOT_LEADER_PROBE = encode_batch([Record(offset=0, timestamp=0, key=None, value=b"probe")])
 _DELIVER, _TICK, _FLUSH, _FAULT, _RESTART, _HEAL, _PROPOSE = range(7)
 
 
@@ -513,6 +514,12 @@ class Simulation:
             leader = rng.choice(candidates)
         group = leader.group
         assert group is not None
+        if group.role is not Role.LEADER:
+            try:
+                group.propose(_NOT_LEADER_PROBE)
+            except NotLeaderError:
+                return
+            raise Violation("not leader", f"node {leader.node_id} accepted a proposal as {group.role.value}")
         self._payload_counter += 1
         records = [
             Record(offset=i, timestamp=self.now, key=None, value=b"%d/%d" % (self._payload_counter, i))
@@ -520,7 +527,7 @@ class Simulation:
         ]
         batch = encode_batch(records)
         try:
-            proposal = group.propose(batch)
+            proposal = group.propose(batch, self.now)
         except NotLeaderError:
             return
         self._proposal_payloads[(leader.node_id, proposal.epoch, proposal.base_offset)] = batch[21:]
@@ -559,7 +566,7 @@ class Simulation:
                     if b <= nodes[a.src].cut_incarnation:  # type: ignore[attr-defined, operator]
                         continue  # sent just before its sender lost power
                     trace.append((at, kind, a, None))
-                    node.group.receive(a)  # type: ignore[union-attr, arg-type]
+                    node.group.receive(a, at)  # type: ignore[union-attr, arg-type]
                     self._apply(node)
                 elif kind == _TICK:
                     node = a  # type: ignore[assignment]
@@ -573,7 +580,7 @@ class Simulation:
                     if not node.up or node.incarnation != incarnation:
                         continue
                     node.log.flush()
-                    node.group.flush_completed(flush.up_to, flush.generation)  # type: ignore[union-attr]
+                    node.group.flush_completed(flush.up_to, flush.generation, at)  # type: ignore[union-attr]
                     self._apply(node)
                 elif kind == _PROPOSE:
                     trace.append((at, kind, None, None))
