@@ -180,6 +180,9 @@ NODE_KEYS: tuple[NodeKey, ...] = (
             "replication factor of a topic created with replication_factor -1 (capped at the node count)"),
     NodeKey("max_request_bytes", 104857600, "largest gRPC message the node accepts or sends"),
     NodeKey("fetch_max_wait_ms_limit", 30000, "cap on a Fetch's max_wait_ms"),
+    NodeKey("election_timeout_ms", 1000,
+            "Raft election timeout of multi-replica groups (KRaft's default); failover takes about "
+            "1-2x this"),
     NodeKey("retention_check_interval_ms", 300000,
             "how often segments past retention.ms / retention.bytes are deleted"),
     NodeKey("shutdown_grace_ms", 5000, "on SIGTERM, how long in-flight requests may take to finish"),
@@ -204,6 +207,7 @@ class NodeConfig:
     fetch_max_wait_ms_limit: int = 30000
     shutdown_grace_ms: int = 5000
     retention_check_interval_ms: int = 300000
+    election_timeout_ms: int = 1000
     topic_defaults: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
@@ -268,11 +272,16 @@ def build_config(values: Mapping[str, Any]) -> NodeConfig:
         fetch_max_wait_ms_limit=_int(
             "fetch_max_wait_ms_limit", values.get("fetch_max_wait_ms_limit", 30000), 0),
         shutdown_grace_ms=_int("shutdown_grace_ms", values.get("shutdown_grace_ms", 5000), 0),
+        election_timeout_ms=_int("election_timeout_ms", values.get("election_timeout_ms", 1000), 10),
         retention_check_interval_ms=_int(
             "retention_check_interval_ms", values.get("retention_check_interval_ms", 300000), 1),
         topic_defaults=MappingProxyType(topic_defaults),
     )
-    if config.controller_voters and config.node_id in {v.node_id for v in config.controller_voters}:
+    if config.controller_voters and config.node_id not in {v.node_id for v in config.controller_voters}:
+        raise ConfigError(
+            f"node {config.node_id} is not among the controller voters {format_voters(config.controller_voters)}; "
+            "every node must be a controller voter for now")
+    if config.controller_voters:
         own = next(v for v in config.controller_voters if v.node_id == config.node_id)
         if own.address.port != config.advertised_address.port:
             raise ConfigError(

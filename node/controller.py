@@ -1,10 +1,11 @@
 """The controller: validates admin requests against the metadata image and commits records.
 
-The controller turns a request into metadata records (or a per-topic error) and hands them to
-the commit step. For a cluster of one the commit step is `LocalMetadataLog`: append to the
-`__cluster_metadata-0` log, fsync, fold. The replicated metadata quorum replaces exactly that
-step (propose to the Raft group, fold once committed); validation and record generation stay.
-Decisions are serialised by one lock so each is validated against the image it commits onto.
+The controller turns a request into metadata records (or a per-topic error) and commits them
+through the `__cluster_metadata` Raft group (`MetadataQuorum`); every node folds the committed
+records into its image. Decisions are serialised by one lock, and each waits until the leader
+has applied everything committed before it, so each is validated against the image it commits
+onto. The fold itself is defensive too (a CreateTopic for an existing name, or an assignment
+for another topic id, is a no-op), so even a stale decision cannot corrupt the image.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import asyncio
 import logging
 import time
 import uuid
-from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
+from typing import Awaitable, Callable, Iterable, Mapping, Sequence
 
 from tidelog.node.config import (
     METADATA_TOPIC,
+    TOPIC_CONFIG_DEFAULTS,
     ConfigError,
+    FlushPolicy,
     NodeConfig,
     is_internal_topic,
     topic_name_error,
@@ -38,50 +41,149 @@ from tidelog.node.metadata import (
     encode_records_batch,
     fold,
 )
-from tidelog.node.partitions import LOCAL_LEADER_EPOCH, _value, open_log
+from tidelog.node.partitions import open_log
+from tidelog.node.replica import NotLeader, Replica, ReplicaClosed
 from tidelog.proto import api_pb2
 from tidelog.proto.common_pb2 import ErrorCode
+from tidelog.proto.records import scan_batches
+from tidelog.replication.messages import Message
 
 log = logging.getLogger(__name__)
 
 _READ_CHUNK = 1 << 20
+METADATA_GROUP_ID = f"{METADATA_TOPIC}-0"
+ADMIN_TIMEOUT_S = 10.0
 
 
-class LocalMetadataLog:
-    """The metadata log of a cluster of one: committed once appended and fsynced here."""
+class NotController(Exception):
+    def __init__(self, leader_id: int | None) -> None:
+        super().__init__(f"this node is not the controller (controller: {leader_id})")
+        self.leader_id = leader_id
 
-    def __init__(self, data_dir: Path, topic_config_defaults: Mapping[str, str]) -> None:
-        self.directory = data_dir / f"{METADATA_TOPIC}-0"
+
+class MetadataQuorum:
+    """The `__cluster_metadata` Raft group over the controller voters, and its applied image.
+
+    Every node replicates the log (voters vote); committed records are folded, in order, into
+    the image, and ``on_image`` runs after each change. The leader is the controller: `commit`
+    proposes a batch of records and returns once they are committed and folded here.
+    """
+
+    def __init__(self, config: NodeConfig, send: Callable[[list[Message]], None],
+                 on_image: Callable[[MetadataImage], Awaitable[None]],
+                 on_role_change: Callable[[], None]) -> None:
+        self.config = config
+        self.directory = config.data_dir / f"{METADATA_TOPIC}-0"
+        self._send = send
+        self._on_image = on_image
+        self._on_role_change = on_role_change
+        self.image = MetadataImage()
+        self.replica: Replica | None = None
+        self._applied = 0
+        self._image_changed = asyncio.Event()
+        self._publish_lock = asyncio.Lock()
+
+    async def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._log = open_log(self.directory, topic_config_defaults)
-
-    def replay(self) -> list[tuple[int, MetadataRecord]]:
-        records: list[tuple[int, MetadataRecord]] = []
-        offset = _value(self._log.log_start_offset)
-        end = _value(self._log.end_offset)
-        while offset < end:
-            data = self._log.read(offset, _READ_CHUNK)
-            data = getattr(data, "data", data)
-            decoded = decode_records_batches(bytes(data))
-            if not decoded:
-                break
-            records.extend(r for r in decoded if r[0] >= offset)
-            offset = max(offset + 1, decoded[-1][0] + 1)
-        return records
-
-    async def commit(self, records: Sequence[MetadataRecord]) -> list[tuple[int, MetadataRecord]]:
-        batch = bytearray(encode_records_batch(records, int(time.time() * 1000)))
-        result = self._log.append(batch, LOCAL_LEADER_EPOCH)
-        await asyncio.to_thread(self._log.flush)
-        base = int(result.base_offset)
-        return [(base + i, record) for i, record in enumerate(records)]
+        storage = await asyncio.to_thread(open_log, self.directory, TOPIC_CONFIG_DEFAULTS)
+        self._applied = storage.log_start_offset
+        self.replica = Replica(
+            METADATA_GROUP_ID, self.config.node_id, tuple(v.node_id for v in self.config.voters), self.directory,
+            storage, self._send, FlushPolicy.ALWAYS, self.config.election_timeout_ms,
+            on_role_change=lambda _: self._role_changed(), on_high_watermark=lambda _: self._apply_committed(),
+            campaign_now=self.config.node_id == min(v.node_id for v in self.config.voters))
 
     @property
-    def epoch(self) -> int:
-        return LOCAL_LEADER_EPOCH
+    def is_leader(self) -> bool:
+        return self.replica is not None and self.replica.is_leader
 
-    def close(self) -> None:
-        self._log.close()
+    @property
+    def leader_id(self) -> int | None:
+        return self.replica.leader_id if self.replica is not None else None
+
+    def _role_changed(self) -> None:
+        self._image_changed.set()
+        self._on_role_change()
+
+    def _apply_committed(self) -> None:
+        replica = self.replica
+        assert replica is not None
+        high_watermark = replica.high_watermark
+        records: list[tuple[int, MetadataRecord]] = []
+        offset = self._applied
+        while offset < high_watermark:
+            data = replica.storage.read(offset, _READ_CHUNK)
+            if not data:
+                break
+            for header in scan_batches(data, verify_crc=False):
+                if header.next_offset > high_watermark:
+                    break
+                chunk = data[header.position:header.position + header.size]
+                try:
+                    records.extend(decode_records_batches(chunk))
+                except Exception:
+                    log.exception("undecodable metadata batch at offset %d skipped", header.base_offset)
+                offset = header.next_offset
+            else:
+                continue
+            break
+        self._applied = offset
+        image = fold(self.image, records)
+        self.image = replace(image, offset=offset, epoch=replica.epoch)
+        self._image_changed.set()
+        asyncio.get_running_loop().create_task(self._publish())
+
+    async def _publish(self) -> None:
+        async with self._publish_lock:
+            image = self.image
+            try:
+                await self._on_image(image)
+            except Exception:
+                log.exception("applying metadata image at offset %d failed", image.offset)
+
+    async def wait_image_change(self, timeout: float) -> None:
+        self._image_changed.clear()
+        try:
+            await asyncio.wait_for(self._image_changed.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    async def wait_leader_caught_up(self, timeout: float) -> None:
+        """Wait until this node leads and has applied everything committed before its epoch."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            replica = self.replica
+            if replica is not None and replica.is_leader and replica.high_watermark > 0 \
+                    and self._applied >= replica.high_watermark:
+                return
+            remaining = deadline - loop.time()
+            if remaining <= 0 or (replica is not None and not replica.is_leader and replica.leader_id is not None):
+                raise NotController(self.leader_id)
+            await self.wait_image_change(min(remaining, 0.1))
+
+    async def commit(self, records: Sequence[MetadataRecord], timeout: float = 10.0) -> None:
+        if not records:
+            return
+        replica = self.replica
+        if replica is None or not replica.is_leader:
+            raise NotController(self.leader_id)
+        batch = encode_records_batch(records, int(time.time() * 1000))
+        try:
+            proposal, committed = replica.propose(batch)
+            await asyncio.wait_for(committed, timeout)
+        except (NotLeader, ReplicaClosed):
+            raise NotController(self.leader_id) from None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._applied <= proposal.last_offset:
+            if loop.time() > deadline:
+                raise asyncio.TimeoutError()
+            await self.wait_image_change(0.05)
+
+    async def close(self) -> None:
+        if self.replica is not None:
+            await self.replica.close()
 
 
 def _result(name: str, code: int = ErrorCode.NONE, message: str = "") -> api_pb2.TopicResult:
@@ -89,38 +191,42 @@ def _result(name: str, code: int = ErrorCode.NONE, message: str = "") -> api_pb2
 
 
 class Controller:
-    def __init__(self, config: NodeConfig, metadata_log: LocalMetadataLog,
-                 on_image: Callable[[MetadataImage], Awaitable[None]]) -> None:
+    """Admin operations, run on the controller leader (the metadata quorum's leader)."""
+
+    def __init__(self, config: NodeConfig, quorum: MetadataQuorum, alive: Callable[[int], bool]) -> None:
         self.config = config
-        self.metadata_log = metadata_log
-        self.on_image = on_image
-        self.image = MetadataImage()
-        self.incarnation_id = uuid.uuid4().hex
+        self.quorum = quorum
+        self._alive = alive
         self._lock = asyncio.Lock()
 
     @property
-    def controller_id(self) -> int:
-        return self.config.node_id
+    def image(self) -> MetadataImage:
+        return self.quorum.image
 
-    async def start(self) -> None:
-        self.image = fold(MetadataImage(epoch=self.metadata_log.epoch), self.metadata_log.replay())
-        if not self.image.cluster_id:
-            cluster_id = self.config.cluster_id or uuid.uuid4().hex
-            await self._commit([ClusterCreated(cluster_id)])
-        address = self.config.advertised_address
-        await self._commit([RegisterNode(self.config.node_id, address.host, address.port, "",
-                                         self.incarnation_id)])
+    @property
+    def controller_id(self) -> int:
+        leader = self.quorum.leader_id
+        return leader if leader is not None else -1
 
     async def _commit(self, records: Sequence[MetadataRecord]) -> None:
-        if not records:
-            return
-        committed = await self.metadata_log.commit(records)
-        self.image = fold(self.image, committed)
-        await self.on_image(self.image)
+        await self.quorum.commit(records)
+
+    async def ensure_cluster_created(self) -> None:
+        async with self._lock:
+            await self.quorum.wait_leader_caught_up(ADMIN_TIMEOUT_S)
+            if not self.image.cluster_id:
+                await self._commit([ClusterCreated(self.config.cluster_id or uuid.uuid4().hex)])
+
+    async def register(self, registration: RegisterNode) -> None:
+        async with self._lock:
+            await self.quorum.wait_leader_caught_up(ADMIN_TIMEOUT_S)
+            current = self.image.nodes.get(registration.node_id)
+            if current is None or (current.host, current.port, current.rack, current.incarnation_id) != (
+                    registration.host, registration.port, registration.rack, registration.incarnation_id):
+                await self._commit([registration])
 
     def live_node_ids(self) -> list[int]:
-        # A cluster of one knows only itself is alive; liveness leases come with the quorum.
-        return [self.config.node_id] if self.config.node_id in self.image.nodes else []
+        return sorted(n for n in self.image.nodes if self._alive(n))
 
     def _leader_counts(self, image: MetadataImage) -> dict[int, int]:
         counts: dict[int, int] = {}
@@ -137,6 +243,7 @@ class Controller:
     async def create_topics(self, topics: Iterable[api_pb2.NewTopic], validate_only: bool
                             ) -> list[api_pb2.TopicResult]:
         async with self._lock:
+            await self.quorum.wait_leader_caught_up(ADMIN_TIMEOUT_S)
             results: list[api_pb2.TopicResult] = []
             records: list[MetadataRecord] = []
             image = self.image
@@ -194,6 +301,7 @@ class Controller:
 
     async def delete_topics(self, names: Iterable[str]) -> list[api_pb2.TopicResult]:
         async with self._lock:
+            await self.quorum.wait_leader_caught_up(ADMIN_TIMEOUT_S)
             results = []
             records: list[MetadataRecord] = []
             deleting: set[str] = set()
@@ -215,6 +323,7 @@ class Controller:
     async def alter_configs(self, name: str, set_: Mapping[str, str], delete: Sequence[str],
                             validate_only: bool) -> api_pb2.TopicResult:
         async with self._lock:
+            await self.quorum.wait_leader_caught_up(ADMIN_TIMEOUT_S)
             if self.image.topics.get(name) is None:
                 return _result(name, ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, f"no topic {name!r}")
             try:
@@ -233,6 +342,7 @@ class Controller:
 
     async def create_partitions(self, name: str, new_total: int, validate_only: bool) -> api_pb2.TopicResult:
         async with self._lock:
+            await self.quorum.wait_leader_caught_up(ADMIN_TIMEOUT_S)
             topic = self.image.topics.get(name)
             if topic is None:
                 return _result(name, ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, f"no topic {name!r}")
@@ -253,5 +363,3 @@ class Controller:
                                 for i, r in enumerate(replicas)])
             return _result(name)
 
-    def describe(self) -> dict[str, Any]:
-        return {"controller_id": self.controller_id, "voters": [v.node_id for v in self.config.voters]}

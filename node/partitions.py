@@ -1,15 +1,13 @@
-"""Partition replicas hosted by this node, their high watermarks and group-committed fsyncs.
+"""Partition replicas hosted by this node.
 
-A `Partition` wraps one `PartitionLog`. Appends happen on the event loop (a write to the page
-cache is cheap); fsync never does: one flush task per partition runs `log.flush()` in a worker
-thread, and every append that arrived while the previous flush ran is covered by the next one
-(group commit, DESIGN.md §3). With ``flush = always`` the high watermark only moves to what has
-been flushed, so acks=all and consumers see only durable data; with ``flush = interval`` it moves
-on append and a timer flushes.
+A `Partition` is one replica of one topic-partition: a `PartitionLog` driven by a Raft group
+(`tidelog.node.replica.Replica`) whose voters are the partition's replicas. A single-replica
+partition is a group of one. The Raft epoch is the partition leader epoch: the log stamps it
+into each batch's partitionLeaderEpoch on the leader's append.
 
-Until the Raft core lands every partition is a single-voter group led by this node at epoch
-`LOCAL_LEADER_EPOCH`; the `Partition` API (append, wait_committed, read_committed, wait_change)
-is what the replicated version keeps.
+Durability is the replica driver's group commit (one fsync in a worker thread covers every
+append waiting on it, DESIGN.md §3); only flushed data counts toward the high watermark with
+``flush = always``. With ``flush = interval`` a timer here fsyncs every replica.
 """
 
 from __future__ import annotations
@@ -21,23 +19,20 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 from tidelog.node.config import METADATA_TOPIC, FlushPolicy
 from tidelog.node.metadata import MetadataImage
-from tidelog.node.storage import LogConfig, OffsetOutOfRangeError, PartitionLog
+from tidelog.node.replica import NotLeader, Replica, ReplicaClosed
+from tidelog.node.storage import LogConfig, PartitionLog
 from tidelog.proto import records as codec
 from tidelog.proto.records import BATCH_OVERHEAD
+from tidelog.replication.messages import Message
+from tidelog.replication.raft import Proposal
 
 log = logging.getLogger(__name__)
 
-# The epoch of a single-voter partition: the one election it always wins.
-LOCAL_LEADER_EPOCH = 1
 PARTITION_METADATA_FILE = "partition.metadata"
-
-
-def _value(attribute: Any) -> int:
-    return int(attribute() if callable(attribute) else attribute)
 
 
 def open_log(directory: Path, topic_configs: Mapping[str, str]) -> PartitionLog:
@@ -60,6 +55,11 @@ def log_config(topic_configs: Mapping[str, str]) -> LogConfig:
     )
 
 
+def group_id_for(topic: str, partition: int, topic_id: str) -> str:
+    # The topic id keeps a re-created topic's groups apart from stale replicas of the old one.
+    return f"{topic}-{partition}@{topic_id}"
+
+
 class PartitionClosed(Exception):
     pass
 
@@ -72,106 +72,79 @@ class StorageFailed(Exception):
 class Appended:
     base_offset: int
     last_offset: int
+    epoch: int
+    committed: asyncio.Future[Proposal]
 
 
 class Partition:
-    def __init__(self, topic: str, partition: int, topic_id: str, directory: Path, storage_log: Any,
-                 flush_policy: str, leader_epoch: int = LOCAL_LEADER_EPOCH) -> None:
+    def __init__(self, topic: str, partition: int, topic_id: str, directory: Path, replica: Replica) -> None:
         self.topic = topic
         self.partition = partition
         self.topic_id = topic_id
         self.directory = directory
-        self.log = storage_log
-        self.flush_policy = flush_policy
-        self.leader_epoch = leader_epoch
-        self.closed = False
-        self.failure: BaseException | None = None
-        end = _value(storage_log.end_offset)
-        # What recovery found on disk was flushed before the crash or restart, so it is committed.
-        self.high_watermark = end
-        self._flushed = end
-        self._flush_task: asyncio.Task[None] | None = None
-        self._change: asyncio.Future[None] | None = None
+        self.replica = replica
+        self.log = replica.storage
 
     # --- state ----------------------------------------------------------------------------
 
     @property
+    def group_id(self) -> str:
+        return self.replica.group_id
+
+    @property
+    def closed(self) -> bool:
+        return self.replica.closed
+
+    @property
+    def failure(self) -> BaseException | None:
+        return self.replica.failure
+
+    @property
+    def leader_epoch(self) -> int:
+        return self.replica.epoch
+
+    @property
+    def leader_id(self) -> int | None:
+        return self.replica.leader_id
+
+    @property
+    def is_leader(self) -> bool:
+        return self.replica.is_leader
+
+    @property
+    def high_watermark(self) -> int:
+        return self.replica.high_watermark
+
+    @property
     def end_offset(self) -> int:
-        return _value(self.log.end_offset)
+        return self.log.end_offset
 
     @property
     def log_start_offset(self) -> int:
-        return _value(self.log.log_start_offset)
+        return self.log.log_start_offset
 
     def wait_change(self) -> asyncio.Future[None]:
-        """A future resolved the next time the high watermark moves or the partition closes."""
-        if self._change is None or self._change.done():
-            self._change = asyncio.get_running_loop().create_future()
-        return self._change
-
-    def _notify(self) -> None:
-        if self._change is not None and not self._change.done():
-            self._change.set_result(None)
-        self._change = None
-
-    def _advance_high_watermark(self, offset: int) -> None:
-        if offset > self.high_watermark:
-            self.high_watermark = offset
-            self._notify()
+        return self.replica.wait_change()
 
     def check_usable(self) -> None:
+        if self.failure is not None:
+            raise StorageFailed(f"{self.topic}-{self.partition} is offline: {self.failure}")
         if self.closed:
             raise PartitionClosed(f"{self.topic}-{self.partition} is closed")
-        if self.failure is not None:
-            raise StorageFailed(f"{self.topic}-{self.partition} storage failed: {self.failure}")
 
     # --- writes ---------------------------------------------------------------------------
 
     def append(self, batches: bytearray) -> Appended:
-        """Append validated batches as the leader; offsets and epoch are stamped by the log."""
+        """Append validated batches as the leader (NotLeader otherwise)."""
         self.check_usable()
-        result = self.log.append(batches, self.leader_epoch)
-        appended = Appended(int(result.base_offset), int(result.last_offset))
-        if self.flush_policy == FlushPolicy.ALWAYS:
-            self._start_flush()
-        else:
-            self._advance_high_watermark(appended.last_offset + 1)
-        return appended
-
-    def _start_flush(self) -> None:
-        if self._flush_task is None and not self.closed:
-            self._flush_task = asyncio.get_running_loop().create_task(self._flush_loop())
-
-    async def _flush_loop(self) -> None:
         try:
-            while not self.closed and self._flushed < self.end_offset:
-                target = self.end_offset
-                await asyncio.to_thread(self.log.flush)
-                self._flushed = max(self._flushed, target)
-                if self.flush_policy == FlushPolicy.ALWAYS:
-                    self._advance_high_watermark(target)
-        except Exception as exc:  # a failed fsync leaves the data's durability unknown
-            log.exception("flush of %s-%d failed; the partition stops", self.topic, self.partition)
-            self.failure = exc
-            self._notify()
-        finally:
-            self._flush_task = None
+            proposal, future = self.replica.propose(batches)
+        except ReplicaClosed:
+            raise PartitionClosed(f"{self.topic}-{self.partition} is closed") from None
+        return Appended(proposal.base_offset, proposal.last_offset, proposal.epoch, future)
 
     async def flush_now(self) -> None:
-        """Flush everything appended so far (the interval timer and shutdown use this)."""
-        while self._flush_task is not None:
-            await asyncio.shield(self._flush_task)
-        if self._flushed < self.end_offset and not self.closed:
-            self._start_flush()
-            if self._flush_task is not None:
-                await asyncio.shield(self._flush_task)
-
-    async def wait_committed(self, offset: int) -> None:
-        """Return once ``offset`` is below the high watermark (committed)."""
-        while self.high_watermark <= offset:
-            self.check_usable()
-            await self.wait_change()
-        self.check_usable()
+        await self.replica.flush_now()
 
     # --- reads ----------------------------------------------------------------------------
 
@@ -182,7 +155,6 @@ class Partition:
         if offset >= high_watermark:
             return b""
         data = self.log.read(offset, max(1, max_bytes))
-        data = getattr(data, "data", data)
         view = memoryview(data).cast("B")
         if not len(view):
             return b""
@@ -198,29 +170,12 @@ class Partition:
         """(offset, timestamp) of the first batch with a record at or after ``timestamp``."""
         self.check_usable()
         found = self.log.offset_for_timestamp(timestamp)
-        if found is None:
+        if found is None or found.offset >= self.high_watermark:
             return self.high_watermark, -1
-        if isinstance(found, tuple):
-            offset, ts = int(found[0]), int(found[1])
-        else:
-            offset, ts = int(getattr(found, "offset", found)), int(getattr(found, "timestamp", -1))
-        if offset >= self.high_watermark:
-            return self.high_watermark, -1
-        return offset, ts
+        return found.offset, found.timestamp
 
-    # --- lifecycle ------------------------------------------------------------------------
-
-    async def close(self) -> None:
-        if self.closed:
-            return
-        if self.failure is None:
-            try:
-                await self.flush_now()
-            except Exception:
-                log.exception("final flush of %s-%d failed", self.topic, self.partition)
-        self.closed = True
-        self._notify()
-        await asyncio.to_thread(self.log.close)
+    async def close(self, resign: bool = True) -> None:
+        await self.replica.close(resign=resign)
 
 
 def partition_dir(data_dir: Path, topic: str, partition: int) -> Path:
@@ -232,38 +187,40 @@ class PartitionManager:
 
     def __init__(self, data_dir: Path, node_id: int, flush_policy: str, flush_interval_ms: int,
                  topic_config_defaults: Callable[[], Mapping[str, str]],
-                 retention_check_interval_ms: int = 300000) -> None:
+                 retention_check_interval_ms: int, send: Callable[[list[Message]], None],
+                 election_timeout_ms: int, on_leaders_changed: Callable[[], None]) -> None:
         self.data_dir = data_dir
         self.node_id = node_id
         self.flush_policy = flush_policy
         self.flush_interval_ms = flush_interval_ms
         self._defaults = topic_config_defaults
-        self.partitions: dict[tuple[str, int], Partition] = {}
         self.retention_check_interval_ms = retention_check_interval_ms
+        self._send = send
+        self._election_timeout_ms = election_timeout_ms
+        self._on_leaders_changed = on_leaders_changed
+        self.partitions: dict[tuple[str, int], Partition] = {}
+        self.by_group: dict[str, Partition] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._reconcile_lock = asyncio.Lock()
 
     def get(self, topic: str, partition: int) -> Partition | None:
         return self.partitions.get((topic, partition))
 
+    def deliver(self, message: Message) -> bool:
+        partition = self.by_group.get(message.group_id)
+        if partition is None:
+            return False
+        partition.replica.receive(message)
+        return True
+
+    def leaders(self) -> dict[str, int]:
+        return {p.group_id: p.leader_epoch for p in self.partitions.values() if p.is_leader}
+
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         if self.flush_policy == FlushPolicy.INTERVAL:
             self._tasks.append(loop.create_task(self._flush_periodically()))
         self._tasks.append(loop.create_task(self._enforce_retention_periodically()))
-
-    async def _enforce_retention_periodically(self) -> None:
-        while True:
-            await asyncio.sleep(self.retention_check_interval_ms / 1000)
-            for partition in list(self.partitions.values()):
-                enforce = getattr(partition.log, "enforce_retention", None)
-                if enforce is None or partition.closed or partition.failure is not None:
-                    continue
-                try:
-                    # Never delete what consumers cannot have read yet.
-                    enforce(max_offset=partition.high_watermark)
-                except Exception:
-                    log.exception("retention of %s-%d failed", partition.topic, partition.partition)
 
     async def _flush_periodically(self) -> None:
         while True:
@@ -274,26 +231,46 @@ class PartitionManager:
                 except Exception:
                     log.exception("periodic flush failed")
 
+    async def _enforce_retention_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.retention_check_interval_ms / 1000)
+            for partition in list(self.partitions.values()):
+                if partition.closed or partition.failure is not None:
+                    continue
+                try:
+                    # Never delete what consumers cannot have read yet.
+                    partition.log.enforce_retention(max_offset=partition.high_watermark)
+                except Exception:
+                    log.exception("retention of %s-%d failed", partition.topic, partition.partition)
+
     async def reconcile(self, image: MetadataImage) -> None:
         """Open the replicas the image assigns to this node; close and delete the others."""
         async with self._reconcile_lock:
-            wanted: dict[tuple[str, int], tuple[str, Mapping[str, str]]] = {}
+            wanted: dict[tuple[str, int], tuple[str, tuple[int, ...], Mapping[str, str]]] = {}
             for topic in image.topics.values():
                 configs = {**self._defaults(), **topic.configs}
                 for assignment in topic.partitions:
                     if self.node_id in assignment.replicas:
-                        wanted[(topic.name, assignment.partition)] = (topic.topic_id, configs)
+                        wanted[(topic.name, assignment.partition)] = (topic.topic_id, assignment.replicas, configs)
+            changed = False
             for key, partition in list(self.partitions.items()):
                 if key not in wanted or wanted[key][0] != partition.topic_id:
                     del self.partitions[key]
-                    await partition.close()
+                    self.by_group.pop(partition.group_id, None)
+                    await partition.close(resign=False)
                     await asyncio.to_thread(_remove_dir, partition.directory)
-            for key, (topic_id, configs) in wanted.items():
+                    changed = True
+            for key, (topic_id, replicas, configs) in wanted.items():
                 if key not in self.partitions:
-                    self.partitions[key] = await asyncio.to_thread(self._open, key[0], key[1], topic_id, configs)
+                    storage = await asyncio.to_thread(self._open_storage, key[0], key[1], topic_id, configs)
+                    partition = self._start_replica(key[0], key[1], topic_id, replicas, storage)
+                    self.partitions[key] = partition
+                    self.by_group[partition.group_id] = partition
             await asyncio.to_thread(self._remove_orphans, image)
+            if changed:
+                self._on_leaders_changed()
 
-    def _open(self, topic: str, index: int, topic_id: str, configs: Mapping[str, str]) -> Partition:
+    def _open_storage(self, topic: str, index: int, topic_id: str, configs: Mapping[str, str]) -> PartitionLog:
         directory = partition_dir(self.data_dir, topic, index)
         marker = directory / PARTITION_METADATA_FILE
         if directory.exists() and _read_topic_id(marker) not in (None, topic_id):
@@ -302,8 +279,16 @@ class PartitionManager:
         directory.mkdir(parents=True, exist_ok=True)
         if _read_topic_id(marker) is None:
             _write_atomically(marker, json.dumps({"version": 0, "topic_id": topic_id}).encode())
-        storage_log = open_log(directory, configs)
-        return Partition(topic, index, topic_id, directory, storage_log, self.flush_policy)
+        return open_log(directory, configs)
+
+    def _start_replica(self, topic: str, index: int, topic_id: str, replicas: tuple[int, ...],
+                       storage: PartitionLog) -> Partition:
+        directory = partition_dir(self.data_dir, topic, index)
+        replica = Replica(group_id_for(topic, index, topic_id), self.node_id, tuple(replicas), directory, storage,
+                          self._send, self.flush_policy, self._election_timeout_ms,
+                          on_role_change=lambda _: self._on_leaders_changed(),
+                          campaign_now=replicas[0] == self.node_id)
+        return Partition(topic, index, topic_id, directory, replica)
 
     def _remove_orphans(self, image: MetadataImage) -> None:
         live = {p.directory.name for p in self.partitions.values()}
@@ -321,6 +306,7 @@ class PartitionManager:
             task.cancel()
         partitions = list(self.partitions.values())
         self.partitions.clear()
+        self.by_group.clear()
         await asyncio.gather(*(p.close() for p in partitions), return_exceptions=True)
 
 
@@ -355,3 +341,6 @@ def _remove_dir(directory: Path) -> None:
         shutil.rmtree(doomed, ignore_errors=True)
     os.replace(directory, doomed)
     shutil.rmtree(doomed, ignore_errors=True)
+
+
+__all__ = ["Appended", "NotLeader", "Partition", "PartitionClosed", "PartitionManager", "StorageFailed"]

@@ -1,9 +1,12 @@
 """The node process: one asyncio gRPC server, the controller, and this node's partitions.
 
-Start-up: lock the data dir, replay the metadata log into an image, register this node, open
-the partitions the image assigns here, then listen. SIGTERM (or SIGINT): refuse new produce
-requests, let in-flight requests finish (long-polling fetches are woken to answer at once),
-flush and close every log — closing writes storage's clean-shutdown marker — and exit 0.
+Start-up: lock the data dir, listen, join the metadata quorum (every node replicates
+`__cluster_metadata`; its leader is the controller), register this node with the controller
+under a fresh incarnation id, and open the partition replicas each committed image assigns
+here. SIGTERM (or SIGINT): refuse new produce requests, let in-flight requests finish
+(long-polling fetches are woken to answer at once), resign leaderships so the other replicas
+elect at once, flush and close every log — closing writes storage's clean-shutdown marker —
+and exit 0.
 """
 
 from __future__ import annotations
@@ -14,18 +17,21 @@ import json
 import logging
 import os
 import signal
+import uuid
 from pathlib import Path
 from types import MappingProxyType
 from typing import IO, Mapping
 
 import grpc
 
-from tidelog.node.config import ConfigError, NodeConfig
-from tidelog.node.controller import Controller, LocalMetadataLog
-from tidelog.node.metadata import MetadataImage, TopicImage
-from tidelog.node.partitions import LOCAL_LEADER_EPOCH, PartitionManager, _write_atomically
+from tidelog.node.config import NodeConfig
+from tidelog.node.controller import METADATA_GROUP_ID, Controller, MetadataQuorum, NotController
+from tidelog.node.metadata import MetadataImage, RegisterNode, TopicImage
+from tidelog.node.partitions import PartitionManager, _write_atomically, group_id_for
 from tidelog.node.services import AdminService, BrokerService
-from tidelog.proto import api_pb2, api_pb2_grpc
+from tidelog.node.transport import ReplicationService, Transport
+from tidelog.proto import api_pb2, api_pb2_grpc, replication_pb2, replication_pb2_grpc
+from tidelog.replication.messages import Message
 
 log = logging.getLogger(__name__)
 
@@ -63,47 +69,50 @@ def check_node_identity(config: NodeConfig) -> None:
 
 class Node:
     def __init__(self, config: NodeConfig) -> None:
-        if len(config.voters) > 1 or config.voters[0].node_id != config.node_id:
-            raise ConfigError(
-                "replicated metadata quorums are not available yet: --controller-voters must be this "
-                f"node alone ({config.node_id}@{config.advertised_address})")
         self.config = config
         self.shutting_down = False
-        self.partitions = PartitionManager(config.data_dir, config.node_id, config.flush,
-                                           config.flush_interval_ms, lambda: config.topic_config_defaults,
-                                           config.retention_check_interval_ms)
-        self.metadata_log: LocalMetadataLog | None = None
-        self.controller: Controller = None  # type: ignore[assignment]  # set in start()
+        self.incarnation_id = uuid.uuid4().hex
+        self.transport = Transport(config.node_id, self._deliver, self._local_leaders, config.max_request_bytes)
+        self.partitions = PartitionManager(
+            config.data_dir, config.node_id, config.flush, config.flush_interval_ms,
+            lambda: config.topic_config_defaults, config.retention_check_interval_ms, self.transport.send,
+            config.election_timeout_ms, self.transport.leaders_changed)
+        self.quorum = MetadataQuorum(config, self.transport.send, self._on_image, self._on_controller_change)
+        self.controller = Controller(config, self.quorum, self.transport.alive)
         self._server: grpc.aio.Server | None = None
         self._lock: IO[bytes] | None = None
         self._stop: asyncio.Event | None = None
         self._shutdown: asyncio.Future[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._controller_changed = asyncio.Event()
+        self._admin_channels: dict[str, grpc.aio.Channel] = {}
         self.port = 0
 
     # --- views used by the services ---------------------------------------------------------
 
     @property
     def image(self) -> MetadataImage:
-        return self.controller.image
+        return self.quorum.image
 
     @property
     def controller_id(self) -> int:
         return self.controller.controller_id
 
     def leader_of(self, image: MetadataImage, topic: str, partition: int) -> tuple[int, int]:
-        """(leader id, leader epoch) of a partition as this node knows it; -1 = none."""
-        assignment = image.partition(topic, partition)
-        if assignment is None:
-            return -1, -1
-        leader = assignment.preferred_leader
-        if leader != self.config.node_id:
-            return -1, -1
+        """(leader id, leader epoch) of a partition as this node knows it; (-1, -1) = unknown."""
         replica = self.partitions.get(topic, partition)
-        return leader, replica.leader_epoch if replica is not None else LOCAL_LEADER_EPOCH
+        if replica is not None and not replica.closed:
+            leader = replica.leader_id
+            return (leader if leader is not None else -1), replica.leader_epoch
+        topic_image = image.topics.get(topic)
+        if topic_image is None:
+            return -1, -1
+        remote = self.transport.remote_leader(group_id_for(topic, partition, topic_image.topic_id))
+        return remote if remote is not None else (-1, -1)
 
     def node_infos(self, image: MetadataImage) -> list[api_pb2.NodeInfo]:
         return [api_pb2.NodeInfo(node_id=n.node_id, host=n.host, port=n.port, rack=n.rack,
-                                 alive=n.node_id == self.config.node_id)
+                                 alive=self.transport.alive(n.node_id))
                 for n in sorted(image.nodes.values(), key=lambda n: n.node_id)]
 
     def topic_configs(self, topic: TopicImage) -> Mapping[str, str]:
@@ -113,6 +122,94 @@ class Node:
         assert self._shutdown is not None
         return self._shutdown
 
+    def address_of(self, node_id: int) -> str | None:
+        registration = self.image.nodes.get(node_id)
+        if registration is not None:
+            return f"{registration.host}:{registration.port}"
+        for voter in self.config.voters:
+            if voter.node_id == node_id:
+                return str(voter.address)
+        return None
+
+    def admin_channel(self, address: str) -> grpc.aio.Channel:
+        channel = self._admin_channels.get(address)
+        if channel is None:
+            options = [("grpc.max_send_message_length", self.config.max_request_bytes),
+                       ("grpc.max_receive_message_length", self.config.max_request_bytes)]
+            channel = self._admin_channels[address] = grpc.aio.insecure_channel(address, options=options)
+        return channel
+
+    # --- wiring -----------------------------------------------------------------------------
+
+    def _deliver(self, message: Message) -> None:
+        if message.group_id == METADATA_GROUP_ID:
+            if self.quorum.replica is not None:
+                self.quorum.replica.receive(message)
+            return
+        self.partitions.deliver(message)
+
+    def _local_leaders(self) -> dict[str, int]:
+        leaders = self.partitions.leaders()
+        if self.quorum.is_leader and self.quorum.replica is not None:
+            leaders[METADATA_GROUP_ID] = self.quorum.replica.epoch
+        return leaders
+
+    async def _on_image(self, image: MetadataImage) -> None:
+        self._update_peers(image)
+        await self.partitions.reconcile(image)
+
+    def _update_peers(self, image: MetadataImage) -> None:
+        peers = {v.node_id: str(v.address) for v in self.config.voters}
+        peers.update({n.node_id: f"{n.host}:{n.port}" for n in image.nodes.values()})
+        self.transport.set_peers(peers)
+
+    def _on_controller_change(self) -> None:
+        self._controller_changed.set()
+        self.transport.leaders_changed()
+
+    async def _keep_registered(self) -> None:
+        """Register this node (again after every restart: a new incarnation) with the controller."""
+        address = self.config.advertised_address
+        request = replication_pb2.RegisterRequest(node_id=self.config.node_id, host=address.host, port=address.port,
+                                                  rack="", incarnation_id=self.incarnation_id)
+        while not self.shutting_down:
+            current = self.image.nodes.get(self.config.node_id)
+            if current is not None and current.incarnation_id == self.incarnation_id and self.image.cluster_id:
+                self._controller_changed.clear()
+                try:
+                    await asyncio.wait_for(self._controller_changed.wait(), 5.0)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            try:
+                if self.quorum.is_leader:
+                    await self.controller.ensure_cluster_created()
+                    await self.register(request)
+                else:
+                    leader = self.quorum.leader_id
+                    target = self.address_of(leader) if leader is not None else None
+                    if target is not None:
+                        stub = replication_pb2_grpc.ReplicationStub(self.admin_channel(target))
+                        await stub.Register(request, timeout=5)
+            except (NotController, grpc.RpcError, asyncio.TimeoutError):
+                pass
+            except Exception:
+                log.exception("registration failed")
+            await self.quorum.wait_image_change(0.2)
+
+    async def register(self, request: replication_pb2.RegisterRequest) -> replication_pb2.RegisterResponse:
+        try:
+            await self.controller.ensure_cluster_created()
+            await self.controller.register(RegisterNode(request.node_id, request.host, request.port, request.rack,
+                                                        request.incarnation_id))
+        except NotController as exc:
+            return replication_pb2.RegisterResponse(
+                ok=False, controller_id=exc.leader_id if exc.leader_id is not None else -1,
+                error_message=str(exc))
+        except asyncio.TimeoutError:
+            return replication_pb2.RegisterResponse(ok=False, controller_id=-1, error_message="timed out")
+        return replication_pb2.RegisterResponse(ok=True, controller_id=self.config.node_id)
+
     # --- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -121,12 +218,6 @@ class Node:
         check_node_identity(config)
         self._stop = asyncio.Event()
         self._shutdown = asyncio.get_running_loop().create_future()
-        self.metadata_log = await asyncio.to_thread(LocalMetadataLog, config.data_dir,
-                                                    config.topic_config_defaults)
-        self.controller = Controller(config, self.metadata_log, self.partitions.reconcile)
-        await self.controller.start()
-        await self.partitions.reconcile(self.controller.image)
-        self.partitions.start()
         options = [
             ("grpc.max_receive_message_length", config.max_request_bytes),
             ("grpc.max_send_message_length", config.max_request_bytes),
@@ -135,16 +226,22 @@ class Node:
         server = grpc.aio.server(options=options)
         api_pb2_grpc.add_BrokerServicer_to_server(BrokerService(self), server)
         api_pb2_grpc.add_AdminServicer_to_server(AdminService(self), server)
+        replication_pb2_grpc.add_ReplicationServicer_to_server(ReplicationService(self.transport, self.register),
+                                                               server)
         try:
             self.port = server.add_insecure_port(str(config.listen))
         except RuntimeError as exc:
             raise StartupError(f"cannot listen on {config.listen}: {exc}") from None
         if self.port == 0:
             raise StartupError(f"cannot listen on {config.listen} (address in use?)")
+        self._update_peers(self.image)
+        await self.quorum.start()
+        self.partitions.start()
         await server.start()
         self._server = server
-        log.info("node %d serving on %s (cluster %s, data dir %s, flush=%s)", config.node_id,
-                 config.listen, self.image.cluster_id, config.data_dir, config.flush)
+        self._tasks.append(asyncio.get_running_loop().create_task(self._keep_registered()))
+        log.info("node %d serving on %s (data dir %s, flush=%s, voters %s)", config.node_id, config.listen,
+                 config.data_dir, config.flush, ",".join(f"{v.node_id}@{v.address}" for v in config.voters))
 
     def request_stop(self) -> None:
         if self._stop is not None:
@@ -158,11 +255,17 @@ class Node:
         self.shutting_down = True
         if self._shutdown is not None and not self._shutdown.done():
             self._shutdown.set_result(None)
+        for task in self._tasks:
+            task.cancel()
         if self._server is not None:
+            # In-flight requests finish (long-polls were just woken); new ones are refused.
             await self._server.stop(self.config.shutdown_grace_ms / 1000)
+        # Leaders resign so the other replicas elect at once instead of after a timeout.
         await self.partitions.close_all()
-        if self.metadata_log is not None:
-            await asyncio.to_thread(self.metadata_log.close)
+        await self.quorum.close()
+        await self.transport.close()
+        for channel in self._admin_channels.values():
+            await channel.close()
         if self._lock is not None:
             self._lock.close()
         log.info("node %d stopped cleanly", self.config.node_id)

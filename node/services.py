@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Mapping
 
 import grpc
 
 from tidelog.node.config import topic_name_error
 from tidelog.node.metadata import MetadataImage
-from tidelog.node.partitions import Partition, PartitionClosed, StorageFailed
+from tidelog.node.controller import ADMIN_TIMEOUT_S, NotController
+from tidelog.node.partitions import Appended, Partition, PartitionClosed, StorageFailed
+from tidelog.node.replica import NotLeader, ReplicaClosed
 from tidelog.node.storage import OffsetOutOfRangeError
 from tidelog.proto import api_pb2, api_pb2_grpc
 from tidelog.proto import records as codec
@@ -59,10 +61,11 @@ def _locate(node: Node, image: MetadataImage, topic: str, index: int) -> Partiti
         raise _Rejected(ErrorCode.UNKNOWN_TOPIC_OR_PARTITION,
                         f"topic {topic!r} has {len(topic_image.partitions)} partition(s); no partition {index}")
     partition = node.partitions.get(topic, index)
-    leader_id, _ = node.leader_of(image, topic, index)
-    if partition is None or leader_id != node.config.node_id:
+    if partition is None or not partition.is_leader:
+        leader_id, _ = node.leader_of(image, topic, index)
+        where = f"node {leader_id} leads it" if leader_id >= 0 else "its leader is not known yet"
         raise _Rejected(ErrorCode.NOT_LEADER_OR_FOLLOWER,
-                        f"node {node.config.node_id} does not lead {topic}-{index}")
+                        f"node {node.config.node_id} does not lead {topic}-{index}; {where}")
     return partition
 
 
@@ -79,7 +82,7 @@ class BrokerService(api_pb2_grpc.BrokerServicer):
         acks = request.acks
         timeout_ms = request.timeout_ms if request.timeout_ms > 0 else DEFAULT_PRODUCE_TIMEOUT_MS
         results: list[api_pb2.ProducePartitionResult] = []
-        waits: list[tuple[api_pb2.ProducePartitionResult, Partition, int]] = []
+        waits: list[tuple[api_pb2.ProducePartitionResult, Appended]] = []
         for data in request.partitions:
             result = api_pb2.ProducePartitionResult(
                 topic=data.topic, partition=data.partition, base_offset=-1, log_append_time_ms=-1,
@@ -95,7 +98,7 @@ class BrokerService(api_pb2_grpc.BrokerServicer):
                 appended = partition.append(batches)
             except _Rejected as exc:
                 result.error, result.error_message = exc.code, exc.message
-            except (PartitionClosed, StorageFailed) as exc:
+            except (NotLeader, PartitionClosed, StorageFailed) as exc:
                 result.error, result.error_message = ErrorCode.NOT_LEADER_OR_FOLLOWER, str(exc)
             except Exception as exc:  # bad input must never take the node down
                 log.exception("produce to %s-%d failed", data.topic, data.partition)
@@ -104,27 +107,26 @@ class BrokerService(api_pb2_grpc.BrokerServicer):
                 result.base_offset = appended.base_offset
                 result.log_start_offset = partition.log_start_offset
                 if acks == -1:
-                    waits.append((result, partition, appended.last_offset))
+                    waits.append((result, appended))
             if result.error in (ErrorCode.NOT_LEADER_OR_FOLLOWER, ErrorCode.NONE):
                 result.leader.CopyFrom(_leader_hint(node, image, data.topic, data.partition))
         if waits:
-            await asyncio.gather(*(self._await_commit(r, p, o, timeout_ms / 1000) for r, p, o in waits))
+            await asyncio.gather(*(self._await_commit(r, a, timeout_ms / 1000) for r, a in waits))
         if acks == 0:
             for result in results:
                 result.base_offset = -1
         return api_pb2.ProduceResponse(partitions=results)
 
     @staticmethod
-    async def _await_commit(result: api_pb2.ProducePartitionResult, partition: Partition, offset: int,
-                            timeout: float) -> None:
+    async def _await_commit(result: api_pb2.ProducePartitionResult, appended: Appended, timeout: float) -> None:
         try:
-            await asyncio.wait_for(partition.wait_committed(offset), timeout)
+            await asyncio.wait_for(asyncio.shield(appended.committed), timeout)
         except asyncio.TimeoutError:
             result.error = ErrorCode.REQUEST_TIMED_OUT
             result.error_message = f"not committed within {int(timeout * 1000)} ms; the records may still commit"
-        except (PartitionClosed, StorageFailed) as exc:
+        except (NotLeader, ReplicaClosed, PartitionClosed, StorageFailed) as exc:
             result.error = ErrorCode.NOT_LEADER_OR_FOLLOWER
-            result.error_message = f"{exc}; the records may or may not be committed"
+            result.error_message = f"leadership lost before commit ({exc}); the records may or may not be committed"
 
     @staticmethod
     def _validate(configs: Mapping[str, str], records: bytes) -> bytearray:
@@ -208,7 +210,7 @@ class BrokerService(api_pb2_grpc.BrokerServicer):
             except _Rejected as exc:
                 result.error, result.error_message = exc.code, exc.message
                 failed = True
-            except (PartitionClosed, StorageFailed) as exc:
+            except (NotLeader, PartitionClosed, StorageFailed) as exc:
                 result.error, result.error_message = ErrorCode.NOT_LEADER_OR_FOLLOWER, str(exc)
                 failed = True
             except Exception as exc:
@@ -287,18 +289,81 @@ def topic_metadata(node: Node, image: MetadataImage, name: str) -> api_pb2.Topic
                                  topic_id=topic.topic_id)
 
 
+FORWARDED_HEADER = "x-tidelog-forwarded"
+LEADER_WAIT_S = 5.0
+
+
 class AdminService(api_pb2_grpc.AdminServicer):
+    """Admin RPCs: answered by the controller leader; any other node forwards them there."""
+
     def __init__(self, node: Node) -> None:
         self.node = node
 
+    async def _on_controller(self, method: str, request: Any, context: grpc.aio.ServicerContext,
+                             timeout_ms: int, local: Callable[[], Awaitable[Any]],
+                             failed: Callable[[int, str], Any]) -> Any:
+        node = self.node
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (timeout_ms / 1000 if timeout_ms > 0 else ADMIN_TIMEOUT_S)
+        forwarded = any(key == FORWARDED_HEADER for key, _ in (context.invocation_metadata() or ()))
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0 or node.shutting_down:
+                return failed(ErrorCode.NOT_CONTROLLER, "no controller leader answered in time; retry")
+            leader = node.quorum.leader_id
+            try:
+                if node.quorum.is_leader:
+                    return await asyncio.wait_for(local(), remaining)
+                address = node.address_of(leader) if leader is not None else None
+                if address is not None and not forwarded:
+                    stub = api_pb2_grpc.AdminStub(node.admin_channel(address))
+                    return await getattr(stub, method)(request, timeout=remaining,
+                                                       metadata=((FORWARDED_HEADER, str(node.config.node_id)),))
+            except (NotController, asyncio.TimeoutError):
+                pass
+            except grpc.RpcError as exc:
+                log.debug("forwarding %s to node %s failed: %s", method, leader, exc)
+            await node.quorum.wait_image_change(min(0.1, max(deadline - loop.time(), 0.001)))
+
     async def CreateTopics(self, request: api_pb2.CreateTopicsRequest, context: grpc.aio.ServicerContext
                            ) -> api_pb2.CreateTopicsResponse:
+        return await self._on_controller(
+            "CreateTopics", request, context, request.timeout_ms,
+            lambda: self._create_topics(request),
+            lambda code, message: api_pb2.CreateTopicsResponse(topics=[
+                api_pb2.TopicResult(name=t.name, error=code, error_message=message) for t in request.topics]))
+
+    async def _create_topics(self, request: api_pb2.CreateTopicsRequest) -> api_pb2.CreateTopicsResponse:
         results = await self.node.controller.create_topics(request.topics, request.validate_only)
+        if not request.validate_only:
+            created = [r.name for r in results if r.error == ErrorCode.NONE]
+            await self._wait_for_leaders(created, LEADER_WAIT_S)
         return api_pb2.CreateTopicsResponse(topics=results)
+
+    async def _wait_for_leaders(self, topics: list[str], timeout: float) -> None:
+        """Give new partitions a moment to elect, so the topic is usable when the call returns.
+
+        Not an error if they have not (clients retry NOT_LEADER_OR_FOLLOWER anyway).
+        """
+        node = self.node
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while topics and loop.time() < deadline:
+            image = node.image
+            if all(node.leader_of(image, name, p.partition)[0] >= 0
+                   for name in topics if name in image.topics for p in image.topics[name].partitions):
+                return
+            await asyncio.sleep(0.02)
 
     async def DeleteTopics(self, request: api_pb2.DeleteTopicsRequest, context: grpc.aio.ServicerContext
                            ) -> api_pb2.DeleteTopicsResponse:
-        return api_pb2.DeleteTopicsResponse(topics=await self.node.controller.delete_topics(request.names))
+        async def local() -> api_pb2.DeleteTopicsResponse:
+            return api_pb2.DeleteTopicsResponse(topics=await self.node.controller.delete_topics(request.names))
+
+        return await self._on_controller(
+            "DeleteTopics", request, context, request.timeout_ms, local,
+            lambda code, message: api_pb2.DeleteTopicsResponse(topics=[
+                api_pb2.TopicResult(name=n, error=code, error_message=message) for n in request.names]))
 
     async def ListTopics(self, request: api_pb2.ListTopicsRequest, context: grpc.aio.ServicerContext
                          ) -> api_pb2.ListTopicsResponse:
@@ -325,15 +390,27 @@ class AdminService(api_pb2_grpc.AdminServicer):
 
     async def AlterTopicConfigs(self, request: api_pb2.AlterTopicConfigsRequest,
                                 context: grpc.aio.ServicerContext) -> api_pb2.AlterTopicConfigsResponse:
-        result = await self.node.controller.alter_configs(request.topic, dict(request.set), list(request.delete),
-                                                          request.validate_only)
-        return api_pb2.AlterTopicConfigsResponse(result=result)
+        async def local() -> api_pb2.AlterTopicConfigsResponse:
+            result = await self.node.controller.alter_configs(request.topic, dict(request.set), list(request.delete),
+                                                              request.validate_only)
+            return api_pb2.AlterTopicConfigsResponse(result=result)
+
+        return await self._on_controller(
+            "AlterTopicConfigs", request, context, 0, local,
+            lambda code, message: api_pb2.AlterTopicConfigsResponse(
+                result=api_pb2.TopicResult(name=request.topic, error=code, error_message=message)))
 
     async def CreatePartitions(self, request: api_pb2.CreatePartitionsRequest,
                                context: grpc.aio.ServicerContext) -> api_pb2.CreatePartitionsResponse:
-        result = await self.node.controller.create_partitions(request.topic, request.new_total_count,
-                                                              request.validate_only)
-        return api_pb2.CreatePartitionsResponse(result=result)
+        async def local() -> api_pb2.CreatePartitionsResponse:
+            result = await self.node.controller.create_partitions(request.topic, request.new_total_count,
+                                                                  request.validate_only)
+            return api_pb2.CreatePartitionsResponse(result=result)
+
+        return await self._on_controller(
+            "CreatePartitions", request, context, 0, local,
+            lambda code, message: api_pb2.CreatePartitionsResponse(
+                result=api_pb2.TopicResult(name=request.topic, error=code, error_message=message)))
 
     async def DescribeCluster(self, request: api_pb2.DescribeClusterRequest,
                               context: grpc.aio.ServicerContext) -> api_pb2.DescribeClusterResponse:
@@ -343,4 +420,3 @@ class AdminService(api_pb2_grpc.AdminServicer):
             cluster_id=image.cluster_id, controller_id=node.controller_id, nodes=node.node_infos(image),
             controller_voters=[v.node_id for v in node.config.voters], metadata_epoch=image.epoch,
             metadata_offset=image.offset)
-

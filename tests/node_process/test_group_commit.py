@@ -1,84 +1,83 @@
-"""Group commit in `tidelog.node.partitions.Partition`, in-process with a log whose fsync we control."""
+"""Group commit in the replica driver (tidelog.node.replica), in-process, with a gated fsync."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tidelog.node.config import FlushPolicy
-from tidelog.node.partitions import Partition
+from tidelog.node.replica import Replica
+from tidelog.node.storage import PartitionLog
 from tidelog.proto import records as codec
-
-
-@dataclass(frozen=True)
-class _Appended:
-    base_offset: int
-    last_offset: int
+from tidelog.replication.raft import Role
 
 
 class GatedLog:
-    """Appends in memory; flush() blocks until the test opens the gate, and counts calls."""
+    """A real PartitionLog whose flush() blocks while the gate is closed, and counts calls."""
 
-    def __init__(self) -> None:
-        self.end_offset = 0
-        self.log_start_offset = 0
+    def __init__(self, directory: Path) -> None:
+        self._log = PartitionLog.open(directory)
         self.flushes = 0
         self.gate = threading.Event()
+        self.gate.set()
         self.flush_started = threading.Event()
 
-    def append(self, batches: bytearray, epoch: int) -> _Appended:
-        headers = codec.scan_batches(batches)
-        base = self.end_offset
-        self.end_offset = codec.stamp_batches(batches, base, epoch)
-        assert len(headers) >= 1
-        return _Appended(base, self.end_offset - 1)
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._log, name)
 
     def flush(self) -> int:
         self.flush_started.set()
-        assert self.gate.wait(10), "test never opened the flush gate"
+        assert self.gate.wait(10), "the test never opened the flush gate"
         self.flushes += 1
-        return self.end_offset
-
-    def close(self) -> None:
-        pass
+        return self._log.flush()
 
 
-def _batch() -> bytearray:
-    return bytearray(codec.encode_batch([codec.Record(0, 0, None, b"v")]))
+def _batch() -> bytes:
+    return codec.encode_batch([codec.Record(0, 0, None, b"v")])
+
+
+async def _single_voter(tmp_path: Path, policy: str) -> tuple[Replica, GatedLog]:
+    log = GatedLog(tmp_path)
+    replica = Replica("t-0", 1, (1,), tmp_path, log, lambda messages: None, policy)  # type: ignore[arg-type]
+    deadline = asyncio.get_running_loop().time() + 10
+    while not (replica.role is Role.LEADER and replica.high_watermark > 0):
+        assert asyncio.get_running_loop().time() < deadline, "a single voter never became leader"
+        await asyncio.wait([replica.wait_change()], timeout=0.1)
+    return replica, log
 
 
 def test_one_fsync_covers_every_append_waiting_on_it(tmp_path: Path) -> None:
     async def scenario() -> None:
-        log = GatedLog()
-        partition = Partition("t", 0, "id", tmp_path, log, FlushPolicy.ALWAYS)
-        first = partition.append(_batch())
+        replica, log = await _single_voter(tmp_path, FlushPolicy.ALWAYS)
+        log.gate.clear()
+        log.flush_started.clear()
+        flushes_before = log.flushes
+        first = replica.propose(_batch())[1]
         # The first flush is now in progress (blocked); these appends all wait for the next one.
         await asyncio.to_thread(log.flush_started.wait, 10)
-        waiting = [partition.append(_batch()) for _ in range(50)]
-        commits = [asyncio.ensure_future(partition.wait_committed(a.last_offset)) for a in [first, *waiting]]
-        await asyncio.sleep(0)
-        assert partition.high_watermark == 0 and not any(c.done() for c in commits)
+        rest = [replica.propose(_batch())[1] for _ in range(50)]
+        await asyncio.sleep(0.05)
+        assert not first.done() and not any(f.done() for f in rest)
         log.gate.set()
-        await asyncio.wait_for(asyncio.gather(*commits), 10)
-        assert partition.high_watermark == 51
+        committed = await asyncio.wait_for(asyncio.gather(first, *rest), 10)
+        assert replica.high_watermark == committed[-1].last_offset + 1
         # One flush for the first append, one for the 50 that queued behind it.
-        assert log.flushes == 2
-        await partition.close()
+        assert log.flushes - flushes_before == 2
+        await replica.close()
 
     asyncio.run(scenario())
 
 
-def test_interval_policy_commits_on_append_without_fsync(tmp_path: Path) -> None:
+def test_interval_policy_commits_without_waiting_for_fsync(tmp_path: Path) -> None:
     async def scenario() -> None:
-        log = GatedLog()
-        partition = Partition("t", 0, "id", tmp_path, log, FlushPolicy.INTERVAL)
-        appended = partition.append(_batch())
-        await asyncio.wait_for(partition.wait_committed(appended.last_offset), 5)
-        assert log.flushes == 0 and partition.high_watermark == 1
+        replica, log = await _single_voter(tmp_path, FlushPolicy.INTERVAL)
+        log.gate.clear()
+        proposal, committed = replica.propose(_batch())
+        await asyncio.wait_for(committed, 5)
+        assert replica.high_watermark == proposal.last_offset + 1
         log.gate.set()
-        await partition.close()
-        assert log.flushes == 1  # close flushes what the interval timer had not
+        await replica.close()
 
     asyncio.run(scenario())

@@ -31,10 +31,20 @@ class Stubs:
 
     def produce(self, topic: str, partition: int, records: bytes, acks: int = -1
                 ) -> api_pb2.ProducePartitionResult:
-        response = self.broker.Produce(api_pb2.ProduceRequest(acks=acks, timeout_ms=10000, partitions=[
-            api_pb2.ProducePartitionData(topic=topic, partition=partition, records=records)]), timeout=15)
-        assert len(response.partitions) == 1
-        return response.partitions[0]
+        """One produce; NOT_LEADER_OR_FOLLOWER (no leader elected yet) is retried for a while."""
+        deadline = time.monotonic() + 15
+        while True:
+            response = self.broker.Produce(api_pb2.ProduceRequest(acks=acks, timeout_ms=10000, partitions=[
+                api_pb2.ProducePartitionData(topic=topic, partition=partition, records=records)]), timeout=15)
+            assert len(response.partitions) == 1
+            result = response.partitions[0]
+            if result.error != ErrorCode.NOT_LEADER_OR_FOLLOWER or time.monotonic() > deadline:
+                return result
+            time.sleep(0.02)
+
+    def latest(self, topic: str, partition: int) -> int:
+        return self.broker.ListOffsets(api_pb2.ListOffsetsRequest(partitions=[
+            api_pb2.ListOffsetsPartition(topic=topic, partition=partition, timestamp=-1)])).partitions[0].offset
 
     def fetch(self, topic: str, partition: int, offset: int, max_wait_ms: int = 0, min_bytes: int = 0,
               max_bytes: int = 1 << 20) -> api_pb2.FetchPartitionResult:
@@ -91,16 +101,20 @@ def test_produce_fetch_round_trip(stubs: Stubs) -> None:
     second = stubs.produce("events", 0, batch(b"c", compression="lz4"), acks=1)
     other = stubs.produce("events", 1, batch(b"x"))
     assert (first.error, second.error, other.error) == (ErrorCode.NONE,) * 3
-    assert (first.base_offset, second.base_offset, other.base_offset) == (0, 2, 0)
-    assert first.leader.leader_id == 1 and first.leader.port > 0
+    # The leader's leader-change control batch takes the first offset(s).
+    base = first.base_offset
+    assert base >= 1 and second.base_offset == base + 2
+    assert first.leader.leader_id == 1 and first.leader.port > 0 and first.leader.leader_epoch >= 1
     # acks=1 data becomes visible once flushed; wait for it with the long-poll.
-    result = stubs.fetch("events", 0, 2, max_wait_ms=5000, min_bytes=1)
-    assert result.high_watermark == 3
+    result = stubs.fetch("events", 0, base + 2, max_wait_ms=5000, min_bytes=1)
+    assert result.high_watermark == base + 3
     records = stubs.read_all("events", 0)
-    assert [(r.offset, r.key, r.value) for r in records] == [(0, b"k", b"a"), (1, b"k", b"b"), (2, None, b"c")]
+    assert [(r.offset, r.key, r.value) for r in records] == [
+        (base, b"k", b"a"), (base + 1, b"k", b"b"), (base + 2, None, b"c")]
     assert [r.value for r in stubs.read_all("events", 1)] == [b"x"]
     batches = list(codec.decode_batches(stubs.fetch("events", 0, 0).records))
-    assert all(b.partition_leader_epoch >= 1 for b in batches)
+    assert batches[0].is_control  # consumers skip it; decode_records already does
+    assert {b.partition_leader_epoch for b in batches} == {first.leader.leader_epoch}
 
 
 def test_many_partitions_in_one_request(stubs: Stubs) -> None:
@@ -111,7 +125,8 @@ def test_many_partitions_in_one_request(stubs: Stubs) -> None:
     fetched = stubs.broker.Fetch(api_pb2.FetchRequest(max_wait_ms=0, max_bytes=1 << 20, partitions=[
         api_pb2.FetchPartition(topic="multi", partition=p, fetch_offset=0, current_leader_epoch=-1)
         for p in range(3)]))
-    assert [codec.decode_records(r.records)[0].value for r in fetched.partitions] == [b"v0", b"v1", b"v2"]
+    assert [[r.value for r in codec.decode_records(p.records)] for p in fetched.partitions] == [
+        [b"v0"], [b"v1"], [b"v2"]]
 
 
 def test_acks_all_records_survive_sigkill_and_restart(cluster: LocalCluster, stubs: Stubs) -> None:
@@ -126,8 +141,10 @@ def test_acks_all_records_survive_sigkill_and_restart(cluster: LocalCluster, stu
     node.start()
     again = Stubs(node.address)
     try:
-        assert {r.offset: r.value for r in again.read_all("durable", 0)} == acknowledged
-        assert again.produce("durable", 0, batch(b"after")).base_offset == 20
+        after = again.produce("durable", 0, batch(b"after"))  # also waits for the re-election
+        assert after.error == ErrorCode.NONE and after.base_offset > max(acknowledged)
+        found = {r.offset: r.value for r in again.read_all("durable", 0)}
+        assert found == {**acknowledged, after.base_offset: b"after"}
     finally:
         again.close()
 
@@ -145,15 +162,17 @@ def test_restart_keeps_topics_configs_and_data(cluster: LocalCluster, stubs: Stu
         assert topic.metadata.error == ErrorCode.NONE and len(topic.metadata.partitions) == 2
         assert topic.configs["retention.ms"] == "3600000"
         assert topic.configs["cleanup.policy"] == "delete"  # defaults are listed too
-        assert [r.value for r in again.read_all("kept", 1)] == [b"one", b"two"]
+        again.produce("kept", 1, batch(b"three"))  # waits for the leader to be re-elected
+        assert [r.value for r in again.read_all("kept", 1)] == [b"one", b"two", b"three"]
     finally:
         again.close()
 
 
 def test_long_poll_wakes_when_data_arrives(stubs: Stubs) -> None:
     stubs.create("poll")
+    end = stubs.produce("poll", 0, batch(b"first")).base_offset + 1
     box: dict[str, api_pb2.FetchPartitionResult] = {}
-    waiter = threading.Thread(target=lambda: box.setdefault("r", stubs.fetch("poll", 0, 0, max_wait_ms=20000,
+    waiter = threading.Thread(target=lambda: box.setdefault("r", stubs.fetch("poll", 0, end, max_wait_ms=20000,
                                                                              min_bytes=1)))
     waiter.start()
     # Give the fetch a chance to reach the server and park before producing; correctness does
@@ -170,8 +189,9 @@ def test_long_poll_wakes_when_data_arrives(stubs: Stubs) -> None:
 
 def test_long_poll_times_out_empty(stubs: Stubs) -> None:
     stubs.create("quiet")
-    result = stubs.fetch("quiet", 0, 0, max_wait_ms=200, min_bytes=1)
-    assert result.error == ErrorCode.NONE and result.records == b"" and result.high_watermark == 0
+    end = stubs.produce("quiet", 0, batch(b"first")).base_offset + 1
+    result = stubs.fetch("quiet", 0, end, max_wait_ms=200, min_bytes=1)
+    assert result.error == ErrorCode.NONE and result.records == b"" and result.high_watermark == end
 
 
 def test_bad_input_gets_its_error_stores_nothing_and_the_node_keeps_serving(stubs: Stubs) -> None:
@@ -197,13 +217,14 @@ def test_bad_input_gets_its_error_stores_nothing_and_the_node_keeps_serving(stub
         result = stubs.produce(topic, partition, records)
         assert result.error == expected, f"{name}: {result}"
         assert result.error_message, name
+    before = stubs.latest("strict", 0)
     bad_acks = stubs.broker.Produce(api_pb2.ProduceRequest(acks=2, partitions=[
         api_pb2.ProducePartitionData(topic="strict", partition=0, records=good)]))
     assert bad_acks.partitions[0].error == ErrorCode.INVALID_REQUIRED_ACKS
-    # Nothing was stored by any of them; the next good produce gets offset 0.
-    assert stubs.produce("strict", 0, good).base_offset == 0
+    # Nothing was stored by any of them: the next good produce gets the next offset.
+    assert stubs.produce("strict", 0, good).base_offset == before
 
-    assert stubs.fetch("strict", 0, 5).error == ErrorCode.OFFSET_OUT_OF_RANGE
+    assert stubs.fetch("strict", 0, before + 5).error == ErrorCode.OFFSET_OUT_OF_RANGE
     assert stubs.fetch("strict", 0, -1).error == ErrorCode.OFFSET_OUT_OF_RANGE
     assert stubs.fetch("nope", 0, 0).error == ErrorCode.UNKNOWN_TOPIC_OR_PARTITION
     fenced = stubs.broker.Fetch(api_pb2.FetchRequest(partitions=[api_pb2.FetchPartition(
@@ -239,18 +260,19 @@ def test_bad_input_gets_its_error_stores_nothing_and_the_node_keeps_serving(stub
 
 def test_list_offsets_earliest_latest_and_by_time(stubs: Stubs) -> None:
     stubs.create("times")
-    for i in range(3):
-        stubs.produce("times", 0, batch(b"v", timestamp=1000 * (i + 1)))
+    # Timestamps after the leader-change batch's (stamped with the broker's clock at election).
+    t0 = int(time.time() * 1000) + 60_000
+    offsets = [stubs.produce("times", 0, batch(b"v", timestamp=t0 + 1000 * i)).base_offset for i in range(3)]
 
     def lookup(timestamp: int) -> api_pb2.ListOffsetsPartitionResult:
         return stubs.broker.ListOffsets(api_pb2.ListOffsetsRequest(partitions=[
             api_pb2.ListOffsetsPartition(topic="times", partition=0, timestamp=timestamp)])).partitions[0]
 
     assert lookup(-2).offset == 0
-    assert lookup(-1).offset == 3
-    assert (lookup(1500).offset, lookup(1500).timestamp) == (1, 2000)
-    assert lookup(0).offset == 0
-    assert lookup(10_000).offset == 3
+    assert lookup(-1).offset == offsets[-1] + 1
+    assert (lookup(t0 + 500).offset, lookup(t0 + 500).timestamp) == (offsets[1], t0 + 1000)
+    assert lookup(t0).offset == offsets[0]
+    assert lookup(t0 + 10_000).offset == offsets[-1] + 1
 
 
 def test_admin_delete_alter_and_add_partitions(stubs: Stubs) -> None:
@@ -261,6 +283,7 @@ def test_admin_delete_alter_and_add_partitions(stubs: Stubs) -> None:
     assert stubs.produce("gone", 0, batch(b"x")).error == ErrorCode.UNKNOWN_TOPIC_OR_PARTITION
     stubs.create("gone")  # a new topic under the old name starts empty
     assert stubs.read_all("gone", 0) == []
+    assert stubs.latest("gone", 0) <= 1  # at most its leader-change batch
 
     altered = stubs.admin.AlterTopicConfigs(api_pb2.AlterTopicConfigsRequest(
         topic="gone", set={"retention.bytes": "1000000"}))
@@ -278,7 +301,8 @@ def test_admin_delete_alter_and_add_partitions(stubs: Stubs) -> None:
     assert grown.result.error == ErrorCode.NONE
     shrunk = stubs.admin.CreatePartitions(api_pb2.CreatePartitionsRequest(topic="gone", new_total_count=2))
     assert shrunk.result.error == ErrorCode.INVALID_PARTITIONS
-    assert stubs.produce("gone", 2, batch(b"new")).base_offset == 0
+    assert stubs.produce("gone", 2, batch(b"new")).error == ErrorCode.NONE
+    assert [r.value for r in stubs.read_all("gone", 2)] == [b"new"]
 
 
 def test_start_failure_raises_with_the_log_tail(cluster: LocalCluster, tmp_path: Path) -> None:
@@ -302,11 +326,12 @@ def test_sigterm_during_long_poll_exits_cleanly(tmp_path: Path) -> None:
         client = Stubs(local.bootstrap)
         client.create("t")
         assert client.produce("t", 0, batch(b"v")).error == ErrorCode.NONE
+        end = client.latest("t", 0)
         box: dict[str, object] = {}
 
         def poll() -> None:
             try:
-                box["r"] = client.fetch("t", 0, 1, max_wait_ms=25000, min_bytes=1)
+                box["r"] = client.fetch("t", 0, end, max_wait_ms=25000, min_bytes=1)
             except grpc.RpcError as exc:
                 box["r"] = exc
 
@@ -339,7 +364,8 @@ def test_retention_deletes_old_segments_and_moves_the_log_start(tmp_path: Path) 
             time.sleep(0.05)
         start = earliest()
         assert client.fetch("short", 0, 0).error == ErrorCode.OFFSET_OUT_OF_RANGE
-        assert [r.offset for r in client.read_all_from("short", 0, start)][-1] == 19
+        assert [r.value for r in client.read_all_from("short", 0, start)][-1] == b"x" * 300
+        assert client.read_all_from("short", 0, start)[-1].offset == client.latest("short", 0) - 1
     finally:
         client.close()
         local.stop_all()

@@ -142,14 +142,16 @@ class NodeProcess:
         return self
 
     def wait_serving(self, timeout: float = DEFAULT_START_TIMEOUT) -> api_pb2.DescribeClusterResponse:
-        """Poll DescribeCluster until this node answers; raise with the log tail if it dies or hangs."""
+        """Poll DescribeCluster until this node answers with a controller and its metadata
+        (its own registration) applied; raise with the log tail if it dies or hangs."""
         deadline = time.monotonic() + timeout
         while True:
             if not self.running():
                 raise NodeStartError(f"node {self.node_id} exited with {self.returncode} during start-up:\n"
                                      f"{self.log_tail()}")
             answer = probe(self.address, timeout=max(0.1, min(1.0, deadline - time.monotonic())))
-            if answer is not None:
+            if answer is not None and answer.controller_id >= 0 and \
+                    self.node_id in {info.node_id for info in answer.nodes}:
                 return answer
             if time.monotonic() > deadline:
                 self.kill()

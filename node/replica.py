@@ -1,0 +1,375 @@
+"""One Raft group replica on top of a `PartitionLog`: the node's driver for `RaftGroup`.
+
+The core is sans-IO (replication/raft.py); this module supplies what it lacks:
+
+* the log: `RaftLogAdapter` gives `PartitionLog` the `RaftLog` shape (names and the
+  "no epoch" conventions differ slightly);
+* the clock: a timer per replica set to `next_deadline()`, so an idle group costs nothing
+  between its deadlines (no global tick loop over every partition);
+* durability: `Flush` outputs run `PartitionLog.flush` in a worker thread, one at a time per
+  replica; requests arriving meanwhile are covered by the next one (group commit). With
+  ``flush = interval`` the flush is reported at once and a node timer fsyncs later;
+* the quorum state: written atomically to ``quorum-state`` *before* any message of the same
+  output leaves (the core's ordering contract), synchronously on the event loop because it is
+  rare (epoch changes and votes) and tiny;
+* the network: messages go to `send`, which the transport coalesces per destination node.
+
+Every input (receive, tick, propose, flush completion) is followed by `_process`, which applies
+the output; all of it runs on the event loop, so the group is never entered concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+from tidelog.node.config import FlushPolicy
+from tidelog.node.fsutil import atomic_write
+from tidelog.node.storage import PartitionLog
+from tidelog.replication.messages import NO_EPOCH, Message
+from tidelog.replication.raft import (
+    Flush,
+    NotLeaderError,
+    Proposal,
+    QuorumState,
+    RaftConfig,
+    RaftGroup,
+    Role,
+)
+
+log = logging.getLogger(__name__)
+
+QUORUM_STATE_FILE = "quorum-state"
+_NEVER = 1 << 61
+
+
+class RaftLogAdapter:
+    """`PartitionLog` as a `tidelog.replication.log.RaftLog`."""
+
+    __slots__ = ("log",)
+
+    def __init__(self, partition_log: PartitionLog) -> None:
+        self.log = partition_log
+
+    @property
+    def start_offset(self) -> int:
+        return self.log.log_start_offset
+
+    @property
+    def end_offset(self) -> int:
+        return self.log.end_offset
+
+    @property
+    def last_epoch(self) -> int:
+        if self.log.end_offset <= self.log.log_start_offset:
+            return NO_EPOCH
+        return max(self.log.latest_epoch, NO_EPOCH)
+
+    def append(self, batches: bytes, epoch: int) -> tuple[int, int]:
+        result = self.log.append(batches, epoch)
+        return result.base_offset, result.last_offset
+
+    def append_replicated(self, batches: bytes) -> tuple[int, int]:
+        result = self.log.append_replicated(batches)
+        return result.base_offset, result.last_offset
+
+    def read(self, offset: int, max_bytes: int) -> bytes:
+        return self.log.read(offset, max_bytes)
+
+    def truncate_to(self, offset: int) -> int:
+        return self.log.truncate_to(offset)
+
+    def epoch_for(self, offset: int) -> int | None:
+        return self.log.epoch_for(offset)
+
+    def end_offset_for_epoch(self, epoch: int) -> tuple[int, int]:
+        # The core's convention (replication/log.py): (NO_EPOCH, start) when the log holds no
+        # epoch <= ``epoch``; storage answers differently for that case, so compute it here.
+        entries = self.log.epoch_entries
+        found = None
+        for index, entry in enumerate(entries):
+            if entry.epoch <= epoch:
+                found = index
+            else:
+                break
+        if found is None or self.log.end_offset <= self.log.log_start_offset:
+            return NO_EPOCH, self.log.log_start_offset
+        end = entries[found + 1].start_offset if found + 1 < len(entries) else self.log.end_offset
+        return entries[found].epoch, end
+
+    def flush(self) -> int:
+        return self.log.flush()
+
+
+def load_quorum_state(directory: Path) -> QuorumState | None:
+    try:
+        raw = json.loads((directory / QUORUM_STATE_FILE).read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError as exc:
+        raise RuntimeError(f"{directory / QUORUM_STATE_FILE} is damaged: {exc}") from None
+    return QuorumState(int(raw["epoch"]), raw.get("voted_for"), raw.get("leader_id"))
+
+
+def save_quorum_state(directory: Path, state: QuorumState) -> None:
+    body = json.dumps({"version": 0, "epoch": state.epoch, "voted_for": state.voted_for,
+                       "leader_id": state.leader_id})
+    atomic_write(directory, QUORUM_STATE_FILE, body.encode())
+
+
+def raft_config_for(voters: int, election_timeout_ms: int) -> RaftConfig:
+    # A single voter cannot split a vote, so it need not wait a full election timeout before
+    # leading (that wait would be the start-up latency of every single-replica partition).
+    if voters == 1:
+        return RaftConfig.scaled(20)
+    return RaftConfig.scaled(election_timeout_ms)
+
+
+class ReplicaClosed(Exception):
+    pass
+
+
+class NotLeader(Exception):
+    def __init__(self, leader_id: int | None, epoch: int) -> None:
+        super().__init__(f"not the leader (leader {leader_id}, epoch {epoch})")
+        self.leader_id = leader_id
+        self.epoch = epoch
+
+
+class Replica:
+    """Drives one `RaftGroup` whose log is ``partition_log`` in ``directory``."""
+
+    def __init__(self, group_id: str, node_id: int, voters: tuple[int, ...], directory: Path,
+                 partition_log: PartitionLog, send: Callable[[list[Message]], None], flush_policy: str,
+                 election_timeout_ms: int = 1000,
+                 on_role_change: Callable[[Replica], None] | None = None,
+                 on_high_watermark: Callable[[Replica], None] | None = None,
+                 campaign_now: bool = False) -> None:
+        self.group_id = group_id
+        self.node_id = node_id
+        self.directory = directory
+        self.storage = partition_log
+        self._send = send
+        self.flush_policy = flush_policy
+        self._on_role_change = on_role_change
+        self._on_high_watermark = on_high_watermark
+        self._loop = asyncio.get_running_loop()
+        self.closed = False
+        self.failure: BaseException | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = _NEVER
+        self._flush_wanted: Flush | None = None
+        self._flush_task: asyncio.Task[None] | None = None
+        self._proposals: dict[tuple[int, int], asyncio.Future[Proposal]] = {}
+        self._change: asyncio.Future[None] | None = None
+        quorum_state = load_quorum_state(directory)
+        config = raft_config_for(len(voters), election_timeout_ms)
+        start_ms = self._now()
+        if campaign_now and quorum_state is None:
+            # A brand-new group's preferred leader starts as if its election timeout had
+            # already run out, so a new topic gets leaders in a few round trips rather than
+            # after 1-2 election timeouts. Safe: it only moves this replica's first pre-vote
+            # earlier; the other replicas still vote by the usual rules.
+            start_ms -= 2 * config.election_timeout_ms
+        self.group = RaftGroup(
+            group_id, node_id, voters, log=RaftLogAdapter(partition_log), quorum_state=quorum_state,
+            config=config, rng=random.Random(), now_ms=start_ms,
+        )
+        self._process()
+
+    # --- views ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _now() -> int:
+        # Wall-clock milliseconds: the core stamps them into leader-change batches, which the
+        # time index, segment.ms and retention.ms read as record timestamps. The core ignores a
+        # clock that goes back; a jump forward at worst starts an election early.
+        return int(time.time() * 1000)
+
+    @property
+    def role(self) -> Role:
+        return self.group.role
+
+    @property
+    def is_leader(self) -> bool:
+        return self.group.role is Role.LEADER
+
+    @property
+    def epoch(self) -> int:
+        return self.group.epoch
+
+    @property
+    def leader_id(self) -> int | None:
+        return self.group.leader_id
+
+    @property
+    def high_watermark(self) -> int:
+        return self.group.high_watermark
+
+    def wait_change(self) -> asyncio.Future[None]:
+        """Resolved the next time the high watermark or the role changes, or on close."""
+        if self._change is None or self._change.done():
+            self._change = self._loop.create_future()
+        return self._change
+
+    def _notify(self) -> None:
+        if self._change is not None and not self._change.done():
+            self._change.set_result(None)
+        self._change = None
+
+    # --- inputs ---------------------------------------------------------------------------
+
+    def receive(self, message: Message) -> None:
+        if self.closed:
+            return
+        self.group.receive(message)
+        self._process()
+
+    def propose(self, batches: bytes | bytearray) -> tuple[Proposal, asyncio.Future[Proposal]]:
+        """Append as leader; the future resolves when committed, fails with NotLeader if lost."""
+        if self.closed:
+            raise ReplicaClosed(self.group_id)
+        try:
+            proposal = self.group.propose(bytes(batches))
+        except NotLeaderError as exc:
+            raise NotLeader(exc.leader_id, exc.epoch) from None
+        future: asyncio.Future[Proposal] = self._loop.create_future()
+        self._proposals[(proposal.epoch, proposal.base_offset)] = future
+        self._process()
+        return proposal, future
+
+    def _tick(self) -> None:
+        self._timer = None
+        self._timer_at = _NEVER
+        if self.closed:
+            return
+        self.group.tick(self._now())
+        self._process()
+
+    def _flush_completed(self, offset: int, generation: int) -> None:
+        if self.closed:
+            return
+        self.group.flush_completed(offset, generation)
+        self._process()
+
+    # --- output ---------------------------------------------------------------------------
+
+    def _process(self) -> None:
+        try:
+            self._apply(self.group.take_output())
+        except Exception as exc:
+            self._fail(exc)
+
+    def _apply(self, out) -> None:  # type: ignore[no-untyped-def]
+        if out.quorum_state is not None:
+            # Before any message of this output: a vote must be durable before it is sent.
+            save_quorum_state(self.directory, out.quorum_state)
+        changed = False
+        if out.role_changes:
+            changed = True
+            last = out.role_changes[-1]
+            log.info("%s: %s in epoch %d (leader %s)", self.group_id, last.role.value, last.epoch, last.leader_id)
+        if out.high_watermark is not None:
+            changed = True
+        for proposal in out.committed:
+            future = self._proposals.pop((proposal.epoch, proposal.base_offset), None)
+            if future is not None and not future.done():
+                future.set_result(proposal)
+        for proposal in out.failed:
+            future = self._proposals.pop((proposal.epoch, proposal.base_offset), None)
+            if future is not None and not future.done():
+                future.set_exception(NotLeader(self.group.leader_id, self.group.epoch))
+        if out.flush is not None:
+            self._request_flush(out.flush)
+        if out.messages:
+            self._send(out.messages)
+        if changed:
+            self._notify()
+            if out.role_changes and self._on_role_change is not None:
+                self._on_role_change(self)
+            if out.high_watermark is not None and self._on_high_watermark is not None:
+                self._on_high_watermark(self)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        deadline = self.group.next_deadline()
+        if deadline >= _NEVER or self.closed:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer, self._timer_at = None, _NEVER
+            return
+        if self._timer is not None and self._timer_at <= deadline:
+            return  # an earlier timer will fire and reschedule
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = self._loop.call_later(max(deadline + 1 - self._now(), 0) / 1000, self._tick)
+
+    def _request_flush(self, flush: Flush) -> None:
+        if self.flush_policy == FlushPolicy.INTERVAL:
+            # Write caching: count appended bytes as durable now; the node's timer fsyncs.
+            self._loop.call_soon(self._flush_completed, flush.up_to, flush.generation)
+            return
+        self._flush_wanted = flush
+        if self._flush_task is None:
+            self._flush_task = self._loop.create_task(self._flush_loop())
+
+    async def _flush_loop(self) -> None:
+        try:
+            while self._flush_wanted is not None and not self.closed:
+                flush, self._flush_wanted = self._flush_wanted, None
+                flushed = await asyncio.to_thread(self.storage.flush)
+                self._flush_completed(flushed, flush.generation)
+        except Exception as exc:
+            self._fail(exc)
+        finally:
+            self._flush_task = None
+
+    async def flush_now(self) -> None:
+        """fsync what was appended (interval timer and shutdown)."""
+        while self._flush_task is not None:
+            await asyncio.shield(self._flush_task)
+        if not self.closed and self.failure is None:
+            await asyncio.to_thread(self.storage.flush)
+
+    def _fail(self, exc: BaseException) -> None:
+        # A storage failure or a broken invariant: this replica stops serving (DESIGN.md §3:
+        # never carry on in a bad state); the others on the node keep going.
+        log.exception("%s: replica failed and goes offline", self.group_id, exc_info=exc)
+        self.failure = exc
+        self._shutdown_group()
+
+    def _shutdown_group(self) -> None:
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for future in self._proposals.values():
+            if not future.done():
+                future.set_exception(ReplicaClosed(self.group_id))
+        self._proposals.clear()
+        self._notify()
+
+    async def close(self, resign: bool = True) -> None:
+        """Hand leadership over (so the others elect at once), flush, close the log."""
+        if not self.closed and resign and self.group.role is Role.LEADER:
+            try:
+                self.group.resign()
+                self._process()
+            except Exception:
+                log.exception("%s: resign failed", self.group_id)
+        self._shutdown_group()
+        if self._flush_task is not None:
+            try:
+                await asyncio.shield(self._flush_task)
+            except Exception:
+                pass
+        try:
+            await asyncio.to_thread(self.storage.close)
+        except Exception:
+            log.exception("%s: close failed", self.group_id)

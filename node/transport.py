@@ -1,0 +1,274 @@
+"""Raft messages between nodes: one long-lived gRPC stream per (sender, receiver) pair.
+
+Every group's messages for a peer — partition replicas and the metadata quorum alike — go into
+that peer's queue; the sender task drains the queue into one `Envelope` per write, so many
+groups' fetches and answers share one HTTP/2 message (DESIGN.md §4). Raft tolerates loss, so a
+broken stream simply drops what was queued and reconnects with backoff; nothing here retries a
+message. Arriving envelopes also mark the peer alive, which is the node's liveness signal.
+
+Envelopes also carry the partitions the sender leads (`LeaderEntry`), in full whenever they
+change, so every node can route clients for partitions it does not host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from dataclasses import fields
+from typing import Any, AsyncIterator, Callable, Mapping
+
+import grpc
+
+from tidelog.proto import replication_pb2 as pb
+from tidelog.proto import replication_pb2_grpc
+from tidelog.replication.messages import (
+    BeginQuorumEpoch,
+    EndQuorumEpoch,
+    FetchError,
+    FetchRequest,
+    FetchResponse,
+    Message,
+    VoteRequest,
+    VoteResponse,
+)
+
+log = logging.getLogger(__name__)
+
+_KINDS: Mapping[type, str] = {
+    VoteRequest: "vote_request",
+    VoteResponse: "vote_response",
+    BeginQuorumEpoch: "begin_quorum_epoch",
+    EndQuorumEpoch: "end_quorum_epoch",
+    FetchRequest: "fetch_request",
+    FetchResponse: "fetch_response",
+}
+_CLASSES: Mapping[str, type] = {kind: cls for cls, kind in _KINDS.items()}
+_FIELDS: Mapping[type, tuple[str, ...]] = {cls: tuple(f.name for f in fields(cls)) for cls in _KINDS}
+_OPTIONAL = frozenset({"leader_id"})
+_REPEATED = frozenset({"preferred_successors"})
+MAX_QUEUE = 100_000
+# A peer counts as alive while it sent us something this recently (its fetches long-poll for
+# at most the Raft fetch wait, so a live voter writes at least that often).
+ALIVE_WINDOW_S = 3.0
+HEARTBEAT_S = 0.5
+
+
+def to_proto(message: Message) -> pb.RaftMessage:
+    cls = type(message)
+    out = pb.RaftMessage()
+    sub = getattr(out, _KINDS[cls])
+    for name in _FIELDS[cls]:
+        value = getattr(message, name)
+        if value is None:
+            continue
+        if isinstance(value, enum.Enum):
+            value = value.value
+        if name in _REPEATED:
+            getattr(sub, name).extend(value)
+        else:
+            setattr(sub, name, value)
+    return out
+
+
+def from_proto(message: pb.RaftMessage) -> Message:
+    kind = message.WhichOneof("kind")
+    if kind is None:
+        raise ValueError("empty Raft message")
+    cls = _CLASSES[kind]
+    sub = getattr(message, kind)
+    values: dict[str, Any] = {}
+    for name in _FIELDS[cls]:
+        if name in _OPTIONAL:
+            values[name] = getattr(sub, name) if sub.HasField(name) else None
+        elif name in _REPEATED:
+            values[name] = tuple(getattr(sub, name))
+        elif name == "error":
+            values[name] = FetchError(sub.error)
+        else:
+            values[name] = getattr(sub, name)
+    return cls(**values)  # type: ignore[no-any-return]
+
+
+class _Peer:
+    def __init__(self, node_id: int, address: str) -> None:
+        self.node_id = node_id
+        self.address = address
+        self.queue: list[pb.RaftMessage] = []
+        self.wakeup = asyncio.Event()
+        self.send_leaders = True
+        self.task: asyncio.Task[None] | None = None
+        self.connected = False
+
+
+class Transport:
+    def __init__(self, node_id: int, deliver: Callable[[Message], None],
+                 local_leaders: Callable[[], dict[str, int]], max_message_bytes: int) -> None:
+        self.node_id = node_id
+        self._deliver = deliver
+        self._local_leaders = local_leaders
+        self._max_message_bytes = max_message_bytes
+        self._peers: dict[int, _Peer] = {}
+        self._last_seen: dict[int, float] = {}
+        # What each peer told us it leads: {peer: {group_id: epoch}}.
+        self.remote_leaders: dict[int, dict[str, int]] = {}
+        self._closing = False
+
+    # --- peers ----------------------------------------------------------------------------
+
+    def set_peers(self, addresses: Mapping[int, str]) -> None:
+        """Open streams to new peers (or moved ones); close streams to peers that went away."""
+        for node_id, address in addresses.items():
+            if node_id == self.node_id:
+                continue
+            peer = self._peers.get(node_id)
+            if peer is not None and peer.address == address:
+                continue
+            if peer is not None and peer.task is not None:
+                peer.task.cancel()
+            peer = self._peers[node_id] = _Peer(node_id, address)
+            peer.task = asyncio.get_running_loop().create_task(self._run(peer))
+        for node_id in [n for n in self._peers if n not in addresses]:
+            peer = self._peers.pop(node_id)
+            if peer.task is not None:
+                peer.task.cancel()
+
+    def alive(self, node_id: int) -> bool:
+        if node_id == self.node_id:
+            return True
+        seen = self._last_seen.get(node_id)
+        return seen is not None and asyncio.get_running_loop().time() - seen < ALIVE_WINDOW_S
+
+    def leaders_changed(self) -> None:
+        for peer in self._peers.values():
+            peer.send_leaders = True
+            peer.wakeup.set()
+
+    # --- sending --------------------------------------------------------------------------
+
+    def send(self, messages: list[Message]) -> None:
+        for message in messages:
+            peer = self._peers.get(message.dst)
+            if peer is None:
+                continue  # unknown node: Raft will retry once the peer is known
+            if len(peer.queue) >= MAX_QUEUE:
+                peer.queue.clear()  # the peer is not draining; Raft resends what matters
+            peer.queue.append(to_proto(message))
+            peer.wakeup.set()
+
+    async def _envelopes(self, peer: _Peer) -> AsyncIterator[pb.Envelope]:
+        while not self._closing:
+            try:
+                # An idle pair still exchanges an empty envelope now and then: it is the
+                # liveness signal between nodes that share no busy group.
+                await asyncio.wait_for(peer.wakeup.wait(), HEARTBEAT_S)
+            except asyncio.TimeoutError:
+                pass
+            peer.wakeup.clear()
+            envelope = pb.Envelope(src=self.node_id)
+            if peer.send_leaders:
+                peer.send_leaders = False
+                envelope.leaders_complete = True
+                envelope.leaders.extend(pb.LeaderEntry(group_id=g, epoch=e)
+                                        for g, e in self._local_leaders().items())
+            queued, peer.queue = peer.queue, []
+            # Keep each write under the gRPC message limit; records dominate the size.
+            budget = self._max_message_bytes // 2
+            size = 0
+            for index, message in enumerate(queued):
+                size += message.ByteSize()
+                if size > budget and index > 0:
+                    peer.queue = queued[index:] + peer.queue
+                    peer.wakeup.set()
+                    queued = queued[:index]
+                    break
+            envelope.messages.extend(queued)
+            yield envelope
+
+    async def _run(self, peer: _Peer) -> None:
+        backoff = 0.05
+        options = [("grpc.max_send_message_length", self._max_message_bytes),
+                   ("grpc.max_receive_message_length", self._max_message_bytes),
+                   ("grpc.keepalive_time_ms", 10000)]
+        while not self._closing:
+            channel = grpc.aio.insecure_channel(peer.address, options=options)
+            try:
+                stub = replication_pb2_grpc.ReplicationStub(channel)
+                peer.send_leaders = True
+                peer.wakeup.set()
+                call = stub.Stream(self._envelopes(peer))
+                peer.connected = True
+                async for _ in call:
+                    pass
+            except asyncio.CancelledError:
+                raise
+            except grpc.RpcError as exc:
+                if peer.connected:
+                    log.debug("stream to node %d (%s) broke: %s", peer.node_id, peer.address, exc.code())
+            except Exception:
+                log.exception("stream to node %d failed", peer.node_id)
+            finally:
+                peer.connected = False
+                peer.queue.clear()
+                await channel.close(grace=None)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
+
+    # --- receiving ------------------------------------------------------------------------
+
+    def on_envelope(self, envelope: pb.Envelope) -> None:
+        self._last_seen[envelope.src] = asyncio.get_running_loop().time()
+        if envelope.leaders_complete:
+            self.remote_leaders[envelope.src] = {e.group_id: e.epoch for e in envelope.leaders}
+        for raw in envelope.messages:
+            try:
+                message = from_proto(raw)
+            except Exception:
+                log.warning("dropping a malformed Raft message from node %d", envelope.src)
+                continue
+            if message.dst != self.node_id:
+                continue
+            try:
+                self._deliver(message)
+            except Exception:
+                log.exception("delivering %s from node %d failed", type(message).__name__, envelope.src)
+
+    def remote_leader(self, group_id: str) -> tuple[int, int] | None:
+        """(node, epoch) of the newest leader any peer claims for ``group_id``."""
+        best: tuple[int, int] | None = None
+        for node_id, leaders in self.remote_leaders.items():
+            epoch = leaders.get(group_id)
+            if epoch is not None and (best is None or epoch > best[1]) and self.alive(node_id):
+                best = (node_id, epoch)
+        return best
+
+    async def close(self) -> None:
+        # Give queued messages (a resigning leader's EndQuorumEpoch) a moment to leave.
+        deadline = asyncio.get_running_loop().time() + 0.3
+        while any(p.queue and p.connected for p in self._peers.values()):
+            if asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.01)
+        self._closing = True
+        tasks = [p.task for p in self._peers.values() if p.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._peers.clear()
+
+
+class ReplicationService(replication_pb2_grpc.ReplicationServicer):
+    def __init__(self, transport: Transport, register: Callable[[pb.RegisterRequest], Any]) -> None:
+        self.transport = transport
+        self._register = register
+
+    async def Stream(self, request_iterator: AsyncIterator[pb.Envelope], context: grpc.aio.ServicerContext
+                     ) -> AsyncIterator[pb.Envelope]:
+        async for envelope in request_iterator:
+            self.transport.on_envelope(envelope)
+        return
+        yield  # pragma: no cover - makes this a response stream that never sends
+
+    async def Register(self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext
+                       ) -> pb.RegisterResponse:
+        return await self._register(request)  # type: ignore[no-any-return]
