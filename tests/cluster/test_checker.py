@@ -99,19 +99,57 @@ def test_lost_write_names_the_earlier_read_of_a_value_that_later_vanished() -> N
     assert anomaly.records[1].consumer == "c"
 
 
-def test_lost_write_by_jepsens_rule_when_a_later_offset_was_read() -> None:
-    # The final read is incomplete, but offset 2 was read while acknowledged offset 1 never was.
+def test_lost_write_by_jepsens_rule_when_a_read_went_past_it() -> None:
+    # The final read is incomplete, but consumer c1 went from offset 0 to offset 2 while nothing
+    # ever returned acknowledged offset 1 (so it is no poll-skip: no read shows 1 held a record).
     sends = [send("a", 0, 0), send("b", 0, 1), send("c", 0, 2)]
-    history = [*sends, poll("c1", 0, [(0, "a")]), event("seek", "c1", [("t", 0)], 2),
-               poll("c1", 0, [(2, "c")]), final(0, [(0, "a"), (2, "c")], complete=False)]
+    history = [*sends, poll("c1", 0, [(0, "a")]), poll("c1", 0, [(2, "c")]),
+               final(0, [(0, "a"), (2, "c")], complete=False)]
     anomaly = only(check(history), K.LOST_WRITE)
-    assert anomaly.details["rule"] == "later-offset-read"
+    assert anomaly.details["rule"] == "read-past"
     sent, later = anomaly.records
     assert (sent.value, sent.offset) == ("b", 1)
-    assert (later.source, later.value, later.offset, later.consumer) == (Source.POLL, "c", 2, "c1")
+    assert later.source == Source.FINAL_READ and (later.value, later.offset) == ("c", 2)
 
+    # Without the final read going past it, the consumer's step from 0 to 2 proves it.
+    history[-1] = final(0, [(0, "a")], complete=False)
+    kinds_found = check(history)
+    assert kinds(kinds_found) == {K.LOST_WRITE, K.UNSEEN}  # c: polled, not in the final read
+    (lost,) = kinds_found.anomalies[K.LOST_WRITE]
+    assert [(r.source, r.offset, r.consumer) for r in lost.records] == [
+        (Source.SEND, 1, None), (Source.POLL, 2, "c1")]
+
+    # (Had b been read, the consumer's step over it would be a poll-skip instead.)
+    history[3] = poll("c1", 0, [(0, "a"), (1, "b")])
     history[-1] = final(0, [(0, "a"), (1, "b"), (2, "c")], complete=False)
     assert_valid(check(history))
+
+
+def test_read_past_looks_at_every_earlier_step_not_only_the_nearest() -> None:
+    # c1 stepped from 0 to 10 (over acknowledged 8); c2's later-starting step 5 -> 6 does not
+    # reach 8, and must not hide c1's.
+    sends = [send("a", 0, 0), send("f", 0, 5), send("g", 0, 6), send("x", 0, 8),
+             send("k", 0, 10)]
+    history = [*sends, poll("c1", 0, [(0, "a"), (10, "k")]),
+               event("seek", "c2", [("t", 0)], 5), poll("c2", 0, [(6, "g")]),
+               final(0, [(0, "a"), (5, "f"), (6, "g"), (10, "k")], complete=False)]
+    verdict = check(history)
+    # f at 5 was jumped over by c2 (seek to 5, then 6) and by c1: poll-skips; x at 8 is lost.
+    assert kinds(verdict) == {K.LOST_WRITE, K.POLL_SKIP}
+    (lost,) = verdict.anomalies[K.LOST_WRITE]
+    assert lost.details["value"] == "x"
+    history[-1] = final(0, [(0, "a"), (5, "f"), (6, "g")], complete=False)
+    (lost,) = check(history).anomalies[K.LOST_WRITE]
+    assert (lost.records[1].consumer, lost.records[1].offset) == ("c1", 10)
+
+
+def test_a_consumer_that_sought_past_a_record_does_not_prove_it_lost() -> None:
+    sends = [send("a", 0, 0), send("b", 0, 1), send("c", 0, 2)]
+    history = [*sends, poll("c1", 0, [(0, "a")]), event("seek", "c1", [("t", 0)], 2),
+               poll("c1", 0, [(2, "c")]), final(0, [(0, "a")], complete=False)]
+    verdict = check(history)
+    assert kinds(verdict) == {K.UNSEEN}
+    assert {a.details["value"] for a in verdict.anomalies[K.UNSEEN]} == {"b", "c"}
 
 
 def test_unseen_is_not_lost_when_the_final_read_is_incomplete() -> None:
