@@ -10,6 +10,10 @@ a flush completing, a fault, a proposal); the invariants are checked as each ste
 applied:
 
 * election safety: at most one leader per epoch, and no voter grants two votes in one epoch;
+* durable before visible: no message carries an epoch, and no vote is granted, that the sender
+  has not persisted (the driver contract of `RaftGroup`);
+* the commit rule: the leader's HW moves only through an entry of its epoch and only to an
+  offset flushed on a majority of the voters;
 * log matching: two batches with the same (base offset, epoch) end identical prefixes;
 * leader completeness: every new leader holds the whole committed prefix;
 * committed prefix: no node ever writes something else at, or truncates, a committed offset;
@@ -37,7 +41,7 @@ from dataclasses import dataclass, field
 
 from tidelog.proto.records import Record, encode_batch
 from tidelog.replication.log import MemoryLog
-from tidelog.replication.messages import Message, VoteResponse
+from tidelog.replication.messages import Message, VoteRequest, VoteResponse
 from tidelog.replication.raft import (
     MembershipChangeError,
     NotLeaderError,
@@ -88,6 +92,9 @@ class SimConfig:
     propose_interval_ms: int = 12
     observers: int = 1
     liveness_bound_ms: int = 40 * 100
+    # Check the rules that safety rests on directly (durable-before-visible, the commit rule),
+    # not only their consequences; off, only the consequences are checked.
+    direct_checks: bool = True
     bugs: tuple[str, ...] = ()
 
     def raft_config(self, max_fetch_bytes: int) -> RaftConfig:
@@ -165,6 +172,13 @@ class SimLog(MemoryLog):
             super().crash(rng, tear=tear)
         finally:
             self._recovering = False
+
+    def durable_chain_at(self, end_offset: int) -> int | None:
+        """Like `chain_at`, but only if that prefix is flushed."""
+        index = bisect.bisect_left(self._nexts, end_offset)
+        if index < self._synced and self._nexts[index] == end_offset:
+            return self.chain[index]
+        return None
 
     def durable_key(self) -> tuple[int, int]:
         """(last epoch, end offset) of the flushed prefix: what a crash now would leave at least."""
@@ -296,10 +310,24 @@ class Simulation:
         if out.flush is not None:
             self._push(now + self.rng.randint(0, self.config.max_flush_ms), _FLUSH, node, (node.incarnation, out.flush))
         granted_vote = False
+        persisted = node.persisted
+        direct = self.config.direct_checks
         for message in out.messages:
             self._send(message)
+            if direct and message.epoch > persisted.epoch and not (type(message) is VoteRequest and message.pre_vote):
+                raise Violation(
+                    "durable before visible",
+                    f"node {node.node_id} sent {type(message).__name__} of epoch {message.epoch} while its "
+                    f"durable epoch is {persisted.epoch}",
+                )
             if type(message) is VoteResponse and message.granted and not message.pre_vote:
                 granted_vote = True
+                if direct and (persisted.epoch, persisted.voted_for) != (message.epoch, message.dst):
+                    raise Violation(
+                        "durable before visible",
+                        f"node {node.node_id} granted its epoch-{message.epoch} vote to {message.dst} "
+                        f"before persisting it (durable: {persisted})",
+                    )
                 voted = self.votes.setdefault((node.node_id, message.epoch), message.dst)
                 if voted != message.dst:
                     raise Violation(
@@ -357,7 +385,28 @@ class Simulation:
             ends.append(log._nexts[index])
             self.committed_chain.append(log.chain[index])
         if node.role is Role.LEADER:
+            if self.config.direct_checks:
+                self._check_commit_rule(node, hw, chain_id)
             self._check_electable(node, hw, chain_id)
+
+    def _check_commit_rule(self, leader: _Node, hw: int, chain_id: int) -> None:
+        """Raft §5.4.2 and DESIGN §4: the leader's HW moves only through an entry of its own
+        epoch, and only to an offset durable on a majority of the voters (with the same prefix)."""
+        group = leader.group
+        assert group is not None
+        if leader.log.epoch_for(hw - 1) != group.epoch:
+            raise Violation(
+                "commit rule",
+                f"leader {leader.node_id} of epoch {group.epoch} advanced its HW to {hw} through an entry "
+                f"of epoch {leader.log.epoch_for(hw - 1)}",
+            )
+        voters = group.voters
+        durable = sum(1 for v in voters if v in self.nodes and self.nodes[v].log.durable_chain_at(hw) == chain_id)
+        if durable < len(voters) // 2 + 1:
+            raise Violation(
+                "commit rule",
+                f"leader {leader.node_id} advanced its HW to {hw}, durable on only {durable} of voters {voters}",
+            )
 
     def _check_electable(self, leader: _Node, hw: int, chain_id: int) -> None:
         """Leader completeness, checked ahead of time (the argument of Raft §5.4.3).
