@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from bisect import bisect_left, bisect_right
 from collections import defaultdict
@@ -240,7 +241,8 @@ def check(history: Iterable[Op]) -> Verdict:
     return state.verdict()
 
 
-def check_file(path: str) -> Verdict:
+def check_file(path: str | os.PathLike[str]) -> Verdict:
+    """Check a JSON-lines history file, streaming it (the file is never held in memory)."""
     return check(iter_history(path))
 
 

@@ -572,11 +572,14 @@ def _consecutive_polls(history: list[Op]) -> tuple[int, int] | None:
 
 
 @pytest.mark.bench
-def test_bench_a_million_op_history() -> None:
-    """Not a timed assertion: prints how long a large generated history takes to check."""
+def test_bench_a_million_op_history(tmp_path) -> None:
+    """Not a timed assertion: prints how long a large generated history takes to check, from
+    memory and from its JSON-lines file (run with -m bench -s)."""
     import time
 
-    rnd = random.Random(8)
+    from tidelog.cluster.checker import check_file
+    from tidelog.cluster.history import write_history
+
     ops: list[Op] = []
     offsets: dict[int, int] = defaultdict(int)
     positions: dict[tuple[int, int], int] = defaultdict(int)
@@ -597,5 +600,13 @@ def test_bench_a_million_op_history() -> None:
     ops += [final(p, logs[p]) for p in range(16)]
     began = time.perf_counter()
     verdict = check(ops)
-    print(f"\n{len(ops)} ops checked in {time.perf_counter() - began:.1f} s")
+    print(f"\n{len(ops)} ops checked in memory in {time.perf_counter() - began:.1f} s")
     assert verdict.valid
+    path = tmp_path / "history.jsonl"
+    write_history(ops, path)
+    del ops
+    began = time.perf_counter()
+    verdict = check_file(path)
+    print(f"read and checked from {path.stat().st_size >> 20} MiB in "
+          f"{time.perf_counter() - began:.1f} s")
+    assert verdict.valid and verdict.stats.acknowledged == 700_000
