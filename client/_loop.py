@@ -66,3 +66,24 @@ class LoopThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         if not self.in_loop_thread():
             self.thread.join()
+
+
+async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:
+    """Wait for ``event`` up to ``timeout`` seconds; True if it was set.
+
+    Uses `asyncio.timeout` rather than `asyncio.wait_for`, which on Python 3.11 can swallow a
+    cancellation that arrives as the event is set, leaving a task that will not stop.
+    """
+    if event.is_set():
+        return True
+    if timeout is None:
+        await event.wait()
+        return True
+    if timeout <= 0:
+        return False
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+        return True
+    except TimeoutError:
+        return False

@@ -261,10 +261,7 @@ class Metadata:
                         ErrorCode.UNKNOWN_SERVER_ERROR, describe_rpc_error(exc, address)
                     ) from None
                 failures.append(describe_rpc_error(exc, address))
-        raise ClusterUnreachableError(
-            f"no node answered the {what}: " + "; ".join(failures)
-            + " — is the cluster running? (check --bootstrap / TIDELOG_BOOTSTRAP)"
-        )
+        raise ClusterUnreachableError(f"no node answered the {what} ({'; '.join(failures)})")
 
     async def refresh(self) -> ClusterSnapshot:
         """Fetch metadata now (concurrent callers share one request)."""

@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Mapping, Se
 
 import grpc
 
-from tidelog.client._loop import LoopThread
+from tidelog.client._loop import LoopThread, wait_event
 from tidelog.client.connection import (
     ClusterUnreachableError,
     Connections,
@@ -300,8 +300,10 @@ class AsyncConsumer:
         hw = self._state(tp).high_watermark
         return hw if hw >= 0 else None
 
-    async def partitions_for_topic(self, topic: str) -> set[int]:
-        snapshot = await self.metadata.wait_for_topics([topic], self.api_timeout)
+    async def partitions_for_topic(self, topic: str, timeout: float | None = None) -> set[int]:
+        snapshot = await self.metadata.wait_for_topics(
+            [topic], self.api_timeout if timeout is None else timeout
+        )
         return set(range(snapshot.partition_count(topic) or 0))
 
     async def topics(self) -> set[str]:
@@ -673,11 +675,8 @@ class AsyncConsumer:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return []
-            try:
-                # Wake at least every backoff to resend fetches that were backing off.
-                await asyncio.wait_for(event.wait(), min(remaining, max(self.retry_backoff, 0.05)))
-            except asyncio.TimeoutError:
-                pass
+            # Wake at least every backoff to resend fetches that were backing off.
+            await wait_event(event, min(remaining, max(self.retry_backoff, 0.05)))
 
     async def getmany(self, timeout_ms: float = 0, max_records: int | None = None) -> dict[TopicPartition, list[ConsumerRecord]]:
         """`poll`, grouped by partition (aiokafka's name)."""
@@ -813,8 +812,8 @@ class Consumer:
     def highwater(self, tp: TopicPartition) -> int | None:
         return self._call(lambda: self._core.highwater(tp))
 
-    def partitions_for_topic(self, topic: str) -> set[int]:
-        return self._thread.run(self._core.partitions_for_topic(topic))
+    def partitions_for_topic(self, topic: str, timeout: float | None = None) -> set[int]:
+        return self._thread.run(self._core.partitions_for_topic(topic, timeout))
 
     def topics(self) -> set[str]:
         return self._thread.run(self._core.topics())

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import grpc
 
-from tidelog.client._loop import LoopThread
+from tidelog.client._loop import LoopThread, wait_event
 from tidelog.client.accumulator import (
     BufferExhausted,
     ProducerBatch,
@@ -203,6 +203,7 @@ class AsyncProducer:
         self._in_flight: dict[int, int] = {}
         self._requests: set[asyncio.Task[None]] = set()
         self._closing = False
+        self._stopping = False
         self._closed = False
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -241,10 +242,7 @@ class AsyncProducer:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise TidelogError(ErrorCode.REQUEST_TIMED_OUT, f"flush did not finish in {timeout} s")
-            try:
-                await asyncio.wait_for(event.wait(), remaining)
-            except asyncio.TimeoutError:
-                pass
+            await wait_event(event, remaining)
 
     async def close(self, timeout: float | None = None) -> None:
         """Deliver what is queued (up to ``timeout`` seconds, default: the delivery timeout)."""
@@ -260,11 +258,13 @@ class AsyncProducer:
             error = TidelogError(ErrorCode.REQUEST_TIMED_OUT, "the producer was closed before delivery")
             for batch in self.accumulator.abort_all():
                 self._fail_handles(batch, error)
-            self._sender.cancel()
+            self._stopping = True
+            self._wake_sender()
+            await self._sender
             requests = list(self._requests)
             for task in requests:
                 task.cancel()
-            await asyncio.gather(self._sender, *requests, return_exceptions=True)
+            await asyncio.gather(*requests, return_exceptions=True)
         self.accumulator.closed = True
         self._closed = True
         await self.connections.close()
@@ -356,10 +356,7 @@ class AsyncProducer:
                         f"no buffer memory became free within max_block_ms="
                         f"{self.max_block * 1000:.0f}",
                     )
-                try:
-                    await asyncio.wait_for(event.wait(), remaining)
-                except asyncio.TimeoutError:
-                    pass
+                await wait_event(event, remaining)
             if result.wake_sender:
                 self._wake_sender()
         except TidelogError as exc:
@@ -379,8 +376,11 @@ class AsyncProducer:
         future = await self.send(topic, value, key, headers, partition, timestamp)
         return await future
 
-    async def partitions_for(self, topic: str) -> list[int]:
-        snapshot = await self.metadata.wait_for_topics([topic], self.max_block)
+    async def partitions_for(self, topic: str, timeout: float | None = None) -> list[int]:
+        """The partition numbers of ``topic``, waiting up to ``timeout`` s (max_block_ms) for it."""
+        snapshot = await self.metadata.wait_for_topics(
+            [topic], self.max_block if timeout is None else timeout
+        )
         return list(range(snapshot.partition_count(topic) or 0))
 
     # --- the sender ----------------------------------------------------------------------------
@@ -399,7 +399,7 @@ class AsyncProducer:
 
     async def _run_sender(self) -> None:
         assert self._wake is not None and self._loop is not None
-        while True:
+        while not self._stopping:
             self._wake.clear()
             now = time.monotonic()
             for batch in self.accumulator.expire(now):
@@ -435,10 +435,7 @@ class AsyncProducer:
             if timeout == 0.0:
                 await asyncio.sleep(0)
                 continue
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
-            except asyncio.TimeoutError:
-                pass
+            await wait_event(self._wake, timeout)
 
     def _split_by_size(self, batches: list[ProducerBatch]) -> list[list[ProducerBatch]]:
         for batch in batches:
@@ -511,6 +508,15 @@ class AsyncProducer:
                         TidelogError(result.error, result.error_message or f"producing to {batch.tp}"),
                     )
         except asyncio.CancelledError:
+            # A forced close: the outcome is unknown, and the future must say so.
+            error = TidelogError(
+                ErrorCode.REQUEST_TIMED_OUT,
+                "the producer was closed while the request was in flight; the records may or may "
+                "not have been written",
+            )
+            for batch in batches:
+                self.accumulator.complete(batch)
+                self._fail_handles(batch, error)
             raise
         except Exception as exc:  # a bug must still reach the futures, not vanish in a task
             log.exception("producer request failed")
@@ -634,8 +640,8 @@ class Producer:
     def flush(self, timeout: float | None = None) -> None:
         self._thread.run(self._core.flush(timeout))
 
-    def partitions_for(self, topic: str) -> list[int]:
-        return self._thread.run(self._core.partitions_for(topic))
+    def partitions_for(self, topic: str, timeout: float | None = None) -> list[int]:
+        return self._thread.run(self._core.partitions_for(topic, timeout))
 
     def close(self, timeout: float | None = None) -> None:
         if self._closed:
