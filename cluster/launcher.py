@@ -34,8 +34,6 @@ STATE_FILE = "cluster.json"
 DEFAULT_DATA_DIR = "./tidelog-data"
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
-# Until replicated partitions land, a launcher cluster is a single node.
-MAX_NODES_WITHOUT_REPLICATION = 1
 
 
 class LauncherError(TidelogError):
@@ -195,10 +193,6 @@ def up(cluster_dir: Path, nodes: int = 3, base_port: int = DEFAULT_PORT, timeout
        ) -> list[LocalNode]:
     if nodes < 1:
         raise LauncherError("--nodes must be at least 1")
-    if nodes > MAX_NODES_WITHOUT_REPLICATION:
-        raise LauncherError(
-            f"--nodes {nodes}: multi-node clusters need replicated partitions, which have not landed yet; "
-            "use --nodes 1")
     cluster_dir = cluster_dir.resolve()
     if (cluster_dir / STATE_FILE).exists():
         existing = load_nodes(cluster_dir)
@@ -295,6 +289,8 @@ def status(cluster_dir: Path) -> dict[str, Any]:
         if answer is None:
             continue
         controller = answer.controller_id
+        if controller in leader_of:
+            leader_of[controller].append("__cluster_metadata-0")
         for topic in answer.topics:
             for partition in topic.partitions:
                 if partition.leader_id in leader_of:

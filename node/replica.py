@@ -227,7 +227,7 @@ class Replica:
     def receive(self, message: Message) -> None:
         if self.closed:
             return
-        self.group.receive(message)
+        self.group.receive(message, self._now())
         self._process()
 
     def propose(self, batches: bytes | bytearray) -> tuple[Proposal, asyncio.Future[Proposal]]:
@@ -235,7 +235,7 @@ class Replica:
         if self.closed:
             raise ReplicaClosed(self.group_id)
         try:
-            proposal = self.group.propose(bytes(batches))
+            proposal = self.group.propose(bytes(batches), self._now())
         except NotLeaderError as exc:
             raise NotLeader(exc.leader_id, exc.epoch) from None
         future: asyncio.Future[Proposal] = self._loop.create_future()
@@ -254,7 +254,7 @@ class Replica:
     def _flush_completed(self, offset: int, generation: int) -> None:
         if self.closed:
             return
-        self.group.flush_completed(offset, generation)
+        self.group.flush_completed(offset, generation, self._now())
         self._process()
 
     # --- output ---------------------------------------------------------------------------

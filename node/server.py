@@ -86,6 +86,10 @@ class Node:
         self._tasks: list[asyncio.Task[None]] = []
         self._controller_changed = asyncio.Event()
         self._admin_channels: dict[str, grpc.aio.Channel] = {}
+        self._replication_service: ReplicationService | None = None
+        # Client requests in progress (produce and fetch), which a graceful stop lets finish.
+        self.inflight = 0
+        self._idle = asyncio.Event()
         self.port = 0
 
     # --- views used by the services ---------------------------------------------------------
@@ -117,6 +121,14 @@ class Node:
 
     def topic_configs(self, topic: TopicImage) -> Mapping[str, str]:
         return MappingProxyType({**self.config.topic_config_defaults, **topic.configs})
+
+    def request_started(self) -> None:
+        self.inflight += 1
+
+    def request_finished(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self._idle.set()
 
     def shutdown_signal(self) -> asyncio.Future[None]:
         assert self._shutdown is not None
@@ -226,8 +238,8 @@ class Node:
         server = grpc.aio.server(options=options)
         api_pb2_grpc.add_BrokerServicer_to_server(BrokerService(self), server)
         api_pb2_grpc.add_AdminServicer_to_server(AdminService(self), server)
-        replication_pb2_grpc.add_ReplicationServicer_to_server(ReplicationService(self.transport, self.register),
-                                                               server)
+        self._replication_service = ReplicationService(self.transport, self.register)
+        replication_pb2_grpc.add_ReplicationServicer_to_server(self._replication_service, server)
         try:
             self.port = server.add_insecure_port(str(config.listen))
         except RuntimeError as exc:
@@ -257,9 +269,20 @@ class Node:
             self._shutdown.set_result(None)
         for task in self._tasks:
             task.cancel()
+        # In-flight produce and fetch requests finish (long-polls were just woken; new produces
+        # are refused) while replication still runs, so acks=all ones can still commit.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.shutdown_grace_ms / 1000
+        while self.inflight > 0 and loop.time() < deadline:
+            self._idle.clear()
+            try:
+                await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                break
+        if self._replication_service is not None:
+            self._replication_service.cancel_streams()
         if self._server is not None:
-            # In-flight requests finish (long-polls were just woken); new ones are refused.
-            await self._server.stop(self.config.shutdown_grace_ms / 1000)
+            await self._server.stop(0.5)
         # Leaders resign so the other replicas elect at once instead of after a timeout.
         await self.partitions.close_all()
         await self.quorum.close()

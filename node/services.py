@@ -77,6 +77,13 @@ class BrokerService(api_pb2_grpc.BrokerServicer):
 
     async def Produce(self, request: api_pb2.ProduceRequest, context: grpc.aio.ServicerContext
                       ) -> api_pb2.ProduceResponse:
+        self.node.request_started()
+        try:
+            return await self._produce(request)
+        finally:
+            self.node.request_finished()
+
+    async def _produce(self, request: api_pb2.ProduceRequest) -> api_pb2.ProduceResponse:
         node = self.node
         image = node.image
         acks = request.acks
@@ -151,6 +158,13 @@ class BrokerService(api_pb2_grpc.BrokerServicer):
 
     async def Fetch(self, request: api_pb2.FetchRequest, context: grpc.aio.ServicerContext
                     ) -> api_pb2.FetchResponse:
+        self.node.request_started()
+        try:
+            return await self._fetch(request)
+        finally:
+            self.node.request_finished()
+
+    async def _fetch(self, request: api_pb2.FetchRequest) -> api_pb2.FetchResponse:
         node = self.node
         loop = asyncio.get_running_loop()
         max_wait = min(max(request.max_wait_ms, 0), node.config.fetch_max_wait_ms_limit) / 1000

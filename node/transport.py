@@ -261,13 +261,26 @@ class ReplicationService(replication_pb2_grpc.ReplicationServicer):
     def __init__(self, transport: Transport, register: Callable[[pb.RegisterRequest], Any]) -> None:
         self.transport = transport
         self._register = register
+        self._streams: set[asyncio.Task[Any]] = set()
 
     async def Stream(self, request_iterator: AsyncIterator[pb.Envelope], context: grpc.aio.ServicerContext
                      ) -> AsyncIterator[pb.Envelope]:
-        async for envelope in request_iterator:
-            self.transport.on_envelope(envelope)
+        task = asyncio.current_task()
+        if task is not None:
+            self._streams.add(task)
+        try:
+            async for envelope in request_iterator:
+                self.transport.on_envelope(envelope)
+        finally:
+            if task is not None:
+                self._streams.discard(task)
         return
         yield  # pragma: no cover - makes this a response stream that never sends
+
+    def cancel_streams(self) -> None:
+        """End every inbound stream (shutdown): they never finish on their own."""
+        for task in list(self._streams):
+            task.cancel()
 
     async def Register(self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext
                        ) -> pb.RegisterResponse:

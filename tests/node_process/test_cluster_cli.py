@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 from pathlib import Path
 from typing import Iterator
 
@@ -33,37 +34,51 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def test_up_status_kill_restart_down(cluster_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    port = free_port()
-    data = ["--data-dir", str(cluster_dir)]
-    code, out, _ = run(capsys, "cluster", "up", "--nodes", "1", "--base-port", str(port), *data)
-    assert code == 0 and f"127.0.0.1:{port}" in out
+def _three_free_ports() -> int:
+    """A base port with base, base+1 and base+2 free (cluster up uses consecutive ports)."""
+    for _ in range(50):
+        base = free_port()
+        if base + 2 > 65535:
+            continue
+        try:
+            for port in (base + 1, base + 2):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no three consecutive free ports")
 
-    code, _, err = run(capsys, "cluster", "up", "--nodes", "1", "--base-port", str(port), *data)
+
+def test_up_status_kill_restart_down(cluster_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    port = _three_free_ports()
+    data = ["--data-dir", str(cluster_dir)]
+    code, out, _ = run(capsys, "cluster", "up", "--nodes", "3", "--base-port", str(port), *data)
+    assert code == 0 and f"127.0.0.1:{port},127.0.0.1:{port + 1},127.0.0.1:{port + 2}" in out
+
+    code, _, err = run(capsys, "cluster", "up", "--nodes", "3", "--base-port", str(port), *data)
     assert code == 1 and "already running" in err
 
     code, out, _ = run(capsys, "cluster", "status", "--output", "json", *data)
     state = json.loads(out)
-    assert state["controller"] == 1
-    [node] = state["nodes"]
-    assert node["id"] == 1 and node["alive"] and node["address"] == f"127.0.0.1:{port}" and node["pid"] > 0
+    assert state["controller"] in (1, 2, 3)
+    assert [n["id"] for n in state["nodes"]] == [1, 2, 3]
+    assert all(n["alive"] and n["pid"] > 0 for n in state["nodes"])
+    assert state["nodes"][1]["address"] == f"127.0.0.1:{port + 1}"
+    assert "__cluster_metadata-0" in state["nodes"][state["controller"] - 1]["leader_of"]
 
-    assert run(capsys, "cluster", "kill", "1", *data)[0] == 0
-    assert json.loads(run(capsys, "cluster", "status", "--output", "json", *data)[1])["nodes"][0]["alive"] is False
+    assert run(capsys, "cluster", "kill", "2", *data)[0] == 0
+    nodes = json.loads(run(capsys, "cluster", "status", "--output", "json", *data)[1])["nodes"]
+    assert [n["alive"] for n in nodes] == [True, False, True]
 
-    code, out, _ = run(capsys, "cluster", "restart", "1", *data)
+    code, out, _ = run(capsys, "cluster", "restart", "2", *data)
     assert code == 0 and "serving" in out
-    assert json.loads(run(capsys, "cluster", "status", "--output", "json", *data)[1])["nodes"][0]["alive"] is True
+    nodes = json.loads(run(capsys, "cluster", "status", "--output", "json", *data)[1])["nodes"]
+    assert all(n["alive"] for n in nodes)
 
     code, out, _ = run(capsys, "cluster", "down", *data)
-    assert code == 0 and "stopped node(s) 1" in out
-    assert launcher.load_nodes(cluster_dir)[0].pid() is None
-
-
-def test_up_refuses_several_nodes_until_replication_lands(cluster_dir: Path,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run(capsys, "cluster", "up", "--nodes", "3", "--data-dir", str(cluster_dir))
-    assert code == 1 and "--nodes 1" in err
+    assert code == 0 and "stopped node(s) 1, 2, 3" in out
+    assert all(node.pid() is None for node in launcher.load_nodes(cluster_dir))
 
 
 def test_commands_on_a_missing_cluster_fail_with_a_hint(cluster_dir: Path,
