@@ -17,7 +17,11 @@ applies its records to the in-memory state at once, returns them, and the node m
    (the answer may depend on state that earlier, still-uncommitted calls created);
 3. if an append fails or the node stops leading the partition, **drop this object**: its state
    may include records that will never commit. A new coordinator is built by `replay`-ing the
-   partition (answer COORDINATOR_LOAD_IN_PROGRESS meanwhile) and then `on_loaded(now_ms)`.
+   partition (answer COORDINATOR_LOAD_IN_PROGRESS meanwhile) and then `on_loaded(now_ms)`;
+   until then every write call raises CoordinatorNotLoadedError.
+
+Read calls (`fetch_offsets`, `describe_group`, `list_groups`) return no records; their answers
+follow the same rule as a write without records.
 
 Why not "apply on commit": with ≥1,000 commits/s to one coordinator, many calls are in flight
 within one replication round trip, and each must see the effect of the ones before it (two joins
@@ -144,6 +148,10 @@ MEMBER_TRANSITIONS: Mapping[tuple[MemberState, MemberState], EpochRule] = Mappin
 
 class IllegalMemberTransition(AssertionError):
     """Reconciliation tried a move MEMBER_TRANSITIONS forbids: a coordinator bug, never input."""
+
+
+class CoordinatorNotLoadedError(RuntimeError):
+    """A request reached a coordinator that was replayed but not started with `on_loaded`."""
 
 
 class DoubleOwnershipError(AssertionError):
@@ -329,6 +337,9 @@ class GroupCoordinator:
         self._session_deadlines: dict[tuple[str, str], int] = {}
         self._rebalance_deadlines: dict[tuple[str, str], int] = {}
         self.skipped_records = 0  # records of types this coordinator does not know
+        # Set by replay, cleared by on_loaded: serving requests before the timers exist would
+        # leave loaded members that never expire.
+        self._loading = False
 
     # ------------------------------------------------------------------------------ replay
 
@@ -338,6 +349,7 @@ class GroupCoordinator:
         Records of unknown types (a newer coordinator's) are counted and skipped, as Kafka's
         loader does, so a downgrade does not make the partition unloadable.
         """
+        self._loading = True
         try:
             typed_key = decode_key(key)
         except UnknownGroupRecordError:
@@ -347,6 +359,7 @@ class GroupCoordinator:
 
     def on_loaded(self, now_ms: int) -> None:
         """Start every member's timers after a load: the log holds no deadlines."""
+        self._loading = False
         for group in self._groups.values():
             for member_id, meta in group.members.items():
                 self._session_deadlines[(group.group_id, member_id)] = (
@@ -421,6 +434,10 @@ class GroupCoordinator:
                     f"group {group.group_id}: {tp} given to {member_id} while {holder} owns it"
                 )
 
+    def _check_loaded(self) -> None:
+        if self._loading:
+            raise CoordinatorNotLoadedError("call on_loaded(now_ms) after the last replayed record")
+
     def _emit(self, out: list[GroupRecord], key: GroupRecordKey, value: GroupRecordValue | None) -> None:
         out.append(GroupRecord.of(key, value))
         self._apply(key, value)
@@ -441,18 +458,19 @@ class GroupCoordinator:
         *,
         server_assignor: str | None = None,
         rack_id: str | None = None,
-        client_id: str = "",
-        client_host: str = "",
+        client_id: str | None = None,
+        client_host: str | None = None,
     ) -> Result[HeartbeatResponse]:
         """KIP-848's ConsumerGroupHeartbeat.
 
         `member_epoch` 0 joins (an empty `member_id` gets one generated), -1 leaves, -2 leaves
         for a while keeping the assignment (static members only). `subscribed_topics`,
-        `rebalance_timeout_ms` and `server_assignor` None mean "unchanged" (a join must give the
-        subscription); `owned_partitions` None means "not reported", which never acknowledges
+        `rebalance_timeout_ms`, `server_assignor`, `instance_id`, `rack_id`, `client_id` and
+        `client_host` None mean "unchanged" (a join must give the subscription); `owned_partitions` None means "not reported", which never acknowledges
         a revocation. `topic_partition_counts` is the node's view of the partition counts of at
         least the subscribed topics (a missing topic counts as 0 partitions).
         """
+        self._check_loaded()
         owned = None if owned_partitions is None else frozenset(owned_partitions)
         topics = None if subscribed_topics is None else tuple(sorted(set(subscribed_topics)))
 
@@ -584,8 +602,8 @@ class GroupCoordinator:
             # Like every optional heartbeat field, an absent instance id means "unchanged".
             instance_id=instance_id if instance_id is not None else (old_meta.instance_id if old_meta else None),
             rack_id=rack_id if rack_id is not None else (old_meta.rack_id if old_meta else None),
-            client_id=client_id,
-            client_host=client_host,
+            client_id=client_id if client_id is not None else (old_meta.client_id if old_meta else ""),
+            client_host=client_host if client_host is not None else (old_meta.client_host if old_meta else ""),
             subscribed_topic_names=topics if topics is not None else (old_meta.subscribed_topic_names if old_meta else ()),
             subscribed_topic_regex=None,
             rebalance_timeout_ms=(
@@ -835,6 +853,7 @@ class GroupCoordinator:
         kept only within the session timeout); a member that has not revoked within its
         rebalance timeout is fenced, so that its partitions can move on.
         """
+        self._check_loaded()
         expired: list[ExpiredMember] = []
         for (gid, mid), deadline in sorted(self._session_deadlines.items()):
             if deadline <= now_ms:
@@ -882,6 +901,7 @@ class GroupCoordinator:
         now_ms: int,
     ) -> Result[CommitResponse]:
         """OffsetCommit fenced by member epoch; `member_id` "" with epoch -1 is an admin commit."""
+        self._check_loaded()
         if not group_id:
             return Result(CommitResponse(GroupErrorCode.INVALID_GROUP_ID, message="the group id must not be empty"))
         group = self._groups.get(group_id)
@@ -990,6 +1010,7 @@ class GroupCoordinator:
 
     def delete_group(self, group_id: str) -> Result[DeleteGroupResponse]:
         """DeleteGroups: only an empty group; writes tombstones for everything it has."""
+        self._check_loaded()
         group = self._groups.get(group_id)
         if group is None:
             return Result(DeleteGroupResponse(GroupErrorCode.GROUP_ID_NOT_FOUND, f"group {group_id} does not exist"))
@@ -1021,6 +1042,7 @@ class GroupCoordinator:
         "can only be reset if the group is inactive": a live member would overwrite the reset
         with its next commit.
         """
+        self._check_loaded()
         group = self._groups.get(group_id)
         if group is not None and group.members:
             return Result(

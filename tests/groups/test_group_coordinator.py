@@ -16,6 +16,7 @@ import pytest
 from tidelog.node.group_coordinator import (
     MEMBER_TRANSITIONS,
     CommittedOffset,
+    CoordinatorNotLoadedError,
     GroupCoordinator,
     GroupCoordinatorConfig,
     GroupErrorCode,
@@ -44,6 +45,7 @@ from tidelog.node.group_reset import (
     parse_duration_ms,
     plan_reset_offsets,
 )
+from tidelog.proto.common_pb2 import ErrorCode
 
 TP = TopicPartition
 COUNTS = {"t": 6}
@@ -143,6 +145,18 @@ def test_epoch_zero_joins_and_the_first_member_gets_every_partition() -> None:
     assert resp.heartbeat_interval_ms == 5000
     d = coord.describe_group("g")
     assert (d.group_epoch, d.assignment_epoch, d.state) == (1, 1, GroupState.STABLE)
+
+
+def test_a_steady_heartbeat_writes_nothing() -> None:
+    """Only changes are written: a stable member's heartbeat appends no record (and client
+    details sent once are kept when later heartbeats omit them)."""
+    coord, log = new_coordinator(), Log()
+    a = Member(coord, log, "a")
+    a.heartbeat(0, client_id="cli-1", client_host="10.0.0.1")
+    result = coord.heartbeat("g", "a", a.epoch, None, None, a.owned, None, 1, COUNTS)
+    assert result.response.error == OK and result.records == ()
+    m = coord.describe_group("g").members[0]
+    assert (m.client_id, m.client_host) == ("cli-1", "10.0.0.1")
 
 
 def test_a_join_without_a_member_id_gets_one() -> None:
@@ -643,12 +657,34 @@ def test_after_a_load_timers_start_from_on_loaded() -> None:
     assert [e.member_id for e in fresh.tick(6000).response] == ["a"]
 
 
+def test_a_replayed_coordinator_refuses_writes_until_on_loaded() -> None:
+    """Fail fast: without on_loaded the loaded members would have no session timers."""
+    coord, log = new_coordinator(), Log()
+    Member(coord, log, "a").heartbeat(0)
+    fresh = replayed(log)
+    with pytest.raises(CoordinatorNotLoadedError):
+        fresh.tick(1)
+    with pytest.raises(CoordinatorNotLoadedError):
+        fresh.commit_offsets("g", "", -1, {TP("t", 0): CommittedOffset(1)}, 1)
+    fresh.on_loaded(1)
+    assert fresh.heartbeat("g", "a", 1, None, None, tps("t", *range(6)), None, 2, COUNTS).response.error == OK
+
+
+def test_error_codes_are_kafkas_and_agree_with_the_wire_enum() -> None:
+    """Every group error the wire enum (common.proto ErrorCode) knows has the same number."""
+    for code in GroupErrorCode:
+        if code.name in ErrorCode.keys():
+            assert ErrorCode.Value(code.name) == code.value, code
+    assert GroupErrorCode.UNRELEASED_INSTANCE_ID == 111 and GroupErrorCode.FENCED_INSTANCE_ID == 82
+
+
 def test_unknown_record_types_are_skipped_on_load() -> None:
     """Kafka's loader skips record types it does not know (e.g. a newer version's share groups)."""
     coord = new_coordinator()
     coord.replay(b"\x00\x0a\x00\x01g", b"\x00\x00")
     assert coord.skipped_records == 1 and coord.snapshot() == {}
     coord.replay(encode_key(ConsumerGroupMetadataKey("g")), b"\x00\x00\x00\x00\x00\x05\x00")
+    coord.on_loaded(0)
     assert coord.describe_group("g").group_epoch == 5
 
 
