@@ -580,11 +580,11 @@ def test_rebuild_ignores_snapshots_outside_the_log_and_leftover_temp_files(tmp_p
     ps._write_atomically(snapshot_path(tmp_path, 1), ps.encode_snapshot(1, []))
     ps._write_atomically(snapshot_path(tmp_path, 999), ps.encode_snapshot(999, []))
     (tmp_path / f"{5:020d}.snapshot.tmp").write_bytes(b"half")
-    log.log_start_offset = 2
+    log.log_start_offset = 6  # retention after the snapshot: PID's window loses offsets 4-5
     restarted = ProducerStateManager()
     restarted.rebuild(
         tmp_path,
-        log_start_offset=2,
+        log_start_offset=6,
         log_end_offset=log.end_offset,
         read_batches_from=log.read_batches_from,
         now_ms=NOW,
@@ -592,6 +592,7 @@ def test_rebuild_ignores_snapshots_outside_the_log_and_leftover_temp_files(tmp_p
     assert [offset for offset, _ in list_snapshots(tmp_path)] == [log.end_offset]
     assert not list(tmp_path.glob("*.tmp"))
     assert shape(restarted) == shape(fresh_fold(log))
+    assert [b.base_offset for b in restarted.entry(PID).batches] == [6, 8, 10, 12]
 
 
 def test_rebuild_counts_a_batch_holding_the_log_start(log):
@@ -627,18 +628,21 @@ def test_truncation_drops_the_state_of_truncated_batches(tmp_path, log):
     assert log.end_offset == offset + 2
 
 
-def test_truncation_that_touches_no_producer_is_cheap(log):
-    """No producer has a batch in the dropped tail: nothing is replayed."""
+def test_truncation_that_touches_no_producer_is_cheap(tmp_path, log):
+    """No producer has a batch in the dropped tail: nothing is replayed, but a snapshot above the
+    truncation point still goes, or a later restart would load truncated state."""
     state = _populated(log)
     produce(state, log, batch(-1, -1, -1, 3))
     end = log.end_offset
+    state.take_snapshot(tmp_path, end)
 
     def refuse(offset: int) -> Iterable[BatchHeader]:
         raise AssertionError("no replay needed")
 
     log.truncate_to(end - 3)
-    state.truncate_to(end - 3, None, log_start_offset=0, read_batches_from=refuse, now_ms=NOW)
+    state.truncate_to(end - 3, tmp_path, log_start_offset=0, read_batches_from=refuse, now_ms=NOW)
     assert state.end_offset == end - 3
+    assert list_snapshots(tmp_path) == []
     state.truncate_to(end + 10, None, log_start_offset=0, read_batches_from=refuse, now_ms=NOW)
     assert state.end_offset == end - 3
 
