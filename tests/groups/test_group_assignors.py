@@ -56,7 +56,7 @@ def groups(draw: st.DrawFn, *, homogeneous: bool) -> tuple[dict[str, MemberSubsc
     return members, counts
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(groups(homogeneous=False), st.sampled_from(["uniform", "range"]))
 def test_every_subscribed_partition_is_assigned_exactly_once(
     group: tuple[dict[str, MemberSubscription], dict[str, int]], name: str

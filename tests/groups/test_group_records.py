@@ -107,7 +107,7 @@ def values_for(key: object) -> st.SearchStrategy[object]:
     )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.data())
 def test_every_record_round_trips_through_bytes(data: st.DataObject) -> None:
     key = data.draw(keys)
@@ -292,7 +292,7 @@ def test_unknown_record_type_and_version_are_named_errors() -> None:
         decode_value(OffsetCommitKey("g", "t", 0), struct.pack(">hq", 5, 1))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.data())
 def test_damaged_bytes_raise_corrupt_group_record_error_and_nothing_else(data: st.DataObject) -> None:
     key = data.draw(keys)
