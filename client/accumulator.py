@@ -137,13 +137,14 @@ class RecordAccumulator:
         timeout: float,
     ) -> AppendResult:
         """Append, blocking the calling thread up to ``timeout`` seconds for buffer memory."""
-        deadline = self._clock() + timeout
+        # Waiting is real time, whatever clock the batches' linger and expiry are measured on.
+        deadline = time.monotonic() + timeout
         with self._lock:
             while True:
                 result = self._append_locked(tp, record_fields, size, handle)
                 if result is not None:
                     return result
-                remaining = deadline - self._clock()
+                remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise BufferExhausted(
                         f"{size} bytes of buffer memory did not become free within "

@@ -136,17 +136,14 @@ def parse_offset_spec(text: str, now_ms: int) -> OffsetRange:
     if not spec:
         raise _error(text, "empty")
     if spec.startswith("@"):
-        body = spec[1:]
-        first, sep, second = _split_time_range(body)
+        first, second = _split_time_range(spec[1:], now_ms, text)
         if first == "":
-            start = EARLIEST
+            start: OffsetBound = EARLIEST
             start_ms = None
         else:
             start_ms = parse_timestamp(first, now_ms)
             start = OffsetBound(BoundKind.TIMESTAMP, start_ms)
-        if not sep:
-            return OffsetRange(start)
-        if second == "":
+        if second is None or second == "":
             return OffsetRange(start)
         if second.lower() == "end":
             return OffsetRange(start, LATEST)
@@ -170,22 +167,30 @@ def parse_offset_spec(text: str, now_ms: int) -> OffsetRange:
     return range_
 
 
-def _split_time_range(body: str) -> tuple[str, bool, str]:
-    """Split ``T1:T2`` where ISO times contain colons of their own."""
-    # An ISO time has colons between digits (12:00:00); the range separator is the one colon
-    # that is not between two digits, or, failing that, the last one when the tail reads as a
-    # time on its own (a duration, digits, a date or "end").
-    candidates = [i for i, ch in enumerate(body) if ch == ":"]
-    for i in candidates:
-        before = body[i - 1] if i > 0 else ""
-        after = body[i + 1] if i + 1 < len(body) else ""
-        if not (before.isdigit() and after.isdigit()):
-            return body[:i], True, body[i + 1 :]
-    for i in reversed(candidates):
-        tail = body[i + 1 :]
-        if tail.lower() == "end" or re.fullmatch(r"\d{10}|\d{13}|\d{4}-\d\d-\d\d.*", tail):
-            return body[:i], True, tail
-    return body, False, ""
+def _parses(text: str, now_ms: int) -> bool:
+    if text == "" or text.lower() == "end":
+        return True
+    try:
+        parse_timestamp(text, now_ms)
+        return True
+    except ValueError:
+        return False
+
+
+def _split_time_range(body: str, now_ms: int, whole: str) -> tuple[str, str | None]:
+    """Split ``T1:T2``; ISO times have colons of their own, so try each colon in turn."""
+    if not body:
+        raise _error(whole, "a time is missing after @")
+    if _parses(body, now_ms) and body.lower() != "end":
+        return body, None
+    for i, ch in enumerate(body):
+        if ch == ":" and _parses(body[:i], now_ms) and _parses(body[i + 1 :], now_ms):
+            return body[:i], body[i + 1 :]
+    # Neither a time nor a range of two: let the parser name the problem.
+    first, _, second = body.partition(":")
+    parse_timestamp(first, now_ms)
+    parse_timestamp(second, now_ms)
+    raise _error(whole, "not a time or a range of times")
 
 
 @dataclass(frozen=True, slots=True)

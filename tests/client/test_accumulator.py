@@ -1,0 +1,172 @@
+"""The producer's per-partition batching, with a fake clock: no server, no event loop."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from tidelog.client.accumulator import (
+    RECORD_OVERHEAD,
+    BufferExhausted,
+    RecordAccumulator,
+    estimate_record_size,
+)
+from tidelog.client.types import TopicPartition
+from tidelog.proto.records import BATCH_OVERHEAD
+
+TP0 = TopicPartition("t", 0)
+TP1 = TopicPartition("t", 1)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(clock: Clock, **overrides: float) -> RecordAccumulator:
+    options = dict(batch_size=1000, linger_ms=5, buffer_memory=100_000, delivery_timeout_ms=10_000)
+    options.update(overrides)
+    return RecordAccumulator(clock=clock, **options)  # type: ignore[arg-type]
+
+
+def add(acc: RecordAccumulator, tp: TopicPartition, value: bytes, handle: object = None):
+    size = estimate_record_size(None, value, ())
+    return acc.try_append(tp, (1, None, value, ()), size, handle)
+
+
+def leader_1(tp: TopicPartition) -> int:
+    return 1
+
+
+def test_record_size_estimate_counts_key_value_and_headers() -> None:
+    assert estimate_record_size(None, None, ()) == RECORD_OVERHEAD
+    assert estimate_record_size(b"k", b"vv", [("h", b"x")]) == RECORD_OVERHEAD + 3 + 10 + 2
+
+
+def test_a_batch_waits_for_linger_then_drains() -> None:
+    clock = Clock()
+    acc = make(clock)
+    first = add(acc, TP0, b"a")
+    assert first is not None and first.wake_sender  # a new batch: the sender must plan its linger
+    second = add(acc, TP0, b"b")
+    assert second is not None and not second.wake_sender and second.batch is first.batch
+    drain = acc.drain(clock(), leader_1)
+    assert drain.by_node == {} and drain.next_check == pytest.approx(100.005)
+    clock.now += 0.005
+    drain = acc.drain(clock(), leader_1)
+    assert [b.records[1].value for b in drain.by_node[1]] == [b"b"]
+    assert [r.offset for r in drain.by_node[1][0].records] == [0, 1]
+
+
+def test_a_full_batch_is_sealed_at_once_and_a_new_one_started() -> None:
+    clock = Clock()
+    acc = make(clock, batch_size=BATCH_OVERHEAD + 3 * (RECORD_OVERHEAD + 10))
+    results = [add(acc, TP0, bytes(10)) for _ in range(4)]
+    assert all(r is not None for r in results)
+    assert results[2].wake_sender and results[2].batch.sealed  # reached batch_size
+    assert results[3].batch is not results[0].batch
+    drain = acc.drain(clock(), leader_1)
+    assert len(drain.by_node[1]) == 1 and drain.by_node[1][0].record_count == 3
+
+
+def test_one_batch_in_flight_per_partition_and_retries_go_first() -> None:
+    clock = Clock()
+    acc = make(clock, batch_size=BATCH_OVERHEAD + RECORD_OVERHEAD + 1, linger_ms=0)
+    for value in (b"1", b"2", b"3"):
+        add(acc, TP0, value)  # each record fills a batch
+    add(acc, TP1, b"x")
+    drain = acc.drain(clock(), leader_1)
+    in_flight = {b.tp: b for b in drain.by_node[1]}
+    assert in_flight[TP0].records[0].value == b"1" and TP1 in in_flight
+    assert acc.drain(clock(), leader_1).by_node == {}  # TP0's next batch waits for the first
+    acc.reenqueue(in_flight[TP0], retry_at=clock() + 0.1)
+    assert acc.drain(clock(), leader_1).by_node == {}  # backing off; "2" must not overtake "1"
+    clock.now += 0.1
+    again = acc.drain(clock(), leader_1).by_node[1]
+    assert [b.records[0].value for b in again] == [b"1"] and again[0].attempts == 1
+    acc.complete(again[0])
+    assert [b.records[0].value for b in acc.drain(clock(), leader_1).by_node[1]] == [b"2"]
+
+
+def test_partitions_without_a_leader_are_reported_not_sent() -> None:
+    clock = Clock()
+    acc = make(clock, linger_ms=0)
+    add(acc, TP0, b"a")
+    drain = acc.drain(clock(), lambda tp: None)
+    assert drain.by_node == {} and drain.unknown_leader == {TP0}
+
+
+def test_memory_is_reserved_per_record_and_released_on_completion() -> None:
+    clock = Clock()
+    size = estimate_record_size(None, bytes(100), ())
+    acc = make(clock, buffer_memory=2 * size, linger_ms=0)
+    assert add(acc, TP0, bytes(100)) is not None
+    assert add(acc, TP0, bytes(100)) is not None
+    assert add(acc, TP0, bytes(100)) is None  # full
+    assert acc.used_memory == 2 * size
+    with pytest.raises(BufferExhausted):
+        acc.append(TP0, (1, None, bytes(100), ()), size, None, timeout=0.01)
+    batch = acc.drain(clock(), leader_1).by_node[1][0]
+    acc.complete(batch)
+    assert acc.used_memory == 0 and acc.is_empty()
+
+
+def test_a_blocked_append_resumes_when_memory_is_freed() -> None:
+    clock = Clock()
+    size = estimate_record_size(None, bytes(100), ())
+    acc = make(clock, buffer_memory=size, linger_ms=0)
+    add(acc, TP0, bytes(100))
+    appended = threading.Event()
+
+    def blocked() -> None:
+        acc.append(TP1, (1, None, bytes(100), ()), size, None, timeout=30)
+        appended.set()
+
+    thread = threading.Thread(target=blocked)
+    thread.start()
+    assert not appended.wait(0.05)
+    acc.complete(acc.drain(clock(), leader_1).by_node[1][0])
+    assert appended.wait(10)
+    thread.join()
+
+
+def test_expired_batches_are_removed_unless_in_flight() -> None:
+    clock = Clock()
+    acc = make(clock, linger_ms=0, delivery_timeout_ms=1000)
+    add(acc, TP0, b"a")
+    add(acc, TP1, b"b")
+    in_flight = acc.drain(clock(), lambda tp: 1 if tp == TP0 else None).by_node[1][0]
+    clock.now += 1.0
+    expired = acc.expire(clock())
+    assert [b.tp for b in expired] == [TP1]
+    assert in_flight.tp == TP0 and not acc.is_empty()
+
+
+def test_flush_seals_open_batches_and_tracks_what_is_incomplete() -> None:
+    clock = Clock()
+    acc = make(clock, linger_ms=60_000)
+    add(acc, TP0, b"a")
+    last = acc.last_batch_id()
+    acc.seal_all()
+    add(acc, TP0, b"later")
+    batches = acc.drain(clock(), leader_1).by_node[1]
+    assert [b.records[0].value for b in batches] == [b"a"]
+    assert acc.any_incomplete_up_to(last)
+    acc.complete(batches[0])
+    assert not acc.any_incomplete_up_to(last) and not acc.is_empty()
+
+
+def test_abort_keeps_only_in_flight_batches() -> None:
+    clock = Clock()
+    acc = make(clock, linger_ms=0, batch_size=BATCH_OVERHEAD + RECORD_OVERHEAD + 1)
+    for value in (b"1", b"2"):
+        add(acc, TP0, value)
+    in_flight = acc.drain(clock(), leader_1).by_node[1][0]
+    aborted = acc.abort_all()
+    assert [b.records[0].value for b in aborted] == [b"2"]
+    acc.complete(in_flight)
+    assert acc.is_empty() and acc.used_memory == 0

@@ -1,0 +1,162 @@
+"""Producer retry, ordering, back-pressure and error delivery, against the in-process fake broker."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+
+import pytest
+
+from tidelog.client import AsyncProducer, Producer, TidelogError, TopicPartition
+from tidelog.client.partitioner import partition_for_key
+from tidelog.proto.common_pb2 import ErrorCode
+
+TP = TopicPartition("t", 0)
+
+
+def wait_all(futures, timeout: float = 30.0):
+    return [f.result(timeout) for f in futures]
+
+
+def test_order_and_offsets_survive_retriable_errors(fake_cluster) -> None:
+    fake_cluster.create_topic("t", 1)
+    fake_cluster.part(TP).produce_script.extend(
+        [ErrorCode.NOT_ENOUGH_REPLICAS, ErrorCode.NOT_ENOUGH_REPLICAS, ErrorCode.REQUEST_TIMED_OUT]
+    )
+    with Producer(fake_cluster.bootstrap, batch_size=300, linger_ms=0, retry_backoff_ms=5) as producer:
+        values = [str(i).encode() for i in range(300)]
+        futures = [producer.send("t", v) for v in values]
+        producer.flush(30)
+        results = wait_all(futures)
+    assert fake_cluster.part(TP).values() == values  # several batches queued behind the failing one
+    assert [m.offset for m in results] == list(range(300))
+    assert fake_cluster.part(TP).produce_requests > len(fake_cluster.part(TP).batches)
+
+
+def test_not_leader_takes_the_leader_hint(fake_cluster) -> None:
+    fake_cluster.create_topic("t", 1, leader=1)
+    with Producer(fake_cluster.bootstrap, linger_ms=0, retry_backoff_ms=5,
+                  metadata_max_age_ms=3_600_000) as producer:
+        producer.partitions_for("t")  # metadata now says node 1 leads
+        fake_cluster.move_leader(TP, 2)
+        requests_before = fake_cluster.metadata_requests
+        values = [b"a", b"b", b"c"]
+        results = wait_all([producer.send("t", v) for v in values])
+    assert fake_cluster.part(TP).values() == values
+    assert [m.offset for m in results] == [0, 1, 2]
+    # The first attempt hit the old leader; the retry went to the hinted one.
+    assert fake_cluster.part(TP).produce_requests >= 2
+    assert fake_cluster.metadata_requests - requests_before <= 2
+
+
+def test_an_oversized_record_fails_at_once(fake_cluster) -> None:
+    fake_cluster.create_topic("t", 1)
+    with Producer(fake_cluster.bootstrap, max_request_size=1000) as producer:
+        future = producer.send("t", bytes(2000))
+        assert future.done()
+        error = future.exception()
+        assert isinstance(error, TidelogError) and error.code == ErrorCode.MESSAGE_TOO_LARGE
+        assert producer.send("t", b"small").result(30).offset == 0
+
+
+def test_a_non_retriable_error_reaches_only_its_records(fake_cluster) -> None:
+    fake_cluster.create_topic("t", 1)
+    fake_cluster.part(TP).produce_script.append(ErrorCode.INVALID_REQUEST)
+    with Producer(fake_cluster.bootstrap, linger_ms=0) as producer:
+        failed = producer.send("t", b"rejected")
+        with pytest.raises(TidelogError) as info:
+            failed.result(30)
+        assert info.value.code == ErrorCode.INVALID_REQUEST
+        assert producer.send("t", b"accepted").result(30).offset == 0
+
+
+def test_delivery_timeout_fails_with_the_last_error(fake_cluster) -> None:
+    fake_cluster.create_topic("t", 1)
+    fake_cluster.part(TP).produce_script.extend([ErrorCode.NOT_ENOUGH_REPLICAS] * 10_000)
+    with Producer(fake_cluster.bootstrap, linger_ms=0, retry_backoff_ms=10,
+                  delivery_timeout_ms=300) as producer:
+        future = producer.send("t", b"x")
+        with pytest.raises(TidelogError) as info:
+            future.result(30)
+    assert info.value.code == ErrorCode.NOT_ENOUGH_REPLICAS
+
+
+def test_a_partition_without_leader_expires_by_delivery_timeout(fake_cluster) -> None:
+    fake_cluster.create_topic("t", 1, leader=-1)
+    with Producer(fake_cluster.bootstrap, linger_ms=0, retry_backoff_ms=10,
+                  delivery_timeout_ms=300) as producer:
+        future = producer.send("t", b"x")
+        with pytest.raises(TidelogError) as info:
+            future.result(30)
+    assert info.value.code == ErrorCode.REQUEST_TIMED_OUT
+    assert "expired" in info.value.message
+
+
+def test_a_full_buffer_blocks_send_up_to_max_block_ms(fake_cluster) -> None:
+    fake_cluster.create_topic("t", 1, leader=-1)  # nothing can be sent: the buffer only fills
+    with Producer(fake_cluster.bootstrap, buffer_memory=2000, max_block_ms=200,
+                  delivery_timeout_ms=60_000) as producer:
+        accepted = [producer.send("t", bytes(500)) for _ in range(3)]
+        started = time.monotonic()
+        blocked = producer.send("t", bytes(500))
+        assert time.monotonic() - started >= 0.15  # it waited for memory
+        error = blocked.exception(0)
+        assert isinstance(error, TidelogError) and error.code == ErrorCode.REQUEST_TIMED_OUT
+        assert not any(f.done() for f in accepted)
+        producer.close(timeout=0.1)
+    assert all(isinstance(f.exception(0), TidelogError) for f in accepted)  # closed: not lost silently
+
+
+def test_an_unknown_topic_fails_the_future_after_max_block_ms(fake_cluster) -> None:
+    with Producer(fake_cluster.bootstrap, max_block_ms=300) as producer:
+        error = producer.send("missing", b"x").exception(30)
+    assert isinstance(error, TidelogError) and error.code == ErrorCode.UNKNOWN_TOPIC_OR_PARTITION
+
+
+def test_keys_go_to_their_murmur2_partition_and_null_keys_stick(fake_cluster) -> None:
+    fake_cluster.create_topic("t", 5)
+    keys = [f"key-{i}".encode() for i in range(50)]
+    with Producer(fake_cluster.bootstrap) as producer:
+        keyed = wait_all([producer.send("t", b"v", key=k) for k in keys])
+        unkeyed = wait_all([producer.send("t", b"v") for _ in range(20)])
+        explicit = producer.send("t", b"v", key=b"key-0", partition=4).result(30)
+        with pytest.raises(TidelogError):
+            producer.send("t", b"v", partition=5).result(30)
+    assert [m.partition for m in keyed] == [partition_for_key(k, 5) for k in keys]
+    assert len({m.partition for m in unkeyed}) == 1  # far less than a batch: one sticky partition
+    assert explicit.partition == 4
+
+
+def test_acks_zero_reports_no_offset(fake_cluster) -> None:
+    fake_cluster.create_topic("t", 1)
+    with Producer(fake_cluster.bootstrap, acks=0) as producer:
+        assert producer.send("t", b"x").result(30).offset == -1
+
+
+def test_async_producer_send_returns_a_future_and_send_and_wait_metadata(fake_cluster) -> None:
+    fake_cluster.create_topic("t", 1)
+
+    async def main() -> tuple[int, int, list[int]]:
+        async with AsyncProducer(fake_cluster.bootstrap, linger_ms=1) as producer:
+            future = await producer.send("t", b"first", headers={"h": "1"})
+            second = await producer.send_and_wait("t", b"second")
+            first = await future
+            batch = [await producer.send("t", str(i)) for i in range(10)]
+            await producer.flush()
+            return first.offset, second.offset, [f.result().offset for f in batch]
+
+    first, second, rest = asyncio.run(main())
+    assert (first, second, rest) == (0, 1, list(range(2, 12)))
+
+
+def test_misuse_raises_immediately(fake_cluster) -> None:
+    fake_cluster.create_topic("t", 1)
+    producer = Producer(fake_cluster.bootstrap)
+    with pytest.raises(TypeError):
+        producer.send("t", 12345)
+    producer.close()
+    with pytest.raises(RuntimeError):
+        producer.send("t", b"x")
+    with pytest.raises(ValueError):
+        Producer(fake_cluster.bootstrap, acks=2)
