@@ -305,16 +305,20 @@ class RaftGroup:
 
         if self._leader_id == node_id:
             # We led this epoch before the restart; what we appended may be lost, so we never
-            # lead it again. KRaft restarts such a replica as Resigned too.
+            # lead it again. KRaft restarts such a replica as Resigned too, and says so.
             self._role = Role.RESIGNED
             self._election_deadline = self._now + self._random_election_timeout()
+            self._announce()
+            self._send_end_quorum_epoch()
         elif self._leader_id is not None:
             self._role = Role.FOLLOWER
             self._enter_follower_timers()
+            self._announce()
             self._maybe_send_fetch()
         else:
             self._role = Role.UNATTACHED
             self._election_deadline = self._now + self._random_election_timeout()
+            self._announce()
 
     # --- read-only views ----------------------------------------------------------------------
 
@@ -631,6 +635,10 @@ class RaftGroup:
         self._transition(Role.RESIGNED)
         self._election_deadline = self._now + self._random_election_timeout()
         self._announce()
+        self._send_end_quorum_epoch()
+
+    def _send_end_quorum_epoch(self) -> None:
+        # The most caught-up voters first (KIP-595 PreferredSuccessors): they win quickest.
         others = [v for v in self._voters if v != self.node_id]
         progress = self._progress
         others.sort(key=lambda v: (-(progress[v].match if v in progress else -1), v))
@@ -706,6 +714,17 @@ class RaftGroup:
     def _on_vote_response(self, m: VoteResponse) -> None:
         if m.epoch > self._epoch:
             self._observe_epoch(m.epoch, m.leader_id)
+            return
+        if (
+            m.epoch == self._epoch
+            and m.leader_id is not None
+            and self._leader_id is None
+            and m.leader_id != self.node_id
+            and self._role in (Role.UNATTACHED, Role.PROSPECTIVE)
+        ):
+            # A voter knows the leader of our epoch, whose BeginQuorumEpoch we missed: follow it.
+            # (If we knew that leader already, we are asking precisely because it went quiet.)
+            self._become_follower(m.epoch, m.leader_id)
             return
         if m.src not in self._voters:
             return
