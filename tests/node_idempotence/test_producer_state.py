@@ -472,6 +472,18 @@ def test_snapshot_layout_is_the_documented_one(tmp_path, log):
     assert len(data) == 22 + 2 * 19 + 6 * 32
 
 
+def test_snapshot_can_be_encoded_on_the_loop_and_written_elsewhere(tmp_path, log):
+    """snapshot_bytes captures the state now; later updates do not leak into the file."""
+    state = _populated(log)
+    offset, data = state.snapshot_bytes()
+    before = state.entries()
+    produce(state, log, batch(PID + 7, 0, 0))
+    ProducerStateManager.write_snapshot(tmp_path, offset, data)
+    loaded = ProducerStateManager()
+    assert loaded.load_latest_snapshot(tmp_path, offset) == offset
+    assert loaded.entries() == before
+
+
 def test_snapshot_offset_below_the_state_is_refused(tmp_path, log):
     state = _populated(log)
     with pytest.raises(ValueError):
