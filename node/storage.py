@@ -347,7 +347,7 @@ class _Segment:
 
     __slots__ = (
         "base_offset", "fd", "size", "flushed_size", "next_offset", "max_timestamp",
-        "max_timestamp_offset", "roll_start_ms", "bytes_since_index", "index_relative",
+        "max_timestamp_offset", "first_timestamp", "created_ms", "bytes_since_index", "index_relative",
         "index_positions", "index_written", "time_timestamps", "time_relative", "time_written",
         "index_final_synced", "read_hint",
     )
@@ -360,7 +360,10 @@ class _Segment:
         self.next_offset = base_offset
         self.max_timestamp = _NO_TIMESTAMP
         self.max_timestamp_offset = base_offset - 1
-        self.roll_start_ms: int | None = None
+        # segment.ms ages a segment as Kafka does: by the timestamps of the batches appended
+        # (first batch vs incoming), or by the wall clock when the first batch had none.
+        self.first_timestamp: int | None = None  # maxTimestamp of the first batch
+        self.created_ms = 0
         self.bytes_since_index = 0
         # None until loaded: segments before the recovery point are loaded on first use.
         self.index_relative: array | None = None
@@ -542,6 +545,7 @@ class PartitionLog:
                     "durable but there are no segment files"
                 )
             segment = _Segment(0, self._open_segment_fd(0, create=True), 0)
+            segment.created_ms = self._clock()
             segment.start_empty_index()
             for suffix in (INDEX_SUFFIX, TIME_INDEX_SUFFIX):
                 os.close(os.open(self._path(segment_name(0, suffix)), os.O_WRONLY | os.O_CREAT, 0o644))
@@ -651,7 +655,7 @@ class PartitionLog:
                 segment.add_batch(batch_position, header.size, header.last_offset,
                                   header.max_timestamp, self.config.index_interval_bytes)
                 if batch_position == 0:
-                    segment.roll_start_ms = self._roll_start(header.max_timestamp)
+                    segment.first_timestamp = header.max_timestamp
                 if header.partition_leader_epoch > self.latest_epoch:
                     self._add_epoch(header.partition_leader_epoch, header.base_offset)
                 expected = header.next_offset
@@ -694,10 +698,12 @@ class PartitionLog:
             self._dir_dirty = True
 
         active = self._segments[-1]
-        if active.roll_start_ms is None and active.size > 0:
+        for segment in self._segments:
+            segment.created_ms = self._clock()
+        if active.first_timestamp is None and active.size > 0:
             header = os.pread(active.fd, BATCH_OVERHEAD, 0)
             (first_max,) = _INT64.unpack_from(header, MAX_TIMESTAMP_OFFSET)
-            active.roll_start_ms = self._roll_start(first_max)
+            active.first_timestamp = first_max
         self._end_offset = active.next_offset
         self._total_bytes = sum(s.size for s in self._segments)
         self._flushed_offset = self._end_offset if not changed else trusted_end
@@ -873,10 +879,6 @@ class PartitionLog:
             log.warning("%s: unreadable %s (%s)", self.directory, LEADER_EPOCH_CHECKPOINT, exc)
             return None
 
-    def _roll_start(self, first_batch_max_timestamp: int) -> int:
-        # Kafka ages a segment by its first batch's timestamp, so the age survives restarts.
-        return first_batch_max_timestamp if first_batch_max_timestamp >= 0 else self._clock()
-
     # --- state ---------------------------------------------------------------------------
 
     @property
@@ -1001,8 +1003,7 @@ class PartitionLog:
         if segment.size > 0 and (
                 segment.size + total > self.config.segment_bytes
                 or last_offset - segment.base_offset > _MAX_RELATIVE
-                or (segment.roll_start_ms is not None
-                    and self._clock() - segment.roll_start_ms >= self.config.segment_ms)):
+                or self._waited_for_roll(segment, headers) > self.config.segment_ms):
             segment = self._roll()
         position = segment.size
         try:
@@ -1018,8 +1019,8 @@ class PartitionLog:
         max_timestamp = _NO_TIMESTAMP
         interval = self.config.index_interval_bytes
         with self._state_lock:
-            if segment.roll_start_ms is None:
-                segment.roll_start_ms = self._roll_start(headers[0].max_timestamp)
+            if segment.first_timestamp is None:
+                segment.first_timestamp = headers[0].max_timestamp
             batch_position = position
             for header, last, epoch in zip(headers, lasts, epochs):
                 if epoch > self.latest_epoch:
@@ -1035,12 +1036,19 @@ class PartitionLog:
             self._end_offset = last_offset + 1
         return AppendResult(base_offset, last_offset, max_timestamp, total)
 
+    def _waited_for_roll(self, segment: _Segment, headers: list[BatchHeader]) -> int:
+        """Kafka's LogSegment.timeWaitedForRoll: how old the active segment is for segment.ms."""
+        if segment.first_timestamp is not None and segment.first_timestamp >= 0:
+            return max(h.max_timestamp for h in headers) - segment.first_timestamp
+        return self._clock() - segment.created_ms
+
     def _roll(self) -> _Segment:
         """Start a new active segment at the end offset (owner thread)."""
         base = self._end_offset
         fd = self._open_segment_fd(base, create=True)
         segment = _Segment(base, fd, 0)
         segment.next_offset = base
+        segment.created_ms = self._clock()
         segment.start_empty_index()
         try:
             for suffix in (INDEX_SUFFIX, TIME_INDEX_SUFFIX):
@@ -1394,7 +1402,8 @@ class PartitionLog:
                 keep.next_offset = new_end
                 keep.index_final_synced = False
                 if position == 0:
-                    keep.roll_start_ms = None
+                    keep.first_timestamp = None
+                    keep.created_ms = self._clock()
                 self._end_offset = new_end
                 self._flushed_offset = new_end
                 self._total_bytes = sum(s.size for s in self._segments)

@@ -210,14 +210,21 @@ def test_segments_roll_by_size_with_kafka_file_names(open_log, tmp_path: Path) -
         assert (tmp_path / "t-0" / segment_name(base)).stat().st_size <= SMALL.segment_bytes
 
 
-def test_segments_roll_by_age_of_the_first_batch(open_log, clock: Clock) -> None:
+def test_segments_roll_by_age_of_the_first_batch(open_log, clock: Clock, tmp_path: Path) -> None:
     plog = open_log(LogConfig(segment_ms=1000))
-    plog.append(batch(ts=clock.now), epoch=0)
-    clock.now += 999
-    plog.append(batch(ts=clock.now), epoch=0)
+    plog.append(batch(ts=5), epoch=0)
+    plog.append(batch(ts=1005), epoch=0)  # Kafka ages by the incoming batch's timestamp
+    assert plog.segment_base_offsets == (0,)
+    plog.append(batch(ts=1006), epoch=0)
+    assert plog.segment_base_offsets == (0, 2)
+    # A first batch without a timestamp: the wall clock since the segment was created decides.
+    plog = open_log(LogConfig(segment_ms=1000), directory=tmp_path / "t-1")
+    plog.append(batch(ts=-1), epoch=0)
+    clock.now += 1000
+    plog.append(batch(ts=-1), epoch=0)
     assert plog.segment_base_offsets == (0,)
     clock.now += 1
-    plog.append(batch(ts=clock.now), epoch=0)
+    plog.append(batch(ts=-1), epoch=0)
     assert plog.segment_base_offsets == (0, 2)
 
 
