@@ -21,6 +21,22 @@ Optional keys (default in brackets): every op's `"time"` [null]; send `"definite
 commit `"process"`, `"consumer"` [null]; final-read `"complete"` [true]. Keys this module does
 not know are ignored, so the harness may add debugging fields; a missing required key or a
 value of the wrong type is a `HistoryFormatError` naming the line.
+
+What the harness must record for the checker to judge it:
+- Every send once, with a value unique in the whole history, after it completed: "ok" with the
+  partition and offset the broker acknowledged; "failed" when the client got an error (add
+  `"definite": true` only when the error proves nothing was written); "unknown" on a timeout or
+  a broken connection.
+- Every poll, one op per partition it returned records for, with the offsets as returned, in
+  the order each consumer made them (a consumer's ops must not be reordered among themselves).
+  A consumer name stands for one consumer instance in one group: a restarted consumer gets a new
+  name or an "assign"/"rebalance" op first.
+- Every assign, seek and rebalance, before the next poll it affects, with the position set when
+  it is known (`"offset"`, else null); every commit with its outcome (and the consumer, so a seek
+  by that consumer counts as a reset of the group's offsets); every admin offset reset.
+- After healing, a "final-read" of every partition of every topic written, from the log start to
+  the high watermark, with `"complete": false` when the drain could not reach the end.
+- Topics under test must not be compacted or trimmed by retention during the run.
 """
 
 from __future__ import annotations
