@@ -167,6 +167,8 @@ class Replica:
         self._flush_task: asyncio.Task[None] | None = None
         self._proposals: dict[tuple[int, int], asyncio.Future[Proposal]] = {}
         self._change: asyncio.Future[None] | None = None
+        self._skew_ms = 0
+        self._config_fetch_timeout_ms = 0
         quorum_state = load_quorum_state(directory)
         config = raft_config_for(len(voters), election_timeout_ms)
         start_ms = self._now()
@@ -176,6 +178,7 @@ class Replica:
             # after 1-2 election timeouts. Safe: it only moves this replica's first pre-vote
             # earlier; the other replicas still vote by the usual rules.
             start_ms -= 2 * config.election_timeout_ms
+        self._config_fetch_timeout_ms = config.fetch_timeout_ms
         self.group = RaftGroup(
             group_id, node_id, voters, log=RaftLogAdapter(partition_log), quorum_state=quorum_state,
             config=config, rng=random.Random(), now_ms=start_ms,
@@ -184,12 +187,13 @@ class Replica:
 
     # --- views ----------------------------------------------------------------------------
 
-    @staticmethod
-    def _now() -> int:
+    def _now(self) -> int:
         # Wall-clock milliseconds: the core stamps them into leader-change batches, which the
         # time index, segment.ms and retention.ms read as record timestamps. The core ignores a
-        # clock that goes back; a jump forward at worst starts an election early.
-        return int(time.time() * 1000)
+        # clock that goes back; a jump forward at worst starts an election early. ``_skew_ms``
+        # is such a jump, made on purpose when the leader's node is known dead (see
+        # `leader_node_down`).
+        return int(time.time() * 1000) + self._skew_ms
 
     @property
     def role(self) -> Role:
@@ -243,9 +247,25 @@ class Replica:
         self._process()
         return proposal, future
 
-    def _tick(self) -> None:
+    def leader_node_down(self, node_id: int) -> None:
+        """The leader's node is gone for sure (its connection was refused, as after a crash).
+
+        Waiting out the fetch timeout would only delay the failover, so this replica's clock
+        jumps past it and the election starts now. Only liveness depends on time in Raft, so
+        this cannot affect safety; a node that is merely slow or paused keeps its connection
+        and is never declared down this way.
+        """
+        if self.closed or self.group.role is not Role.FOLLOWER or self.group.leader_id != node_id:
+            return
+        self._skew_ms += self._config_fetch_timeout_ms
+        self._tick()
+
+    def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = _NEVER
+        self._tick()
+
+    def _tick(self) -> None:
         if self.closed:
             return
         self.group.tick(self._now())
@@ -308,7 +328,7 @@ class Replica:
         if self._timer is not None:
             self._timer.cancel()
         self._timer_at = deadline
-        self._timer = self._loop.call_later(max(deadline + 1 - self._now(), 0) / 1000, self._tick)
+        self._timer = self._loop.call_later(max(deadline + 1 - self._now(), 0) / 1000, self._on_timer)
 
     def _request_flush(self, flush: Flush) -> None:
         if self.flush_policy == FlushPolicy.INTERVAL:

@@ -36,6 +36,8 @@ from tidelog.replication.messages import Message
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
+# Delay between the surviving replicas' elections after their leader's node died.
+FAILOVER_STAGGER_S = 0.3
 NODE_FILE = "node.json"
 
 
@@ -72,7 +74,8 @@ class Node:
         self.config = config
         self.shutting_down = False
         self.incarnation_id = uuid.uuid4().hex
-        self.transport = Transport(config.node_id, self._deliver, self._local_leaders, config.max_request_bytes)
+        self.transport = Transport(config.node_id, self._deliver, self._local_leaders, config.max_request_bytes,
+                                   self._on_peer_down)
         self.partitions = PartitionManager(
             config.data_dir, config.node_id, config.flush, config.flush_interval_ms,
             lambda: config.topic_config_defaults, config.retention_check_interval_ms, self.transport.send,
@@ -159,6 +162,20 @@ class Node:
                 self.quorum.replica.receive(message)
             return
         self.partitions.deliver(message)
+
+    def _on_peer_down(self, node_id: int) -> None:
+        """Start elections at once in the groups the dead node led, staggered by replica rank so
+        the survivors do not split the vote: the lowest surviving id goes first."""
+        loop = asyncio.get_running_loop()
+        replicas = [p.replica for p in self.partitions.partitions.values()]
+        if self.quorum.replica is not None:
+            replicas.append(self.quorum.replica)
+        for replica in replicas:
+            if replica.leader_id != node_id:
+                continue
+            survivors = sorted(v for v in replica.group.voters if v != node_id)
+            rank = survivors.index(self.config.node_id) if self.config.node_id in survivors else len(survivors)
+            loop.call_later(rank * FAILOVER_STAGGER_S, replica.leader_node_down, node_id)
 
     def _local_leaders(self) -> dict[str, int]:
         leaders = self.partitions.leaders()

@@ -52,6 +52,20 @@ MAX_QUEUE = 100_000
 # at most the Raft fetch wait, so a live voter writes at least that often).
 ALIVE_WINDOW_S = 3.0
 HEARTBEAT_S = 0.5
+# How long one connection attempt may take. A node that was up and now *refuses* connections
+# (TRANSIENT_FAILURE) is taken as crashed (see Replica.leader_node_down); a slow one is not.
+CONNECT_TIMEOUT_S = 5.0
+
+
+async def _connect(channel: grpc.aio.Channel) -> bool:
+    """True once connected; False as soon as the connection attempt fails (refused)."""
+    state = channel.get_state(try_to_connect=True)
+    while state is not grpc.ChannelConnectivity.READY:
+        if state is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            return False
+        await channel.wait_for_state_change(state)
+        state = channel.get_state(try_to_connect=True)
+    return True
 
 
 def to_proto(message: Message) -> pb.RaftMessage:
@@ -103,9 +117,11 @@ class _Peer:
 
 class Transport:
     def __init__(self, node_id: int, deliver: Callable[[Message], None],
-                 local_leaders: Callable[[], dict[str, int]], max_message_bytes: int) -> None:
+                 local_leaders: Callable[[], dict[str, int]], max_message_bytes: int,
+                 on_peer_down: Callable[[int], None] = lambda node_id: None) -> None:
         self.node_id = node_id
         self._deliver = deliver
+        self._on_peer_down = on_peer_down
         self._local_leaders = local_leaders
         self._max_message_bytes = max_message_bytes
         self._peers: dict[int, _Peer] = {}
@@ -189,10 +205,30 @@ class Transport:
         backoff = 0.05
         options = [("grpc.max_send_message_length", self._max_message_bytes),
                    ("grpc.max_receive_message_length", self._max_message_bytes),
-                   ("grpc.keepalive_time_ms", 10000)]
+                   ("grpc.keepalive_time_ms", 10000),
+                   ("grpc.initial_reconnect_backoff_ms", 50),
+                   ("grpc.max_reconnect_backoff_ms", 1000)]
+        was_up = False
         while not self._closing:
             channel = grpc.aio.insecure_channel(peer.address, options=options)
             try:
+                try:
+                    ready: bool | None = await asyncio.wait_for(_connect(channel), CONNECT_TIMEOUT_S)
+                except asyncio.TimeoutError:
+                    ready = None  # slow, not gone: keep trying without declaring it down
+                if ready is False and was_up:
+                    # It was up and now refuses connections: its process is gone.
+                    was_up = False
+                    self._last_seen.pop(peer.node_id, None)
+                    self.remote_leaders.pop(peer.node_id, None)
+                    log.info("node %d (%s) is down", peer.node_id, peer.address)
+                    self._on_peer_down(peer.node_id)
+                if not ready:
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 1.0)
+                    continue
+                was_up = True
+                backoff = 0.05
                 stub = replication_pb2_grpc.ReplicationStub(channel)
                 peer.send_leaders = True
                 peer.wakeup.set()
