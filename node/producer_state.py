@@ -122,7 +122,7 @@ from pathlib import Path
 import crc32c as _crc32c
 
 from tidelog.proto.common_pb2 import ErrorCode
-from tidelog.proto.records import BatchHeader
+from tidelog.proto.records import CONTROL_FLAG_MASK, BatchHeader
 
 _log = logging.getLogger(__name__)
 
@@ -141,6 +141,11 @@ _SNAPSHOT_BATCH = struct.Struct(">iiqqq")  # first_seq, last_seq, base_offset, l
 _TMP_SUFFIX = ".tmp"
 
 ReadBatchesFrom = Callable[[int], Iterable[BatchHeader]]
+
+# The hot path keeps a retained batch as a plain tuple (a frozen dataclass costs ~40 times as much
+# to build); `BatchMetadata` is the view handed out. Field order is BatchMetadata's.
+_Batch = tuple[int, int, int, int, int]  # first_seq, last_seq, base_offset, last_offset, max_timestamp
+_FIRST_SEQ, _LAST_SEQ, _BASE_OFFSET, _LAST_OFFSET = 0, 1, 2, 3
 
 
 class Verdict(enum.Enum):
@@ -217,13 +222,13 @@ class _Entry:
 
     def __init__(self, epoch: int, last_update_ms: int) -> None:
         self.epoch = epoch
-        self.batches: deque[BatchMetadata] = deque(maxlen=BATCHES_TO_RETAIN)
+        self.batches: deque[_Batch] = deque(maxlen=BATCHES_TO_RETAIN)
         self.last_update_ms = last_update_ms
 
-    def find_duplicate(self, first_seq: int, last_seq: int) -> BatchMetadata | None:
+    def find_duplicate(self, first_seq: int, last_seq: int) -> _Batch | None:
         # Kafka's ProducerStateEntry.batchWithSequenceRange
         for batch in self.batches:
-            if batch.first_seq == first_seq and batch.last_seq == last_seq:
+            if batch[_FIRST_SEQ] == first_seq and batch[_LAST_SEQ] == last_seq:
                 return batch
         return None
 
@@ -352,7 +357,9 @@ class ProducerStateManager:
 
     @staticmethod
     def _view(producer_id: int, entry: _Entry) -> ProducerEntry:
-        return ProducerEntry(producer_id, entry.epoch, entry.last_update_ms, tuple(entry.batches))
+        return ProducerEntry(
+            producer_id, entry.epoch, entry.last_update_ms, tuple(BatchMetadata(*b) for b in entry.batches)
+        )
 
     # --- the leader's check ---------------------------------------------------------------
 
@@ -366,11 +373,11 @@ class ProducerStateManager:
         producers = self._producers
         # (epoch, last_seq) of producers already seen in this request, after their batches so far.
         pending: dict[int, tuple[int, int]] | None = None
-        duplicates: list[BatchMetadata] | None = None
+        duplicates: list[_Batch] | None = None
         new_batches = 0
         for header in headers:
             producer_id = header.producer_id
-            if producer_id < 0 or header.is_control:
+            if producer_id < 0 or header.attributes & CONTROL_FLAG_MASK:
                 new_batches += 1
                 continue
             epoch = header.producer_epoch
@@ -382,13 +389,13 @@ class ProducerStateManager:
                     f"batch of producer {producer_id} has producer epoch {epoch} and base sequence "
                     f"{first_seq}; an idempotent batch needs both >= 0",
                 )
-            last_seq = header.last_sequence
+            last_seq = (first_seq + header.last_offset_delta) & INT32_MAX  # BatchHeader.last_sequence
             entry = producers.get(producer_id)
             seen = pending.get(producer_id) if pending is not None else None
             if seen is not None:
                 current_epoch, current_last_seq = seen
             elif entry is not None:
-                current_epoch, current_last_seq = entry.epoch, entry.batches[-1].last_seq
+                current_epoch, current_last_seq = entry.epoch, entry.batches[-1][_LAST_SEQ]
                 if epoch == current_epoch:
                     duplicate = entry.find_duplicate(first_seq, last_seq)
                     if duplicate is not None:
@@ -444,10 +451,10 @@ class ProducerStateManager:
                 Verdict.REJECT,
                 ErrorCode.INVALID_REQUEST,
                 f"request to partition {self._partition} mixes {len(duplicates)} retried batch(es) "
-                f"(first already at offset {duplicates[0].base_offset}) with {new_batches} new one(s); "
+                f"(first already at offset {duplicates[0][_BASE_OFFSET]}) with {new_batches} new one(s); "
                 f"a retry must resend the batches exactly as first sent",
             )
-        return CheckResult(Verdict.DUPLICATE, duplicates=tuple(duplicates))
+        return CheckResult(Verdict.DUPLICATE, duplicates=tuple(BatchMetadata(*b) for b in duplicates))
 
     # --- folding appended batches in -------------------------------------------------------
 
@@ -480,10 +487,11 @@ class ProducerStateManager:
                 )
             self._end_offset = last_offset + 1
             producer_id = header.producer_id
-            if producer_id < 0 or header.is_control:
+            if producer_id < 0 or header.attributes & CONTROL_FLAG_MASK:
                 continue
             epoch = header.producer_epoch
-            if epoch < 0 or header.base_sequence < 0:
+            first_seq = header.base_sequence
+            if epoch < 0 or first_seq < 0:
                 _log.warning(
                     "partition %s: ignoring batch at offset %d of producer %d with epoch %d and base "
                     "sequence %d", self._partition, base_offset, producer_id, epoch, header.base_sequence,
@@ -503,8 +511,8 @@ class ProducerStateManager:
                 entry.epoch = epoch
                 entry.batches.clear()
             entry.batches.append(
-                BatchMetadata(header.base_sequence, header.last_sequence, base_offset, last_offset,
-                              header.max_timestamp)
+                (first_seq, (first_seq + header.last_offset_delta) & INT32_MAX, base_offset, last_offset,
+                 header.max_timestamp)
             )
             entry.last_update_ms = now_ms
 
@@ -532,11 +540,11 @@ class ProducerStateManager:
         removed: list[int] = []
         for pid, entry in list(self._producers.items()):
             batches = entry.batches
-            if batches[-1].last_offset < log_start_offset:
+            if batches[-1][_LAST_OFFSET] < log_start_offset:
                 del self._producers[pid]
                 removed.append(pid)
                 continue
-            while batches[0].last_offset < log_start_offset:
+            while batches[0][_LAST_OFFSET] < log_start_offset:
                 batches.popleft()
         if self._end_offset < log_start_offset:
             self._end_offset = log_start_offset
@@ -620,7 +628,10 @@ class ProducerStateManager:
                 continue
             for entry in entries:
                 state = _Entry(entry.producer_epoch, entry.last_update_ms)
-                state.batches.extend(entry.batches)
+                state.batches.extend(
+                    (b.first_seq, b.last_seq, b.base_offset, b.last_offset, b.max_timestamp)
+                    for b in entry.batches
+                )
                 self._producers[entry.producer_id] = state
             self._end_offset = offset
             return offset
@@ -701,7 +712,7 @@ class ProducerStateManager:
             self.delete_snapshots_outside(directory, log_start_offset, offset)
         if offset >= self._end_offset:
             return
-        if all(entry.batches[-1].last_offset < offset for entry in self._producers.values()):
+        if all(entry.batches[-1][_LAST_OFFSET] < offset for entry in self._producers.values()):
             # No producer has a batch in the dropped tail, so no entry changes.
             self._end_offset = offset
             return
