@@ -40,9 +40,16 @@ the state the old leader had. Other calls:
   of the log; `scan_batches` over the segment bytes is enough. Batches past the requested end are
   ignored, so the callback may return more than needed.
 - Periodically (e.g. on segment roll and on clean shutdown): ``state.take_snapshot(snapshot_dir,
-  log_end_offset)``; it keeps the newest `SNAPSHOTS_TO_KEEP` (2) snapshot files.
+  log_end_offset)``; it keeps the newest `SNAPSHOTS_TO_KEEP` (2) snapshot files. To keep its two
+  fsyncs off the event loop: ``offset, data = state.snapshot_bytes(log_end_offset)`` on the loop,
+  then ``ProducerStateManager.write_snapshot(snapshot_dir, offset, data)`` in a thread (no
+  truncation of this partition while it runs).
 - Periodically: ``state.expire(now_ms, producer_id_expiration_ms)``.
 - After retention or DeleteRecords moves the log start: ``state.remove_before(log_start_offset)``.
+- A replica whose log is emptied and restarted at a new start offset: ``state.clear(new_start)``.
+
+`update` raises ValueError for a batch below `end_offset` (a replay without `truncate_to` first);
+that is a node bug, never bad client input. Nothing here raises for bad bytes in a snapshot.
 
 Decisions
 ---------
