@@ -42,6 +42,10 @@ from tidelog.proto.errors import TidelogError
 
 Handler = Callable[[argparse.Namespace], int]
 
+# How long a command waits for a topic it cannot see yet (it may just have been created on another
+# node) before reporting it unknown.
+_TOPIC_GRACE = 1.0
+
 _HINTS = {
     ErrorCode.UNKNOWN_TOPIC_OR_PARTITION: "list topics with `tidelog topic list`",
     ErrorCode.TOPIC_ALREADY_EXISTS: "see it with `tidelog topic describe NAME`",
@@ -576,7 +580,7 @@ def produce_command(args: argparse.Namespace) -> int:
         max_block_ms=args.timeout * 1000,
         delivery_timeout_ms=max(args.timeout * 1000, 30_000 + args.linger_ms),
     ) as producer:
-        producer.partitions_for(args.topic, timeout=min(args.timeout, 3.0))
+        producer.partitions_for(args.topic, timeout=min(args.timeout, _TOPIC_GRACE))
         for line in sys.stdin.buffer:
             if line.endswith(b"\n"):
                 line = line[:-1]
@@ -659,7 +663,7 @@ def consume_command(args: argparse.Namespace) -> int:
     ) as consumer:
         tps: list[TopicPartition] = []
         for topic in args.topics:
-            partitions = consumer.partitions_for_topic(topic, timeout=min(args.timeout, 3.0))
+            partitions = consumer.partitions_for_topic(topic, timeout=min(args.timeout, _TOPIC_GRACE))
             chosen = sorted(partitions) if wanted_partitions is None else wanted_partitions
             for p in chosen:
                 if p not in partitions:
@@ -819,7 +823,7 @@ def perf_produce(args: argparse.Namespace) -> int:
     errors: list[BaseException] = []
     progress = _Progress(args.num_records, not args.no_progress)
     with _perf_producer(args) as producer:
-        producer.partitions_for(args.topic, timeout=min(args.timeout, 3.0))
+        producer.partitions_for(args.topic, timeout=min(args.timeout, _TOPIC_GRACE))
         started = time.monotonic()
         for i in range(args.num_records):
             sent_at = time.monotonic()
@@ -871,7 +875,7 @@ def perf_consume(args: argparse.Namespace) -> int:
     progress = _Progress(args.num_records, not args.no_progress)
     with Consumer(args.bootstrap, auto_offset_reset="earliest",
                   default_api_timeout_ms=args.timeout * 1000, max_poll_records=10_000) as consumer:
-        partitions = consumer.partitions_for_topic(args.topic, timeout=min(args.timeout, 3.0))
+        partitions = consumer.partitions_for_topic(args.topic, timeout=min(args.timeout, _TOPIC_GRACE))
         tps = [TopicPartition(args.topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
         spec = parse_offset_spec(args.offset, int(time.time() * 1000))
@@ -894,7 +898,7 @@ def perf_e2e(args: argparse.Namespace) -> int:
     failure: list[BaseException] = []
     with Consumer(args.bootstrap, default_api_timeout_ms=args.timeout * 1000,
                   max_poll_records=10_000) as consumer:
-        partitions = consumer.partitions_for_topic(args.topic, timeout=min(args.timeout, 3.0))
+        partitions = consumer.partitions_for_topic(args.topic, timeout=min(args.timeout, _TOPIC_GRACE))
         tps = [TopicPartition(args.topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
         consumer.seek_to_end()
