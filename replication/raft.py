@@ -50,12 +50,14 @@ from tidelog.replication.messages import (
     Message,
     VoteRequest,
     VoteResponse,
+    coalesce,
 )
 
 # Control record keys: (version int16 = 0, type int16), Kafka's ControlRecordType numbering.
 LEADER_CHANGE_KEY = struct.pack(">hh", 0, 3)
 VOTERS_KEY = struct.pack(">hh", 0, 7)
 
+_VOTERS_KEY_FIELD = b"\x08" + VOTERS_KEY
 _INT32 = struct.Struct(">i")
 _INT16 = struct.Struct(">h")
 
@@ -202,6 +204,13 @@ class Output:
     committed: list[Proposal] = field(default_factory=list)
     failed: list[Proposal] = field(default_factory=list)
     voters: tuple[int, ...] | None = None
+    # The lowest offset the core truncated the log to in this step (its end offset then), so the
+    # node can drop state derived from the removed batches (producer state, index caches).
+    truncated_to: int | None = None
+
+    def by_destination(self) -> dict[int, list[Message]]:
+        """The messages grouped by destination node (see `messages.coalesce`)."""
+        return coalesce(self.messages)
 
     def __bool__(self) -> bool:
         return bool(
@@ -213,6 +222,7 @@ class Output:
             or self.committed
             or self.failed
             or self.voters is not None
+            or self.truncated_to is not None
         )
 
 
@@ -226,7 +236,9 @@ class _Progress:
         self.last_fetch_ms = -1 << 62
 
 
-_NEVER = 1 << 62
+# `next_deadline()` when no timer is armed (an observer with nothing to do).
+NEVER = 1 << 62
+_NEVER = NEVER
 
 
 def control_batch(key: bytes, value: dict[str, object], timestamp: int) -> bytes:
@@ -995,6 +1007,8 @@ class RaftGroup:
             )
         end = self._log.truncate_to(offset)
         assert end >= self._hw
+        out = self._out
+        out.truncated_to = end if out.truncated_to is None else min(out.truncated_to, end)
         self._flush_generation += 1
         self._flushed = min(self._flushed, end)
         self._flush_requested = self._flushed
@@ -1025,7 +1039,9 @@ class RaftGroup:
             (length,) = _INT32.unpack_from(buf, position + BATCH_LENGTH_OFFSET)
             end = position + length + LOG_OVERHEAD
             (attributes,) = _INT16.unpack_from(buf, position + ATTRIBUTES_OFFSET)
-            if attributes & CONTROL_FLAG_MASK:
+            # Control batches are rare but every leader change makes one; decode only those that
+            # can hold a voters record (keyLength 4 as a zig-zag varint, then the key).
+            if attributes & CONTROL_FLAG_MASK and buf.find(_VOTERS_KEY_FIELD, position, end) >= 0:
                 for batch in decode_batches(buf[position:end]):
                     for record in batch.records():
                         if record.key == VOTERS_KEY and record.value is not None:

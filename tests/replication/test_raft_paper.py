@@ -381,6 +381,7 @@ def test_follower_truncates_a_divergent_tail_and_converges() -> None:
     cluster.propose(1, b"new")
     cluster.settle()
     leader_log = cluster.logs[1]
+    assert [o.truncated_to for o in cluster.outputs[2] if o.truncated_to is not None] == [2]
     for node_id in (2, 3):
         log = cluster.logs[node_id]
         assert log.end_offset == leader_log.end_offset
@@ -403,6 +404,22 @@ def test_follower_never_truncates_below_its_high_watermark() -> None:
     )
     with pytest.raises(TruncationBelowHighWatermarkError):
         follower.receive(bad)
+
+
+def test_follower_high_watermark_never_goes_back_under_a_new_leader() -> None:
+    """KIP-595: followers learn the HW from fetch responses; a new leader may not know the
+    latest HW yet (it learns it by committing its own epoch), and a follower keeps what it knew."""
+    cluster = Cluster()
+    cluster.elect(1)
+    cluster.propose(1, b"x")
+    cluster.flush(1)
+    cluster.run(drop=lambda m: isinstance(m, FetchRequest) and m.src == 2 and m.fetch_offset == 2)
+    assert (cluster[2].high_watermark, cluster[3].high_watermark) == (1, 2)
+    assert cluster.logs[2].end_offset == 2
+    cluster.elect(2)
+    assert cluster[3].leader_id == 2 and cluster[3].high_watermark == 3
+    hw_changes = [o.high_watermark for o in cluster.outputs[3] if o.high_watermark is not None]
+    assert hw_changes == sorted(set(hw_changes))
 
 
 def test_fetch_long_poll_parks_until_data_arrives() -> None:
