@@ -93,6 +93,7 @@ class SimConfig:
     isolate_new_leader_p: float = 0.15
     tear_p: float = 0.5
     max_flush_ms: int = 4
+    slow_flush_p: float = 0.01
     propose_interval_ms: int = 20
     observers: int = 1
     liveness_bound_ms: int = 40 * 100
@@ -318,7 +319,11 @@ class Simulation:
         for proposal in out.committed:
             self._on_committed(node, proposal.base_offset, proposal.last_offset, proposal.epoch)
         if out.flush is not None:
-            delay = int(self.rng.random() * (self.config.max_flush_ms + 1))
+            cfg = self.config
+            if self.rng.random() < cfg.slow_flush_p:
+                delay = self.rng.randint(cfg.max_flush_ms, 2 * cfg.election_timeout_ms)  # an fsync stall
+            else:
+                delay = int(self.rng.random() * (cfg.max_flush_ms + 1))
             self._push(now + delay, _FLUSH, node, (node.incarnation, out.flush))
         granted_vote = False
         persisted = node.persisted
