@@ -137,9 +137,7 @@ class MemoryLog:
             if header.base_offset != expected:
                 raise LogAppendError(f"batch at offset {header.base_offset}, log ends at {expected}")
             if header.partition_leader_epoch < epoch:
-                raise LogAppendError(
-                    f"batch of epoch {header.partition_leader_epoch} after epoch {epoch}"
-                )
+                raise LogAppendError(f"batch of epoch {header.partition_leader_epoch} after epoch {epoch}")
             expected = header.next_offset
             epoch = header.partition_leader_epoch
         base = self.end_offset
@@ -219,7 +217,7 @@ class MemoryLog:
         prefix (`scan_valid_prefix`) and discards the torn rest. A truncation that was not
         flushed is undone: the truncated batches come back.
         """
-        unflushed = list(zip(self._bases, self._nexts, self._epochs, self._data))[self._synced :]
+        unflushed = list(zip(self._bases, self._nexts, self._epochs, self._data, strict=True))[self._synced :]
         survivors: list[tuple[int, int, int, bytes]] = []
         if self._disk_tail:
             survivors = list(self._disk_tail)
@@ -231,7 +229,7 @@ class MemoryLog:
                 written += torn[: rng.randrange(1, len(torn))]
             headers, _ = scan_valid_prefix(written)
             survivors = unflushed[: len(headers)]
-        durable = list(zip(self._bases, self._nexts, self._epochs, self._data))[: self._synced]
+        durable = list(zip(self._bases, self._nexts, self._epochs, self._data, strict=True))[: self._synced]
         self._bases, self._nexts, self._epochs, self._data = [], [], [], []
         self._epoch_starts = []
         for entry in durable + survivors:

@@ -88,7 +88,9 @@ class RaftError(Exception):
 
 class IllegalTransitionError(RaftError):
     def __init__(self, group_id: str, node_id: int, old: Role, new: Role, why: str = "") -> None:
-        super().__init__(f"group {group_id} node {node_id}: illegal transition {old.value} -> {new.value}{why}")
+        super().__init__(
+            f"group {group_id} node {node_id}: illegal transition {old.value} -> {new.value}{why}"
+        )
         self.old = old
         self.new = new
 
@@ -388,7 +390,9 @@ class RaftGroup:
         if role is Role.FOLLOWER:
             deadline = self._election_deadline if self.node_id in self._voters else _NEVER
             if self._fetch_inflight:
-                resend = self._fetch_sent_ms + self._config.fetch_max_wait_ms + self._config.request_timeout_ms
+                resend = (
+                    self._fetch_sent_ms + self._config.fetch_max_wait_ms + self._config.request_timeout_ms
+                )
                 return min(deadline, resend)
             if self._flushed >= self._log.end_offset:
                 return min(deadline, self._fetch_retry_ms)
@@ -506,7 +510,9 @@ class RaftGroup:
         if now_ms is not None and now_ms > self._now:
             self._now = now_ms
         if message.group_id != self.group_id or message.dst != self.node_id:
-            raise ValueError(f"message for {message.group_id}/{message.dst} given to {self.group_id}/{self.node_id}")
+            raise ValueError(
+                f"message for {message.group_id}/{message.dst} given to {self.group_id}/{self.node_id}"
+            )
         kind = type(message)
         if kind is FetchRequest:
             self._on_fetch_request(message)  # type: ignore[arg-type]
@@ -695,10 +701,14 @@ class RaftGroup:
                 and not (self._role is Role.FOLLOWER and self._now < self._lease_until)
                 and self._log_up_to_date(m.last_epoch, m.end_offset)
             )
-            self._send(VoteResponse(self.group_id, self.node_id, m.src, self._epoch, granted, True, self._leader_id))
+            self._send(
+                VoteResponse(self.group_id, self.node_id, m.src, self._epoch, granted, True, self._leader_id)
+            )
             return
         if m.epoch < self._epoch:
-            self._send(VoteResponse(self.group_id, self.node_id, m.src, self._epoch, False, False, self._leader_id))
+            self._send(
+                VoteResponse(self.group_id, self.node_id, m.src, self._epoch, False, False, self._leader_id)
+            )
             return
         if m.epoch > self._epoch:
             self._become_unattached(m.epoch)
@@ -721,7 +731,9 @@ class RaftGroup:
                 self._transition(Role.UNATTACHED)
                 self._announce()
             self._election_deadline = self._now + self._random_election_timeout()
-        self._send(VoteResponse(self.group_id, self.node_id, m.src, self._epoch, granted, False, self._leader_id))
+        self._send(
+            VoteResponse(self.group_id, self.node_id, m.src, self._epoch, granted, False, self._leader_id)
+        )
 
     def _on_vote_response(self, m: VoteResponse) -> None:
         if m.epoch > self._epoch:
@@ -758,7 +770,9 @@ class RaftGroup:
         for voter in self._voters:
             if voter not in answered:
                 self._send(
-                    VoteRequest(self.group_id, self.node_id, voter, epoch, log.last_epoch, log.end_offset, pre_vote)
+                    VoteRequest(
+                        self.group_id, self.node_id, voter, epoch, log.last_epoch, log.end_offset, pre_vote
+                    )
                 )
         self._vote_resend_ms = self._now + self._config.request_timeout_ms
 
@@ -804,8 +818,19 @@ class RaftGroup:
         leader = self._leader_id if self._role in (Role.FOLLOWER, Role.LEADER) else None
         self._send(
             FetchResponse(
-                self.group_id, self.node_id, m.src, self._epoch, leader, error, m.fetch_id,
-                m.fetch_offset, m.last_fetched_epoch, b"", self._hw, NO_DIVERGENCE, -1,
+                self.group_id,
+                self.node_id,
+                m.src,
+                self._epoch,
+                leader,
+                error,
+                m.fetch_id,
+                m.fetch_offset,
+                m.last_fetched_epoch,
+                b"",
+                self._hw,
+                NO_DIVERGENCE,
+                -1,
             )
         )
 
@@ -831,8 +856,19 @@ class RaftGroup:
             if epoch != m.last_fetched_epoch or m.fetch_offset > end:
                 self._send(
                     FetchResponse(
-                        self.group_id, self.node_id, m.src, self._epoch, self.node_id, FetchError.NONE,
-                        m.fetch_id, m.fetch_offset, m.last_fetched_epoch, b"", self._hw, epoch, end,
+                        self.group_id,
+                        self.node_id,
+                        m.src,
+                        self._epoch,
+                        self.node_id,
+                        FetchError.NONE,
+                        m.fetch_id,
+                        m.fetch_offset,
+                        m.last_fetched_epoch,
+                        b"",
+                        self._hw,
+                        epoch,
+                        end,
                     )
                 )
                 return
@@ -852,8 +888,19 @@ class RaftGroup:
         records = self._log.read(m.fetch_offset, self._config.max_fetch_bytes)
         self._send(
             FetchResponse(
-                self.group_id, self.node_id, m.src, self._epoch, self.node_id, FetchError.NONE,
-                m.fetch_id, m.fetch_offset, m.last_fetched_epoch, records, self._hw, NO_DIVERGENCE, -1,
+                self.group_id,
+                self.node_id,
+                m.src,
+                self._epoch,
+                self.node_id,
+                FetchError.NONE,
+                m.fetch_id,
+                m.fetch_offset,
+                m.last_fetched_epoch,
+                records,
+                self._hw,
+                NO_DIVERGENCE,
+                -1,
             )
         )
 
@@ -906,7 +953,11 @@ class RaftGroup:
             # Check quorum (KIP-595 "fetch.timeout.ms"): resign if a majority has not fetched.
             cutoff = now - cfg.fetch_timeout_ms
             recent = sorted(
-                (self._progress[v].last_fetch_ms for v in self._voters if v != self.node_id and v in self._progress),
+                (
+                    self._progress[v].last_fetch_ms
+                    for v in self._voters
+                    if v != self.node_id and v in self._progress
+                ),
                 reverse=True,
             )
             needed = len(self._voters) // 2 + 1 - (1 if self.node_id in self._voters else 0)
@@ -921,8 +972,10 @@ class RaftGroup:
                 self._answer_fetch(request)
         if now >= self._begin_resend_ms:
             missing = [
-                r for r in self._replicas
-                if r != self.node_id and (r not in self._progress or self._progress[r].last_fetch_ms < self._leader_since)
+                r
+                for r in self._replicas
+                if r != self.node_id
+                and (r not in self._progress or self._progress[r].last_fetch_ms < self._leader_since)
             ]
             for replica in missing:
                 self._send(BeginQuorumEpoch(self.group_id, self.node_id, replica, self._epoch))
@@ -943,8 +996,15 @@ class RaftGroup:
         log = self._log
         self._send(
             FetchRequest(
-                self.group_id, self.node_id, self._leader_id, self._epoch, log.end_offset, log.last_epoch,
-                self._fetch_id, self._leader_hw, self._config.fetch_max_wait_ms,
+                self.group_id,
+                self.node_id,
+                self._leader_id,
+                self._epoch,
+                log.end_offset,
+                log.last_epoch,
+                self._fetch_id,
+                self._leader_hw,
+                self._config.fetch_max_wait_ms,
             )
         )
 

@@ -44,6 +44,7 @@ from tidelog.proto.records import Record, encode_batch
 from tidelog.replication.log import MemoryLog
 from tidelog.replication.messages import Message, VoteRequest, VoteResponse
 from tidelog.replication.raft import (
+    Flush,
     MembershipChangeError,
     NotLeaderError,
     Output,
@@ -202,7 +203,18 @@ class SimLog(MemoryLog):
 
 
 class _Node:
-    __slots__ = ("node_id", "log", "group", "persisted", "incarnation", "hw", "tick_at", "up", "role", "cut_incarnation")
+    __slots__ = (
+        "node_id",
+        "log",
+        "group",
+        "persisted",
+        "incarnation",
+        "hw",
+        "tick_at",
+        "up",
+        "role",
+        "cut_incarnation",
+    )
 
     def __init__(self, node_id: int, log: SimLog) -> None:
         self.node_id = node_id
@@ -295,7 +307,13 @@ class Simulation:
             self._seq += 1
             heapq.heappush(
                 self._queue,
-                (self.now + low + int(random_() * (high - low + 1)), self._seq, _DELIVER, message, incarnation),
+                (
+                    self.now + low + int(random_() * (high - low + 1)),
+                    self._seq,
+                    _DELIVER,
+                    message,
+                    incarnation,
+                ),
             )
 
     # --- applying a node's output and checking it ------------------------------------------------
@@ -331,7 +349,11 @@ class Simulation:
         incarnation = node.incarnation
         for message in out.messages:
             self._send(message, incarnation)
-            if direct and message.epoch > persisted.epoch and not (type(message) is VoteRequest and message.pre_vote):
+            if (
+                direct
+                and message.epoch > persisted.epoch
+                and not (type(message) is VoteRequest and message.pre_vote)
+            ):
                 raise Violation(
                     "durable before visible",
                     f"node {node.node_id} sent {type(message).__name__} of epoch {message.epoch} while its "
@@ -391,12 +413,14 @@ class Simulation:
             index = bisect.bisect_left(ends, hw)
             if index >= len(ends) or ends[index] != hw or self.committed_chain[index] != chain_id:
                 raise Violation(
-                    "committed prefix", f"node {node.node_id} claims HW {hw} over a prefix that differs from the committed one"
+                    "committed prefix",
+                    f"node {node.node_id} claims HW {hw} over a prefix that differs from the committed one",
                 )
             return
         if top and log.chain_at(top) != self.committed_chain[-1]:
             raise Violation(
-                "committed prefix", f"node {node.node_id} HW {hw} extends a prefix that differs below offset {top}"
+                "committed prefix",
+                f"node {node.node_id} HW {hw} extends a prefix that differs below offset {top}",
             )
         start = bisect.bisect_right(log._nexts, top)
         stop = bisect.bisect_right(log._nexts, hw)
@@ -420,7 +444,9 @@ class Simulation:
                 f"of epoch {leader.log.epoch_for(hw - 1)}",
             )
         voters = group.voters
-        durable = sum(1 for v in voters if v in self.nodes and self.nodes[v].log.durable_chain_at(hw) == chain_id)
+        durable = sum(
+            1 for v in voters if v in self.nodes and self.nodes[v].log.durable_chain_at(hw) == chain_id
+        )
         if durable < len(voters) // 2 + 1:
             raise Violation(
                 "commit rule",
@@ -456,15 +482,25 @@ class Simulation:
         payload = self._proposal_payloads.pop((node.node_id, epoch, base), None)
         ends = self.committed_ends
         if not ends or ends[-1] <= last:
-            raise Violation("committed proposal", f"proposal at {base}..{last} reported committed above the HW")
+            raise Violation(
+                "committed proposal", f"proposal at {base}..{last} reported committed above the HW"
+            )
         if payload is None:
             return  # a voters change, not a client proposal
         index = bisect.bisect_left(node.log._bases, base)
-        if index >= len(node.log._bases) or node.log._bases[index] != base or node.log._data[index][21:] != payload:
-            raise Violation("committed proposal", f"node {node.node_id} reports a proposal at {base} it does not hold")
+        if (
+            index >= len(node.log._bases)
+            or node.log._bases[index] != base
+            or node.log._data[index][21:] != payload
+        ):
+            raise Violation(
+                "committed proposal", f"node {node.node_id} reports a proposal at {base} it does not hold"
+            )
         known = self.committed_payloads.setdefault(base, payload)
         if known != payload:
-            raise Violation("committed proposal", f"two different proposals reported committed at offset {base}")
+            raise Violation(
+                "committed proposal", f"two different proposals reported committed at offset {base}"
+            )
 
     def check_committed_write(self, node_id: int, next_offset: int, chain_id: int) -> None:
         ends = self.committed_ends
@@ -472,7 +508,8 @@ class Simulation:
             index = bisect.bisect_left(ends, next_offset)
             if ends[index] != next_offset or self.committed_chain[index] != chain_id:
                 raise Violation(
-                    "committed prefix", f"node {node_id} writes a batch ending at {next_offset} that differs from the committed log"
+                    "committed prefix",
+                    f"node {node_id} writes a batch ending at {next_offset} that differs from the committed log",
                 )
 
     def check_committed_truncation(self, node_id: int, first_removed_end: int, chain_id: int) -> None:
@@ -480,7 +517,10 @@ class Simulation:
         if ends and first_removed_end <= ends[-1]:
             index = bisect.bisect_left(ends, first_removed_end)
             if ends[index] == first_removed_end and self.committed_chain[index] == chain_id:
-                raise Violation("committed prefix", f"node {node_id} truncates committed data ending at {first_removed_end}")
+                raise Violation(
+                    "committed prefix",
+                    f"node {node_id} truncates committed data ending at {first_removed_end}",
+                )
 
     def final_check(self) -> None:
         """Every committed proposal is still, with its bytes, at its offset on every node holding it."""
@@ -492,9 +532,15 @@ class Simulation:
                     ends = self.committed_ends
                     # Only a prefix that agrees with the committed log must hold it.
                     at = bisect.bisect_left(ends, log._nexts[index])
-                    if at < len(ends) and ends[at] == log._nexts[index] and log.chain[index] == self.committed_chain[at]:
+                    if (
+                        at < len(ends)
+                        and ends[at] == log._nexts[index]
+                        and log.chain[index] == self.committed_chain[at]
+                    ):
                         if log._data[index][21:] != payload:
-                            raise Violation("committed proposal", f"node {node.node_id} changed the proposal at {base}")
+                            raise Violation(
+                                "committed proposal", f"node {node.node_id} changed the proposal at {base}"
+                            )
 
     # --- faults -----------------------------------------------------------------------------------
 
@@ -633,7 +679,8 @@ class Simulation:
                     self._heal_all()
                 if self.calm and at > self.heal_ms + cfg.liveness_bound_ms:
                     raise Violation(
-                        "liveness", f"no new proposal committed within {cfg.liveness_bound_ms} ms after all faults healed"
+                        "liveness",
+                        f"no new proposal committed within {cfg.liveness_bound_ms} ms after all faults healed",
                     )
                 if kind == _DELIVER:
                     node = nodes[a.dst]  # type: ignore[attr-defined]
@@ -652,7 +699,8 @@ class Simulation:
                     self._apply(node)
                 elif kind == _FLUSH:
                     node = a  # type: ignore[assignment]
-                    incarnation, flush = b  # type: ignore[misc]
+                    incarnation: int = b[0]  # type: ignore[index]
+                    flush: Flush = b[1]  # type: ignore[index]
                     if not node.up or node.incarnation != incarnation:
                         continue
                     node.log.flush()
@@ -712,7 +760,13 @@ class Simulation:
     @staticmethod
     def _format(entry: tuple[int, int, object, object]) -> str:
         at, kind, a, _ = entry
-        names = {_DELIVER: "deliver", _FAULT: "fault", _RESTART: "restart", _HEAL: "heal", _PROPOSE: "propose"}
+        names = {
+            _DELIVER: "deliver",
+            _FAULT: "fault",
+            _RESTART: "restart",
+            _HEAL: "heal",
+            _PROPOSE: "propose",
+        }
         if kind == _ISOLATE:
             return f"{at:>7} ms  isolate node {a}"  # type: ignore[str-format]
         if kind == _DELIVER:
@@ -774,7 +828,9 @@ class Summary:
         )
 
 
-def run_seeds(seeds: Sequence[int], config: SimConfig, *, workers: int = 1, stop_on_violation: bool = True) -> Summary:
+def run_seeds(
+    seeds: Sequence[int], config: SimConfig, *, workers: int = 1, stop_on_violation: bool = True
+) -> Summary:
     started = time.perf_counter()
     cpu_started = _cpu_seconds()
     summary = Summary()
@@ -814,15 +870,21 @@ def _collect(summary: Summary, results: list[SeedResult]) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tidelog.replication.sim", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tidelog.replication.sim", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--seeds", type=int, default=100, help="how many seeds to run")
     parser.add_argument("--start", type=int, default=0, help="first seed")
     parser.add_argument("--seed", type=int, default=None, help="replay exactly this one seed")
     parser.add_argument("--nodes", type=int, choices=(3, 5), default=3, help="voters at the start")
     parser.add_argument("--steps", type=int, default=600, help="chaos steps per seed before the faults heal")
     parser.add_argument("--workers", type=int, default=1, help="processes running seeds in parallel")
-    parser.add_argument("--bug", choices=BUGS, action="append", default=[], help="run a deliberately broken core")
-    parser.add_argument("--trace", action="store_true", help="print the last events of every seed with a violation")
+    parser.add_argument(
+        "--bug", choices=BUGS, action="append", default=[], help="run a deliberately broken core"
+    )
+    parser.add_argument(
+        "--trace", action="store_true", help="print the last events of every seed with a violation"
+    )
     args = parser.parse_args(argv)
     config = SimConfig(nodes=args.nodes, steps=args.steps, bugs=tuple(args.bug))
     seeds = [args.seed] if args.seed is not None else list(range(args.start, args.start + args.seeds))
@@ -830,8 +892,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(summary.line())
     for result in summary.violations:
         print(f"VIOLATION seed={result.seed} nodes={args.nodes} steps={args.steps}: {result.violation}")
-        print(f"  replay: python -m tidelog.replication.sim --seed {result.seed} --nodes {args.nodes} --steps {args.steps}"
-              + "".join(f" --bug {bug}" for bug in args.bug))
+        replay = f"python -m tidelog.replication.sim --seed {result.seed} --nodes {args.nodes} --steps {args.steps}"
+        print("  replay: " + replay + "".join(f" --bug {bug}" for bug in args.bug))
         for line in result.trace[-25:]:
             print("  " + line)
     return 1 if summary.violations else 0

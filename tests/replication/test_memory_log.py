@@ -18,7 +18,9 @@ def test_leader_append_assigns_offsets_and_stamps_the_epoch() -> None:
     assert log.append(batch(b"c") + batch(b"d", b"e", b"f"), 4) == (2, 5)
     headers = scan_batches(log.read(0, 1 << 20))
     assert [(h.base_offset, h.last_offset, h.partition_leader_epoch) for h in headers] == [
-        (0, 1, 3), (2, 2, 4), (3, 5, 4),
+        (0, 1, 3),
+        (2, 2, 4),
+        (3, 5, 4),
     ]
     assert (log.end_offset, log.last_epoch) == (6, 4)
     assert [log.epoch_for(o) for o in (0, 1, 2, 5, 6)] == [3, 3, 4, 4, None]

@@ -42,12 +42,19 @@ T = 100  # election timeout of RaftConfig.scaled(100)
 
 def lone(node_id: int = 1, voters=(1, 2, 3), **kwargs) -> RaftGroup:
     return RaftGroup(
-        GROUP, node_id, voters, log=kwargs.pop("log", MemoryLog()), config=RaftConfig.scaled(T),
-        rng=random.Random(1), **kwargs,
+        GROUP,
+        node_id,
+        voters,
+        log=kwargs.pop("log", MemoryLog()),
+        config=RaftConfig.scaled(T),
+        rng=random.Random(1),
+        **kwargs,
     )
 
 
-def vote_request(src: int, dst: int, epoch: int, last_epoch: int = 0, end_offset: int = 0, pre_vote: bool = False):
+def vote_request(
+    src: int, dst: int, epoch: int, last_epoch: int = 0, end_offset: int = 0, pre_vote: bool = False
+):
     return VoteRequest(GROUP, src, dst, epoch, last_epoch, end_offset, pre_vote)
 
 
@@ -123,7 +130,9 @@ def test_election_timeout_is_randomized_between_t_and_2t() -> None:
     KRaft: election.timeout.ms T, randomized in [T, 2T)."""
     deadlines = set()
     for seed in range(200):
-        group = RaftGroup(GROUP, 1, (1, 2, 3), log=MemoryLog(), config=RaftConfig.scaled(T), rng=random.Random(seed))
+        group = RaftGroup(
+            GROUP, 1, (1, 2, 3), log=MemoryLog(), config=RaftConfig.scaled(T), rng=random.Random(seed)
+        )
         deadlines.add(group.next_deadline())
     assert min(deadlines) >= T and max(deadlines) < 2 * T
     assert len(deadlines) > 50
@@ -162,7 +171,9 @@ def test_pre_vote_majority_makes_a_candidate_that_persists_before_asking() -> No
     assert cluster[1].role is Role.CANDIDATE
     assert out.quorum_state == QuorumState(1, 1, None)
     requests = [m for m in out.messages if isinstance(m, VoteRequest)]
-    assert sorted(m.dst for m in requests) == [2, 3] and all(not m.pre_vote and m.epoch == 1 for m in requests)
+    assert sorted(m.dst for m in requests) == [2, 3] and all(
+        not m.pre_vote and m.epoch == 1 for m in requests
+    )
 
 
 @pytest.mark.parametrize(
@@ -256,7 +267,9 @@ def test_follower_with_live_leader_rejects_pre_votes() -> None:
     partitioned away cannot disrupt the quorum when it comes back."""
     cluster = Cluster()
     cluster.elect(1)
-    out = cluster.deliver(vote_request(3, 2, epoch=cluster[2].epoch + 1, last_epoch=9, end_offset=99, pre_vote=True))
+    out = cluster.deliver(
+        vote_request(3, 2, epoch=cluster[2].epoch + 1, last_epoch=9, end_offset=99, pre_vote=True)
+    )
     assert not out.messages[0].granted
     assert cluster[2].role is Role.FOLLOWER
 
@@ -399,8 +412,19 @@ def test_follower_never_truncates_below_its_high_watermark() -> None:
     assert follower.high_watermark == 2
     follower._fetch_inflight = True
     bad = FetchResponse(
-        GROUP, 1, 2, follower.epoch, 1, FetchError.NONE, follower._fetch_id, 2, follower.log.last_epoch,
-        b"", 2, 0, 0,
+        GROUP,
+        1,
+        2,
+        follower.epoch,
+        1,
+        FetchError.NONE,
+        follower._fetch_id,
+        2,
+        follower.log.last_epoch,
+        b"",
+        2,
+        0,
+        0,
     )
     with pytest.raises(TruncationBelowHighWatermarkError):
         follower.receive(bad)

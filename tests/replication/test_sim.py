@@ -34,7 +34,13 @@ def test_seed_replays_exactly() -> None:
     config = SimConfig(nodes=5)
     first, second = Simulation(7, config), Simulation(7, config)
     a, b = first.run(), second.run()
-    assert (a.steps, a.elections, a.commits, a.sim_ms, a.violation) == (b.steps, b.elections, b.commits, b.sim_ms, b.violation)
+    assert (a.steps, a.elections, a.commits, a.sim_ms, a.violation) == (
+        b.steps,
+        b.elections,
+        b.commits,
+        b.sim_ms,
+        b.violation,
+    )
     for node_id in first.nodes:
         assert first.nodes[node_id].log.read(0, 1 << 30) == second.nodes[node_id].log.read(0, 1 << 30)
         assert first.nodes[node_id].persisted == second.nodes[node_id].persisted
@@ -94,7 +100,9 @@ def test_liveness_is_checked() -> None:
 def test_command_line_reports_seed_and_exits_nonzero_on_violation() -> None:
     broken = subprocess.run(
         [sys.executable, "-m", "tidelog.replication.sim", "--seeds", "20", "--bug", "skip_truncation"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert broken.returncode == 1, broken.stdout + broken.stderr
     assert "violations=1" in broken.stdout
@@ -103,8 +111,15 @@ def test_command_line_reports_seed_and_exits_nonzero_on_violation() -> None:
     assert f"--seed {match.group(1)} " in broken.stdout
     clean = subprocess.run(
         [sys.executable, "-m", "tidelog.replication.sim", "--seeds", "3", "--nodes", "5", "--steps", "200"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert clean.returncode == 0, clean.stdout + clean.stderr
     (line,) = clean.stdout.splitlines()
-    assert line.startswith("seeds=3 steps=") and "elections=" in line and "commits=" in line and "violations=0" in line
+    assert (
+        line.startswith("seeds=3 steps=")
+        and "elections=" in line
+        and "commits=" in line
+        and "violations=0" in line
+    )
