@@ -183,6 +183,10 @@ NODE_KEYS: tuple[NodeKey, ...] = (
     NodeKey("election_timeout_ms", 1000,
             "Raft election timeout of multi-replica groups (KRaft's default); failover takes about "
             "1-2x this"),
+    NodeKey("replica_fetch_max_wait_ms", 2000,
+            "long-poll of partition replica fetches; an idle partition costs one fetch per follower "
+            "per this, and a leader that stops answering (without crashing) is replaced after twice "
+            "this (the metadata quorum keeps KRaft's 500 ms)"),
     NodeKey("retention_check_interval_ms", 300000,
             "how often segments past retention.ms / retention.bytes are deleted"),
     NodeKey("shutdown_grace_ms", 5000, "on SIGTERM, how long in-flight requests may take to finish"),
@@ -208,6 +212,7 @@ class NodeConfig:
     shutdown_grace_ms: int = 5000
     retention_check_interval_ms: int = 300000
     election_timeout_ms: int = 1000
+    replica_fetch_max_wait_ms: int = 2000
     topic_defaults: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
@@ -273,6 +278,8 @@ def build_config(values: Mapping[str, Any]) -> NodeConfig:
             "fetch_max_wait_ms_limit", values.get("fetch_max_wait_ms_limit", 30000), 0),
         shutdown_grace_ms=_int("shutdown_grace_ms", values.get("shutdown_grace_ms", 5000), 0),
         election_timeout_ms=_int("election_timeout_ms", values.get("election_timeout_ms", 1000), 10),
+        replica_fetch_max_wait_ms=_int(
+            "replica_fetch_max_wait_ms", values.get("replica_fetch_max_wait_ms", 2000), 1),
         retention_check_interval_ms=_int(
             "retention_check_interval_ms", values.get("retention_check_interval_ms", 300000), 1),
         topic_defaults=MappingProxyType(topic_defaults),

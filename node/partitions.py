@@ -188,7 +188,8 @@ class PartitionManager:
     def __init__(self, data_dir: Path, node_id: int, flush_policy: str, flush_interval_ms: int,
                  topic_config_defaults: Callable[[], Mapping[str, str]],
                  retention_check_interval_ms: int, send: Callable[[list[Message]], None],
-                 election_timeout_ms: int, on_leaders_changed: Callable[[], None]) -> None:
+                 election_timeout_ms: int, on_leaders_changed: Callable[[], None],
+                 fetch_max_wait_ms: int | None = None) -> None:
         self.data_dir = data_dir
         self.node_id = node_id
         self.flush_policy = flush_policy
@@ -197,6 +198,7 @@ class PartitionManager:
         self.retention_check_interval_ms = retention_check_interval_ms
         self._send = send
         self._election_timeout_ms = election_timeout_ms
+        self._fetch_max_wait_ms = fetch_max_wait_ms
         self._on_leaders_changed = on_leaders_changed
         self.partitions: dict[tuple[str, int], Partition] = {}
         self.by_group: dict[str, Partition] = {}
@@ -287,7 +289,7 @@ class PartitionManager:
         replica = Replica(group_id_for(topic, index, topic_id), self.node_id, tuple(replicas), directory, storage,
                           self._send, self.flush_policy, self._election_timeout_ms,
                           on_role_change=lambda _: self._on_leaders_changed(),
-                          campaign_now=replicas[0] == self.node_id)
+                          campaign_now=replicas[0] == self.node_id, fetch_max_wait_ms=self._fetch_max_wait_ms)
         return Partition(topic, index, topic_id, directory, replica)
 
     def _remove_orphans(self, image: MetadataImage) -> None:

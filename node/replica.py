@@ -25,6 +25,7 @@ import json
 import logging
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -45,6 +46,7 @@ from tidelog.replication.raft import (
 log = logging.getLogger(__name__)
 
 QUORUM_STATE_FILE = "quorum-state"
+TIMER_GRID_MS = 50
 _NEVER = 1 << 61
 
 
@@ -122,12 +124,23 @@ def save_quorum_state(directory: Path, state: QuorumState) -> None:
     atomic_write(directory, QUORUM_STATE_FILE, body.encode())
 
 
-def raft_config_for(voters: int, election_timeout_ms: int) -> RaftConfig:
-    # A single voter cannot split a vote, so it need not wait a full election timeout before
-    # leading (that wait would be the start-up latency of every single-replica partition).
+def raft_config_for(voters: int, election_timeout_ms: int, fetch_max_wait_ms: int | None = None) -> RaftConfig:
+    """KRaft's timings at ``election_timeout_ms``, with an optionally longer replica long-poll.
+
+    An idle group costs one fetch per follower per long-poll, so the long-poll sets the idle
+    cost of many partitions; the fetch timeout (a silent leader's detection) is kept at twice
+    it, as KIP-1236 requires. A crashed leader is detected faster than that anyway, by its
+    refused connection (`Replica.leader_node_down`).
+    """
     if voters == 1:
+        # A single voter cannot split a vote, so it need not wait a full election timeout
+        # before leading (that wait would be the start-up latency of every such partition).
         return RaftConfig.scaled(20)
-    return RaftConfig.scaled(election_timeout_ms)
+    base = RaftConfig.scaled(election_timeout_ms)
+    if fetch_max_wait_ms is None or fetch_max_wait_ms <= base.fetch_max_wait_ms:
+        return base
+    return replace(base, fetch_max_wait_ms=fetch_max_wait_ms,
+                   fetch_timeout_ms=max(base.fetch_timeout_ms, 2 * fetch_max_wait_ms))
 
 
 class ReplicaClosed(Exception):
@@ -149,7 +162,7 @@ class Replica:
                  election_timeout_ms: int = 1000,
                  on_role_change: Callable[[Replica], None] | None = None,
                  on_high_watermark: Callable[[Replica], None] | None = None,
-                 campaign_now: bool = False) -> None:
+                 campaign_now: bool = False, fetch_max_wait_ms: int | None = None) -> None:
         self.group_id = group_id
         self.node_id = node_id
         self.directory = directory
@@ -170,7 +183,7 @@ class Replica:
         self._skew_ms = 0
         self._config_fetch_timeout_ms = 0
         quorum_state = load_quorum_state(directory)
-        config = raft_config_for(len(voters), election_timeout_ms)
+        config = raft_config_for(len(voters), election_timeout_ms, fetch_max_wait_ms)
         start_ms = self._now()
         if campaign_now and quorum_state is None:
             # A brand-new group's preferred leader starts as if its election timeout had
@@ -328,7 +341,11 @@ class Replica:
         if self._timer is not None:
             self._timer.cancel()
         self._timer_at = deadline
-        self._timer = self._loop.call_later(max(deadline + 1 - self._now(), 0) / 1000, self._on_timer)
+        # Timers fire on a common grid (a little late is allowed; early is harmless too), so the
+        # long-poll expiries and fetches of many idle groups fall into the same loop iteration
+        # and leave in one envelope per peer instead of one gRPC write each.
+        fire_at = -(-(deadline + 1) // TIMER_GRID_MS) * TIMER_GRID_MS
+        self._timer = self._loop.call_later(max(fire_at - self._now(), 0) / 1000, self._on_timer)
 
     def _request_flush(self, flush: Flush) -> None:
         if self.flush_policy == FlushPolicy.INTERVAL:

@@ -79,7 +79,7 @@ class Node:
         self.partitions = PartitionManager(
             config.data_dir, config.node_id, config.flush, config.flush_interval_ms,
             lambda: config.topic_config_defaults, config.retention_check_interval_ms, self.transport.send,
-            config.election_timeout_ms, self.transport.leaders_changed)
+            config.election_timeout_ms, self.transport.leaders_changed, config.replica_fetch_max_wait_ms)
         self.quorum = MetadataQuorum(config, self.transport.send, self._on_image, self._on_controller_change)
         self.controller = Controller(config, self.quorum, self.transport.alive)
         self._server: grpc.aio.Server | None = None
