@@ -69,6 +69,11 @@ class RaftLog(Protocol):
         """
         ...
 
+    def reset_to(self, start_offset: int) -> None:
+        """Drop everything and continue as an empty log starting at ``start_offset`` (beyond the
+        end): a follower whose leader deleted, by retention, the offsets it still lacks."""
+        ...
+
     def flush(self) -> int:
         """Make everything appended so far durable; returns the end offset covered.
 
@@ -95,6 +100,7 @@ class MemoryLog:
         self._epoch_starts: list[tuple[int, int]] = []
         self._synced = 0
         self._disk_tail: list[tuple[int, int, int, bytes]] = []
+        self._durable_start = start_offset
 
     # --- the RaftLog interface ------------------------------------------------------------
 
@@ -197,9 +203,37 @@ class MemoryLog:
                 return found_epoch, end
         return NO_EPOCH, self._start
 
+    def reset_to(self, start_offset: int) -> None:
+        assert start_offset >= self.end_offset
+        # Not durable until the next flush: a crash before it brings the old log back.
+        self._disk_tail = self._entries()[: self._synced] + self._disk_tail
+        self._synced = 0
+        self._start = start_offset
+        self._bases, self._nexts, self._epochs, self._data = [], [], [], []
+        self._epoch_starts = []
+
+    def delete_before(self, offset: int) -> int:
+        """Retention: drop the whole batches that end at or before ``offset``; new log start."""
+        drop = bisect.bisect_right(self._nexts, offset)
+        assert drop <= self._synced, "retention deletes only flushed (committed) data"
+        if drop:
+            self._start = self._nexts[drop - 1]
+            del self._bases[:drop], self._nexts[:drop], self._epochs[:drop], self._data[:drop]
+            self._synced = max(0, self._synced - drop)
+            while len(self._epoch_starts) > 1 and self._epoch_starts[1][1] <= self._start:
+                self._epoch_starts.pop(0)
+            if self._epoch_starts:
+                self._epoch_starts[0] = (self._epoch_starts[0][0], max(self._epoch_starts[0][1], self._start))
+            self._durable_start = self._start
+        return self._start
+
+    def _entries(self) -> list[tuple[int, int, int, bytes]]:
+        return list(zip(self._bases, self._nexts, self._epochs, self._data, strict=True))
+
     def flush(self) -> int:
         self._synced = len(self._data)
         self._disk_tail = []
+        self._durable_start = self._start
         return self.end_offset
 
     # --- the crash model --------------------------------------------------------------------
@@ -230,6 +264,7 @@ class MemoryLog:
             headers, _ = scan_valid_prefix(written)
             survivors = unflushed[: len(headers)]
         durable = list(zip(self._bases, self._nexts, self._epochs, self._data, strict=True))[: self._synced]
+        self._start = self._durable_start
         self._bases, self._nexts, self._epochs, self._data = [], [], [], []
         self._epoch_starts = []
         for entry in durable + survivors:

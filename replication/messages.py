@@ -28,6 +28,10 @@ class FetchError(enum.Enum):
     UNKNOWN_LEADER_EPOCH = 2
     # Same epoch, but we are not (or no longer) the leader of it.
     NOT_LEADER_OR_FOLLOWER = 3
+    # The fetch offset is below the leader's log start (retention deleted it): the follower
+    # empties its log and starts again at the leader's log start, carried in
+    # ``diverging_end_offset`` (KRaft would send a snapshot id there; partitions have none).
+    OFFSET_OUT_OF_RANGE = 4
 
 
 @dataclass(frozen=True, slots=True)

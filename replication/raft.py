@@ -850,6 +850,16 @@ class RaftGroup:
             if m.src not in self._replicas:
                 self._replicas.append(m.src)
         progress.last_fetch_ms = self._now
+        start = self._log.start_offset
+        if m.fetch_offset < start:
+            self._send(
+                FetchResponse(
+                    self.group_id, self.node_id, m.src, self._epoch, self.node_id,
+                    FetchError.OFFSET_OUT_OF_RANGE, m.fetch_id, m.fetch_offset, m.last_fetched_epoch,
+                    b"", self._hw, NO_DIVERGENCE, start,
+                )
+            )
+            return
         # KIP-595 validateOffsetAndEpoch: does the follower's log end agree with ours?
         if m.fetch_offset != 0 or m.last_fetched_epoch != NO_EPOCH:
             epoch, end = self._log.end_offset_for_epoch(m.last_fetched_epoch)
@@ -1024,6 +1034,10 @@ class RaftGroup:
         if m.fetch_offset != log.end_offset or m.last_fetched_epoch != log.last_epoch:
             return
         self._fetch_inflight = False
+        if m.error is FetchError.OFFSET_OUT_OF_RANGE and m.diverging_end_offset > log.end_offset:
+            self._reset_to(m.diverging_end_offset)
+            self._maybe_send_fetch()
+            return
         if m.error is not FetchError.NONE:
             self._fetch_retry_ms = self._now + self._config.retry_backoff_ms
             return
@@ -1078,6 +1092,16 @@ class RaftGroup:
                 changes.pop()
             self._set_voters(changes[-1][1] if changes else self._initial_voters)
         self._request_flush()
+
+    def _reset_to(self, start_offset: int) -> None:
+        # Everything below the leader's log start is committed (retention only deletes below
+        # the HW) and gone there; we cannot hold a gap, so we start over at its log start.
+        assert self._hw <= self._log.end_offset < start_offset
+        self._log.reset_to(start_offset)
+        self._flush_generation += 1
+        self._flushed = self._flush_requested = start_offset
+        out = self._out
+        out.truncated_to = start_offset if out.truncated_to is None else min(out.truncated_to, start_offset)
 
     def _append_replicated(self, records: bytes) -> None:
         self._log.append_replicated(records)

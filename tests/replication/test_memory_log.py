@@ -116,3 +116,35 @@ def test_unflushed_truncation_is_undone_by_a_crash() -> None:
     log.flush()
     log.crash(random.Random(0))
     assert log.end_offset == 1
+
+
+def test_retention_moves_the_log_start_and_keeps_epochs() -> None:
+    log = MemoryLog()
+    for e in (1, 1, 2, 2, 3):
+        log.append(batch(b"x"), e)
+    log.flush()
+    assert log.delete_before(3) == 3
+    assert (log.start_offset, log.end_offset) == (3, 5)
+    assert log.end_offset_for_epoch(2) == (2, 4)
+    assert log.end_offset_for_epoch(1) == (0, 3)
+    with pytest.raises(OffsetOutOfRangeError):
+        log.read(2, 100)
+
+
+def test_reset_starts_an_empty_log_further_on_and_is_undone_by_a_crash_before_a_flush() -> None:
+    log = MemoryLog()
+    log.append(batch(b"a"), 1)
+    log.flush()
+    before = log.read(0, 1 << 20)
+    log.reset_to(10)
+    assert (log.start_offset, log.end_offset, log.last_epoch) == (10, 10, 0)
+    log.crash(random.Random(0))
+    assert (log.start_offset, log.read(0, 1 << 20)) == (0, before)
+    log.reset_to(10)
+    leader = MemoryLog()
+    for _ in range(12):
+        leader.append(batch(b"y"), 2)
+    log.append_replicated(leader.read(10, 1 << 20))
+    log.flush()
+    log.crash(random.Random(0))
+    assert (log.start_offset, log.end_offset) == (10, 12)

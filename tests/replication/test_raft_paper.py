@@ -446,6 +446,24 @@ def test_follower_high_watermark_never_goes_back_under_a_new_leader() -> None:
     assert hw_changes == sorted(set(hw_changes))
 
 
+def test_follower_behind_the_leaders_log_start_starts_over_there() -> None:
+    """Kafka (OFFSET_OUT_OF_RANGE, truncateFullyAndStartAt): when retention deleted what a
+    lagging follower still lacks, it empties its log and fetches from the leader's log start."""
+    cluster = Cluster()
+    cluster.elect(1)
+    for value in (b"a", b"b", b"c"):
+        cluster.propose(1, value)
+        cluster.run(drop=lambda m: 3 in (m.src, m.dst))
+    hw = cluster[1].high_watermark
+    assert hw == 4 and cluster.logs[3].end_offset == 1
+    assert cluster.logs[1].delete_before(3) == 3
+    cluster.settle()
+    assert cluster.logs[3].start_offset == 3
+    assert cluster.logs[3].read(3, 1 << 20) == cluster.logs[1].read(3, 1 << 20)
+    assert cluster[3].high_watermark == hw
+    assert [o.truncated_to for o in cluster.outputs[3] if o.truncated_to is not None] == [3]
+
+
 def test_fetch_long_poll_parks_until_data_arrives() -> None:
     """KIP-595 / DESIGN §4: a fetch with nothing new waits at the leader (long-poll) and is
     answered as soon as a proposal appends data, so replication costs no extra round trip."""
