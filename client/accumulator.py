@@ -2,10 +2,12 @@
 
 Records go into an *open* batch per partition; a batch is *sealed* when the next record would
 not fit in ``batch_size``, when ``linger_ms`` has passed since its first record, or on
-flush/close. The sender drains sealed batches; at most one batch per partition is in flight, so
-a retried batch is always re-sent before anything produced after it (per-partition order
-survives retries without idempotence). While a partition has a batch in flight its open batch
-keeps filling instead of being sealed on linger, so a slow partition gets fewer, larger batches.
+flush/close. The sender drains sealed batches as *runs*: a partition's queued batches from the
+head, as many as fit in one request, sent together as one partition entry. At most one run per
+partition is in flight and a failed run is retried whole, first in line, so per-partition order
+survives retries without idempotence, while a busy partition still moves up to a request's worth
+of batches per round trip. While a partition has a run in flight its open batch keeps filling
+instead of being sealed on linger, so a slow partition gets fewer, larger batches.
 
 The accumulator is shared between the application's threads (appends) and the client's event
 loop (draining, completion), so its state is guarded by one lock; waiting for buffer memory is a
@@ -16,6 +18,7 @@ handles for the producer to resolve.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import deque
@@ -77,7 +80,7 @@ class AppendResult:
 class Drain:
     """What the sender should do now."""
 
-    by_node: dict[int, list[ProducerBatch]]
+    by_node: dict[int, list[list[ProducerBatch]]]  # per node: one run of batches per partition
     unknown_leader: set[TopicPartition]
     next_check: float | None  # monotonic time of the next linger/backoff deadline
 
@@ -219,9 +222,16 @@ class RecordAccumulator:
         now: float,
         leader_of: Callable[[TopicPartition], int | None],
         node_ready: Callable[[int], bool] = lambda node: True,
+        max_bytes: int = 0,
     ) -> Drain:
-        """Take the batches to send now, grouped by leader node; each is marked in flight."""
-        by_node: dict[int, list[ProducerBatch]] = {}
+        """Take what to send now, grouped by leader node and marked in flight.
+
+        Each entry of ``by_node[node]`` is one partition's *run*: its sealed batches from the head
+        of its queue, as many as fit in ``max_bytes`` (at least one; 0 = just one). A run travels
+        as one partition entry of one Produce request, so several batches of a partition are in
+        flight at once while order is still kept: the run is retried whole.
+        """
+        by_node: dict[int, list[list[ProducerBatch]]] = {}
         unknown: set[TopicPartition] = set()
         next_check: float | None = None
 
@@ -234,13 +244,13 @@ class RecordAccumulator:
             for tp, queue in self._partitions.items():
                 if queue.in_flight:
                     continue
-                if not queue.sealed and queue.open is not None:
+                if queue.open is not None:
                     linger_end = queue.open.created + self.linger
                     if now >= linger_end:
                         queue.open.sealed = True
                         queue.sealed.append(queue.open)
                         queue.open = None
-                    else:
+                    elif not queue.sealed:
                         later(linger_end)
                         continue
                 if not queue.sealed:
@@ -255,27 +265,36 @@ class RecordAccumulator:
                     continue
                 if not node_ready(leader):
                     continue
+                run = [head]
+                size = head.size
+                for batch in itertools.islice(queue.sealed, 1, None):
+                    if size + batch.size > max_bytes:
+                        break
+                    run.append(batch)
+                    size += batch.size
                 queue.in_flight = True
-                by_node.setdefault(leader, []).append(head)
+                by_node.setdefault(leader, []).append(run)
         return Drain(by_node, unknown, next_check)
 
-    def complete(self, batch: ProducerBatch) -> None:
-        """The in-flight ``batch`` is finished (delivered or failed for good): drop it."""
+    def complete(self, run: list[ProducerBatch]) -> None:
+        """The in-flight ``run`` (or a prefix of it) is finished: delivered or failed for good."""
         with self._lock:
-            queue = self._partitions[batch.tp]
-            assert queue.sealed and queue.sealed[0] is batch, "only the head batch is in flight"
-            queue.sealed.popleft()
+            queue = self._partitions[run[0].tp]
+            for batch in run:
+                assert queue.sealed and queue.sealed[0] is batch, "only the head run is in flight"
+                queue.sealed.popleft()
+                self._release_locked(batch)
             queue.in_flight = False
-            self._release_locked(batch)
 
-    def reenqueue(self, batch: ProducerBatch, retry_at: float) -> None:
-        """The in-flight ``batch`` failed retriably: it stays first in line, sent again later."""
+    def reenqueue(self, run: list[ProducerBatch], retry_at: float) -> None:
+        """The in-flight ``run`` failed retriably: it stays first in line, sent again later."""
         with self._lock:
-            queue = self._partitions[batch.tp]
-            assert queue.sealed and queue.sealed[0] is batch
+            queue = self._partitions[run[0].tp]
+            assert queue.sealed and queue.sealed[0] is run[0]
             queue.in_flight = False
-            batch.attempts += 1
-            batch.retry_at = retry_at
+            for batch in run:
+                batch.attempts += 1
+            run[0].retry_at = retry_at
 
     def expire(self, now: float) -> list[ProducerBatch]:
         """Remove and return batches past their delivery timeout that are not in flight."""

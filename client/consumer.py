@@ -658,8 +658,8 @@ class AsyncConsumer:
         pulse = self._ensure_loop_state()
         limit = max_records or self.max_poll_records
         deadline = time.monotonic() + timeout_ms / 1000.0
-        if self._subscription and (
-            not self._assignment or self.metadata.maybe_expired()
+        if (self._subscription and not self._assignment) or (
+            self._assignment and self.metadata.maybe_expired()
         ):
             self.metadata.request_update()
         if not self._assignment and not self._subscription:

@@ -4,12 +4,12 @@ Shape (aiokafka's producer, DESIGN.md §8): `send` serializes the record, picks 
 (Kafka's murmur2 for keys, sticky for null keys) and appends it to the `RecordAccumulator`; one
 sender task drains batches that are full or whose linger expired, groups them by leader node and
 sends one Produce request per node (several requests may be in flight per node, but at most one
-batch per partition, which keeps per-partition order across retries). Retriable errors are
+run of batches per partition, which keeps per-partition order across retries). Retriable errors are
 retried with exponential backoff until ``delivery_timeout_ms``; NOT_LEADER_OR_FOLLOWER takes the
 answer's leader hint at once and refreshes metadata in the background. Every outcome reaches the
 record's future.
 
-Defaults (documented in docs/CLIENT.md and the class docstring) follow Kafka's producer except
+Defaults (listed in the class docstring) follow Kafka's producer except
 ``batch_size`` (128 KiB rather than 16 KiB: measured on this project, throughput keeps rising up
 to 64–256 KiB batches) and ``compression`` (lz4).
 """
@@ -256,8 +256,7 @@ class AsyncProducer:
                 pass
             self.accumulator.closed = True
             error = TidelogError(ErrorCode.REQUEST_TIMED_OUT, "the producer was closed before delivery")
-            for batch in self.accumulator.abort_all():
-                self._fail_handles(batch, error)
+            self._fail_handles(self.accumulator.abort_all(), error)
             self._stopping = True
             self._wake_sender()
             await self._sender
@@ -404,7 +403,7 @@ class AsyncProducer:
             now = time.monotonic()
             for batch in self.accumulator.expire(now):
                 self._fail_handles(
-                    batch,
+                    [batch],
                     batch.last_error
                     if isinstance(batch.last_error, TidelogError)
                     else TidelogError(
@@ -416,12 +415,16 @@ class AsyncProducer:
                     ),
                 )
             snapshot = self.metadata.snapshot
-            drain = self.accumulator.drain(now, snapshot.leader_id, self._node_ready)
+            drain = self.accumulator.drain(
+                now, snapshot.leader_id, self._node_ready, self.max_request_size
+            )
             if drain.unknown_leader:
                 self.metadata.add_topics(tp.topic for tp in drain.unknown_leader)
                 self.metadata.request_update()
-            for node_id, batches in drain.by_node.items():
-                for chunk in self._split_by_size(batches):
+            elif snapshot.topics and self.metadata.maybe_expired():
+                self.metadata.request_update()  # notice added partitions and moved leaders
+            for node_id, runs in drain.by_node.items():
+                for chunk in self._split_by_size(runs):
                     self._in_flight[node_id] = self._in_flight.get(node_id, 0) + 1
                     task = self._loop.create_task(self._send_request(node_id, chunk))
                     self._requests.add(task)
@@ -437,31 +440,33 @@ class AsyncProducer:
                 continue
             await wait_event(self._wake, timeout)
 
-    def _split_by_size(self, batches: list[ProducerBatch]) -> list[list[ProducerBatch]]:
-        for batch in batches:
-            if batch.encoded is None:
-                batch.encoded = encode_batch(batch.records, compression=self.compression)
-        chunks: list[list[ProducerBatch]] = []
-        current: list[ProducerBatch] = []
+    def _split_by_size(self, runs: list[list[ProducerBatch]]) -> list[list[list[ProducerBatch]]]:
+        """Encode each batch (once: retries reuse the bytes) and pack runs into requests."""
+        chunks: list[list[list[ProducerBatch]]] = []
+        current: list[list[ProducerBatch]] = []
         size = 0
-        for batch in batches:
-            assert batch.encoded is not None
-            if current and size + len(batch.encoded) > self.max_request_size:
+        for run in runs:
+            run_size = 0
+            for batch in run:
+                if batch.encoded is None:
+                    batch.encoded = encode_batch(batch.records, compression=self.compression)
+                run_size += len(batch.encoded)
+            if current and size + run_size > self.max_request_size:
                 chunks.append(current)
                 current, size = [], 0
-            current.append(batch)
-            size += len(batch.encoded)
+            current.append(run)
+            size += run_size
         if current:
             chunks.append(current)
         return chunks
 
-    async def _send_request(self, node_id: int, batches: list[ProducerBatch]) -> None:
+    async def _send_request(self, node_id: int, runs: list[list[ProducerBatch]]) -> None:
         try:
             address = self.metadata.snapshot.address(node_id)
             if address is None:
-                for batch in batches:
+                for run in runs:
                     self._retry_or_fail(
-                        batch, TidelogError(ErrorCode.LEADER_NOT_AVAILABLE, f"node {node_id} is unknown")
+                        run, TidelogError(ErrorCode.LEADER_NOT_AVAILABLE, f"node {node_id} is unknown")
                     )
                 self.metadata.request_update()
                 return
@@ -470,9 +475,11 @@ class AsyncProducer:
                 timeout_ms=int(self.request_timeout_ms),
                 partitions=[
                     api_pb2.ProducePartitionData(
-                        topic=b.tp.topic, partition=b.tp.partition, records=b.encoded
+                        topic=run[0].tp.topic,
+                        partition=run[0].tp.partition,
+                        records=b"".join(b.encoded for b in run),  # type: ignore[misc]
                     )
-                    for b in batches
+                    for run in runs
                 ],
             )
             try:
@@ -485,27 +492,26 @@ class AsyncProducer:
                     f"produce to node {node_id} failed: {describe_rpc_error(exc, address)}",
                 )
                 self.metadata.request_update()
-                for batch in batches:
-                    self._retry_or_fail(batch, error)
+                for run in runs:
+                    self._retry_or_fail(run, error)
                 return
             results = {(r.topic, r.partition): r for r in response.partitions}
-            for batch in batches:
-                result = results.get((batch.tp.topic, batch.tp.partition))
+            for run in runs:
+                tp = run[0].tp
+                result = results.get((tp.topic, tp.partition))
                 if result is None:
                     self._retry_or_fail(
-                        batch,
-                        TidelogError(ErrorCode.UNKNOWN_SERVER_ERROR, f"no result for {batch.tp}"),
+                        run, TidelogError(ErrorCode.UNKNOWN_SERVER_ERROR, f"no result for {tp}")
                     )
                 elif result.error == ErrorCode.NONE:
-                    self._complete(batch, result)
+                    self._complete(run, result)
                 else:
                     if result.error in _METADATA_ERRORS:
                         if result.HasField("leader"):
-                            self.metadata.apply_leader_hint(batch.tp, result.leader)
+                            self.metadata.apply_leader_hint(tp, result.leader)
                         self.metadata.request_update()
                     self._retry_or_fail(
-                        batch,
-                        TidelogError(result.error, result.error_message or f"producing to {batch.tp}"),
+                        run, TidelogError(result.error, result.error_message or f"producing to {tp}")
                     )
         except asyncio.CancelledError:
             # A forced close: the outcome is unknown, and the future must say so.
@@ -514,51 +520,64 @@ class AsyncProducer:
                 "the producer was closed while the request was in flight; the records may or may "
                 "not have been written",
             )
-            for batch in batches:
-                self.accumulator.complete(batch)
-                self._fail_handles(batch, error)
+            for run in runs:
+                self.accumulator.complete(run)
+                self._fail_handles(run, error)
             raise
         except Exception as exc:  # a bug must still reach the futures, not vanish in a task
             log.exception("producer request failed")
-            for batch in batches:
-                self.accumulator.complete(batch)
-                self._fail_handles(batch, exc)
+            for run in runs:
+                self.accumulator.complete(run)
+                self._fail_handles(run, exc)
         finally:
             self._in_flight[node_id] -= 1
             self._wake_sender()
 
-    def _complete(self, batch: ProducerBatch, result: api_pb2.ProducePartitionResult) -> None:
-        self.accumulator.complete(batch)
-        topic, partition = batch.tp.topic, batch.tp.partition
+    def _complete(self, run: list[ProducerBatch], result: api_pb2.ProducePartitionResult) -> None:
+        self.accumulator.complete(run)
+        topic, partition = run[0].tp.topic, run[0].tp.partition
         base = result.base_offset if self.acks != 0 else -1
         append_time = result.log_append_time_ms
-        for record, handle in zip(batch.records, batch.handles):
-            _resolve(
-                handle,
-                RecordMetadata(
-                    topic,
-                    partition,
-                    base + record.offset if base >= 0 else -1,
-                    append_time if append_time >= 0 else record.timestamp,
-                ),
-            )
+        for batch in run:
+            for record, handle in zip(batch.records, batch.handles):
+                _resolve(
+                    handle,
+                    RecordMetadata(
+                        topic,
+                        partition,
+                        base + record.offset if base >= 0 else -1,
+                        append_time if append_time >= 0 else record.timestamp,
+                    ),
+                )
+            if base >= 0:
+                base += batch.record_count  # the node gives a run contiguous offsets
         self._batch_done()
 
-    def _retry_or_fail(self, batch: ProducerBatch, error: TidelogError) -> None:
-        batch.last_error = error
-        backoff = min(self.retry_backoff * (2 ** batch.attempts), self.retry_backoff_max)
+    def _retry_or_fail(self, run: list[ProducerBatch], error: TidelogError) -> None:
+        head = run[0]
+        for batch in run:
+            batch.last_error = error
+        backoff = min(self.retry_backoff * (2 ** head.attempts), self.retry_backoff_max)
         backoff *= random.uniform(0.8, 1.2)
         retry_at = time.monotonic() + backoff
-        if not error.retriable or retry_at >= batch.deadline or self._closed:
-            self.accumulator.complete(batch)
-            self._fail_handles(batch, error)
+        if not error.retriable or self._closed:
+            self.accumulator.complete(run)
+            self._fail_handles(run, error)
             return
-        log.debug("retrying %s after %s (attempt %d)", batch.tp, error, batch.attempts + 1)
-        self.accumulator.reenqueue(batch, retry_at)
+        # Deadlines grow along the run (batches were created in order): fail the expired prefix.
+        expired = [b for b in run if retry_at >= b.deadline]
+        if expired:
+            self.accumulator.complete(expired)
+            self._fail_handles(expired, error)
+        rest = run[len(expired):]
+        if rest:
+            log.debug("retrying %s after %s (attempt %d)", head.tp, error, head.attempts + 1)
+            self.accumulator.reenqueue(rest, retry_at)
 
-    def _fail_handles(self, batch: ProducerBatch, error: BaseException) -> None:
-        for handle in batch.handles:
-            _resolve(handle, exc=error)
+    def _fail_handles(self, batches: list[ProducerBatch], error: BaseException) -> None:
+        for batch in batches:
+            for handle in batch.handles:
+                _resolve(handle, exc=error)
         self._batch_done()
 
     def _batch_done(self) -> None:

@@ -57,9 +57,8 @@ def test_a_batch_waits_for_linger_then_drains() -> None:
     drain = acc.drain(clock(), leader_1)
     assert drain.by_node == {} and drain.next_check == pytest.approx(100.005)
     clock.now += 0.005
-    drain = acc.drain(clock(), leader_1)
-    assert [b.records[1].value for b in drain.by_node[1]] == [b"b"]
-    assert [r.offset for r in drain.by_node[1][0].records] == [0, 1]
+    [[batch]] = acc.drain(clock(), leader_1).by_node[1]
+    assert [(r.offset, r.value) for r in batch.records] == [(0, b"a"), (1, b"b")]
 
 
 def test_a_full_batch_is_sealed_at_once_and_a_new_one_started() -> None:
@@ -69,8 +68,8 @@ def test_a_full_batch_is_sealed_at_once_and_a_new_one_started() -> None:
     assert all(r is not None for r in results)
     assert results[2].wake_sender and results[2].batch.sealed  # reached batch_size
     assert results[3].batch is not results[0].batch
-    drain = acc.drain(clock(), leader_1)
-    assert len(drain.by_node[1]) == 1 and drain.by_node[1][0].record_count == 3
+    [[batch]] = acc.drain(clock(), leader_1).by_node[1]  # the open one still lingers
+    assert batch.record_count == 3
 
 
 def test_one_batch_in_flight_per_partition_and_retries_go_first() -> None:
@@ -80,16 +79,17 @@ def test_one_batch_in_flight_per_partition_and_retries_go_first() -> None:
         add(acc, TP0, value)  # each record fills a batch
     add(acc, TP1, b"x")
     drain = acc.drain(clock(), leader_1)
-    in_flight = {b.tp: b for b in drain.by_node[1]}
-    assert in_flight[TP0].records[0].value == b"1" and TP1 in in_flight
+    in_flight = {run[0].tp: run for run in drain.by_node[1]}
+    assert [b.records[0].value for b in in_flight[TP0]] == [b"1"] and TP1 in in_flight
     assert acc.drain(clock(), leader_1).by_node == {}  # TP0's next batch waits for the first
     acc.reenqueue(in_flight[TP0], retry_at=clock() + 0.1)
     assert acc.drain(clock(), leader_1).by_node == {}  # backing off; "2" must not overtake "1"
     clock.now += 0.1
-    again = acc.drain(clock(), leader_1).by_node[1]
+    [again] = acc.drain(clock(), leader_1).by_node[1]
     assert [b.records[0].value for b in again] == [b"1"] and again[0].attempts == 1
-    acc.complete(again[0])
-    assert [b.records[0].value for b in acc.drain(clock(), leader_1).by_node[1]] == [b"2"]
+    acc.complete(again)
+    [[second]] = acc.drain(clock(), leader_1).by_node[1]
+    assert second.records[0].value == b"2"
 
 
 def test_partitions_without_a_leader_are_reported_not_sent() -> None:
@@ -110,8 +110,8 @@ def test_memory_is_reserved_per_record_and_released_on_completion() -> None:
     assert acc.used_memory == 2 * size
     with pytest.raises(BufferExhausted):
         acc.append(TP0, (1, None, bytes(100), ()), size, None, timeout=0.01)
-    batch = acc.drain(clock(), leader_1).by_node[1][0]
-    acc.complete(batch)
+    [run] = acc.drain(clock(), leader_1).by_node[1]
+    acc.complete(run)
     assert acc.used_memory == 0 and acc.is_empty()
 
 
@@ -129,7 +129,8 @@ def test_a_blocked_append_resumes_when_memory_is_freed() -> None:
     thread = threading.Thread(target=blocked)
     thread.start()
     assert not appended.wait(0.05)
-    acc.complete(acc.drain(clock(), leader_1).by_node[1][0])
+    [run] = acc.drain(clock(), leader_1).by_node[1]
+    acc.complete(run)
     assert appended.wait(10)
     thread.join()
 
@@ -139,11 +140,11 @@ def test_expired_batches_are_removed_unless_in_flight() -> None:
     acc = make(clock, linger_ms=0, delivery_timeout_ms=1000)
     add(acc, TP0, b"a")
     add(acc, TP1, b"b")
-    in_flight = acc.drain(clock(), lambda tp: 1 if tp == TP0 else None).by_node[1][0]
+    [in_flight] = acc.drain(clock(), lambda tp: 1 if tp == TP0 else None).by_node[1]
     clock.now += 1.0
     expired = acc.expire(clock())
     assert [b.tp for b in expired] == [TP1]
-    assert in_flight.tp == TP0 and not acc.is_empty()
+    assert in_flight[0].tp == TP0 and not acc.is_empty()
 
 
 def test_flush_seals_open_batches_and_tracks_what_is_incomplete() -> None:
@@ -153,10 +154,10 @@ def test_flush_seals_open_batches_and_tracks_what_is_incomplete() -> None:
     last = acc.last_batch_id()
     acc.seal_all()
     add(acc, TP0, b"later")
-    batches = acc.drain(clock(), leader_1).by_node[1]
-    assert [b.records[0].value for b in batches] == [b"a"]
+    [run] = acc.drain(clock(), leader_1).by_node[1]
+    assert [b.records[0].value for b in run] == [b"a"]
     assert acc.any_incomplete_up_to(last)
-    acc.complete(batches[0])
+    acc.complete(run)
     assert not acc.any_incomplete_up_to(last) and not acc.is_empty()
 
 
@@ -165,8 +166,25 @@ def test_abort_keeps_only_in_flight_batches() -> None:
     acc = make(clock, linger_ms=0, batch_size=BATCH_OVERHEAD + RECORD_OVERHEAD + 1)
     for value in (b"1", b"2"):
         add(acc, TP0, value)
-    in_flight = acc.drain(clock(), leader_1).by_node[1][0]
+    [in_flight] = acc.drain(clock(), leader_1).by_node[1]
     aborted = acc.abort_all()
     assert [b.records[0].value for b in aborted] == [b"2"]
     acc.complete(in_flight)
     assert acc.is_empty() and acc.used_memory == 0
+
+
+def test_queued_batches_of_a_partition_travel_together_up_to_max_bytes() -> None:
+    clock = Clock()
+    one = BATCH_OVERHEAD + RECORD_OVERHEAD + 1
+    acc = make(clock, linger_ms=0, batch_size=one)
+    for value in (b"1", b"2", b"3", b"4", b"5"):
+        add(acc, TP0, value)  # five full batches
+    [run] = acc.drain(clock(), leader_1, max_bytes=3 * one).by_node[1]
+    assert [b.records[0].value for b in run] == [b"1", b"2", b"3"]
+    acc.reenqueue(run, retry_at=clock())  # retried whole, still first in line
+    [again] = acc.drain(clock(), leader_1, max_bytes=10 * one).by_node[1]
+    assert [b.records[0].value for b in again] == [b"1", b"2", b"3", b"4", b"5"]
+    acc.complete(again[:2])  # a prefix may finish on its own (expired batches)
+    acc.reenqueue(again[2:], retry_at=clock())
+    [rest] = acc.drain(clock(), leader_1, max_bytes=10 * one).by_node[1]
+    assert [b.records[0].value for b in rest] == [b"3", b"4", b"5"]
