@@ -23,7 +23,7 @@ applied:
   within a bounded simulated time.
 
 On a violation the run prints the seed, the invariant and the last events, and exits 1;
-`--seed N --trace` replays one seed exactly.
+`--seed N [--trace K]` replays one seed exactly and prints its last K events.
 """
 
 from __future__ import annotations
@@ -101,6 +101,7 @@ class SimConfig:
     # Check the rules that safety rests on directly (durable-before-visible, the commit rule),
     # not only their consequences; off, only the consequences are checked.
     direct_checks: bool = True
+    trace_events: int = 60
     bugs: tuple[str, ...] = ()
 
     def raft_config(self, max_fetch_bytes: int) -> RaftConfig:
@@ -241,7 +242,7 @@ class Simulation:
         self.now = 0
         self._queue: list[tuple[int, int, int, object, object]] = []
         self._seq = 0
-        self.trace: deque[tuple[int, int, object, object]] = deque(maxlen=60)
+        self.trace: deque[tuple[int, int, object, object]] = deque(maxlen=config.trace_events)
         voters = list(range(1, config.nodes + 1))
         self.voters = tuple(voters)
         observers = list(range(config.nodes + 1, config.nodes + 1 + config.observers))
@@ -883,10 +884,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--bug", choices=BUGS, action="append", default=[], help="run a deliberately broken core"
     )
     parser.add_argument(
-        "--trace", action="store_true", help="print the last events of every seed with a violation"
+        "--trace",
+        type=int,
+        default=25,
+        metavar="K",
+        help="how many of the last events to print for a seed with a violation",
     )
     args = parser.parse_args(argv)
-    config = SimConfig(nodes=args.nodes, steps=args.steps, bugs=tuple(args.bug))
+    config = SimConfig(
+        nodes=args.nodes, steps=args.steps, bugs=tuple(args.bug), trace_events=max(60, args.trace)
+    )
     seeds = [args.seed] if args.seed is not None else list(range(args.start, args.start + args.seeds))
     summary = run_seeds(seeds, config, workers=args.workers)
     print(summary.line())
@@ -894,7 +901,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"VIOLATION seed={result.seed} nodes={args.nodes} steps={args.steps}: {result.violation}")
         replay = f"python -m tidelog.replication.sim --seed {result.seed} --nodes {args.nodes} --steps {args.steps}"
         print("  replay: " + replay + "".join(f" --bug {bug}" for bug in args.bug))
-        for line in result.trace[-25:]:
+        for line in result.trace[-args.trace :]:
             print("  " + line)
     return 1 if summary.violations else 0
 

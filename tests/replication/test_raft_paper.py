@@ -646,6 +646,19 @@ def test_voter_change_one_at_a_time() -> None:
     assert cluster[4].voters == (1, 2, 3)
 
 
+def test_no_voter_change_before_the_leader_commits_its_epoch() -> None:
+    """Ongaro, "bug in single-server membership changes" (raft-dev, 2015): a new leader must
+    commit an entry of its own term before it may append a configuration change."""
+    cluster = Cluster(voters=(1, 2, 3), observers=(4,))
+    cluster.tick(1, 2 * T)
+    cluster.run(drop=lambda m: isinstance(m, (FetchRequest, FetchResponse)))
+    assert cluster[1].role is Role.LEADER and cluster[1].high_watermark == 0
+    with pytest.raises(MembershipChangeError):
+        cluster[1].propose_voters((1, 2, 3, 4))
+    cluster.settle()
+    cluster[1].propose_voters((1, 2, 3, 4))
+
+
 def test_added_voter_counts_toward_the_quorum_once_appended() -> None:
     """KIP-853: the new voter set takes effect when the record is appended, not when committed:
     from then on the HW needs a majority of the new set."""
