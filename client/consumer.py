@@ -272,15 +272,98 @@ class AsyncConsumer:
     async def offsets_for_times(
         self, timestamps: Mapping[TopicPartition, int], timeout: float | None = None
     ) -> dict[TopicPartition, OffsetAndTimestamp | None]:
-        """The first offset whose timestamp is at or after the given one; None if there is none."""
+        """The first offset whose record's timestamp is at or after the given one (Kafka's
+        semantics); None when no record is.
+
+        The node answers with the first *batch* whose max timestamp qualifies (its time index
+        is per batch); the exact record is found here by reading that batch, skipping control
+        batches, whose timestamps are the leader's clock rather than the producer's.
+        """
         for tp, ts in timestamps.items():
             if ts < 0:
                 raise ValueError(f"invalid timestamp {ts} for {tp}: must be >= 0")
-        answers = await self._list_offsets(dict(timestamps), timeout or self.api_timeout)
-        return {
-            tp: None if ts < 0 or offset < 0 else OffsetAndTimestamp(offset, ts)
-            for tp, (offset, ts) in answers.items()
-        }
+        limit = timeout or self.api_timeout
+        deadline = time.monotonic() + limit
+        answers = await self._list_offsets(dict(timestamps), limit)
+        result: dict[TopicPartition, OffsetAndTimestamp | None] = {}
+        for tp, (offset, ts) in answers.items():
+            if ts < 0 or offset < 0:
+                result[tp] = None
+            else:
+                result[tp] = await self._first_record_at_or_after(
+                    tp, offset, timestamps[tp], deadline
+                )
+        return result
+
+    async def _first_record_at_or_after(
+        self, tp: TopicPartition, offset: int, target: int, deadline: float
+    ) -> OffsetAndTimestamp | None:
+        while True:
+            buf = await self._fetch_once(tp, offset, deadline)
+            if not buf:
+                return None  # reached the high watermark
+            progressed = False
+            try:
+                for batch in decode_batches(buf):
+                    if batch.next_offset <= offset:
+                        continue
+                    if not batch.is_control and batch.max_timestamp >= target:
+                        for record in batch.records():
+                            if record.offset >= offset and record.timestamp >= target:
+                                return OffsetAndTimestamp(record.offset, record.timestamp)
+                    offset = batch.next_offset
+                    progressed = True
+            except CorruptRecordError as exc:
+                raise TidelogError(ErrorCode.CORRUPT_MESSAGE, f"{tp}: {exc.reason}") from None
+            if not progressed:
+                return None
+
+    async def _fetch_once(self, tp: TopicPartition, offset: int, deadline: float) -> bytes:
+        """One immediate fetch of ``tp`` at its leader (retrying leader moves until deadline)."""
+        backoff = self.retry_backoff
+        while True:
+            snapshot = self.metadata.snapshot
+            leader = snapshot.leader_id(tp)
+            error: TidelogError | None = None
+            if leader is None:
+                error = TidelogError(ErrorCode.LEADER_NOT_AVAILABLE, f"no leader known for {tp}")
+            else:
+                address = snapshot.address(leader)
+                assert address is not None
+                request = api_pb2.FetchRequest(
+                    max_wait_ms=0,
+                    min_bytes=0,
+                    max_bytes=self.max_partition_fetch_bytes,
+                    partitions=[
+                        api_pb2.FetchPartition(
+                            topic=tp.topic, partition=tp.partition, fetch_offset=offset,
+                            partition_max_bytes=64 * 1024, current_leader_epoch=-1,
+                        )
+                    ],
+                )
+                try:
+                    response = await self.connections.broker(address).Fetch(
+                        request, timeout=self.request_timeout
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    error = ClusterUnreachableError(describe_rpc_error(exc, address))
+                else:
+                    [result] = response.partitions
+                    if result.error == ErrorCode.NONE:
+                        return result.records
+                    error = TidelogError(result.error, result.error_message or f"reading {tp}")
+                    if not error.retriable:
+                        raise error
+                    if result.error in _METADATA_ERRORS and result.HasField("leader"):
+                        self.metadata.apply_leader_hint(tp, result.leader)
+            if time.monotonic() + backoff >= deadline:
+                raise error
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
+            try:
+                await self.metadata.refresh()
+            except ClusterUnreachableError:
+                pass
 
     def pause(self, *partitions: TopicPartition) -> None:
         for tp in partitions:

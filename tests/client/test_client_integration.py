@@ -109,44 +109,48 @@ def test_async_clients_round_trip(node) -> None:
 def test_seek_offsets_for_times_and_offset_queries(node, admin) -> None:
     admin.create_topic("timed", num_partitions=1)
     tp = TopicPartition("timed", 0)
-    # Times after the topic's creation: the leader's control batch carries its own (real) time.
-    base = int(time.time() * 1000) + 60_000
-    stamps = [base + 1000, base + 2000, base + 3000, base + 4000]
+    # Old timestamps, so the leader's control batch (stamped with the node's clock) comes first
+    # in offsets but last in time: offsets_for_times must look past it.
+    stamps = [1000, 2000, 3000, 4000, 5000, 6000]
     with Producer(node.bootstrap, linger_ms=0) as producer:
         offsets = [
             producer.send("timed", f"at-{ts}", partition=0, timestamp=ts).result(30).offset
-            for ts in stamps
+            for ts in stamps[:2]
         ]
-    first = offsets[0]  # the leader's control batch may come before
-    assert offsets == [first, first + 1, first + 2, first + 3]
+    with Producer(node.bootstrap, linger_ms=60_000) as producer:  # one batch for the rest
+        futures = [producer.send("timed", f"at-{ts}", partition=0, timestamp=ts) for ts in stamps[2:]]
+        producer.flush(30)
+        offsets += [f.result(30).offset for f in futures]
+    first = offsets[0]
+    assert offsets == list(range(first, first + 6))
     with Consumer(node.bootstrap) as consumer:
         assert consumer.beginning_offsets([tp]) == {tp: 0}
-        assert consumer.end_offsets([tp]) == {tp: first + 4}
-        found = consumer.offsets_for_times({tp: base + 2500})
-        assert found[tp] is not None
-        assert (found[tp].offset, found[tp].timestamp) == (first + 2, stamps[2])
-        assert consumer.offsets_for_times({tp: base + 10_000}) == {tp: None}
+        assert consumer.end_offsets([tp]) == {tp: first + 6}
+        for target, index in ((0, 0), (1500, 1), (2000, 1), (3500, 3), (6000, 5)):
+            found = consumer.offsets_for_times({tp: target})[tp]
+            assert found is not None
+            assert (found.offset, found.timestamp) == (offsets[index], stamps[index]), target
+        assert consumer.offsets_for_times({tp: 6001}) == {tp: None}
         consumer.assign([tp])
-        assert consumer.position(tp) == first + 4  # auto_offset_reset="latest" by default, as Kafka
-        consumer.seek(tp, found[tp].offset)
+        assert consumer.position(tp) == first + 6  # auto_offset_reset="latest" by default, as Kafka
+        consumer.seek(tp, offsets[4])
         got = []
         deadline = time.monotonic() + 20
         while len(got) < 2 and time.monotonic() < deadline:
             got += consumer.poll(500)
         assert [(r.offset, r.timestamp, r.value) for r in got] == [
-            (first + 2, stamps[2], f"at-{stamps[2]}".encode()),
-            (first + 3, stamps[3], f"at-{stamps[3]}".encode()),
+            (offsets[4], 5000, b"at-5000"), (offsets[5], 6000, b"at-6000")
         ]
         consumer.seek_to_beginning()
         assert consumer.position(tp) == 0
-        consumer.seek(tp, 0)  # the control batch at the start is skipped, not returned
+        consumer.seek(tp, 0)  # a control batch at the start is skipped, not returned
         got = []
         deadline = time.monotonic() + 20
-        while len(got) < 4 and time.monotonic() < deadline:
+        while len(got) < 6 and time.monotonic() < deadline:
             got += consumer.poll(500)
         assert [r.offset for r in got] == offsets
         consumer.seek_to_end(tp)
-        assert consumer.position(tp) == first + 4
+        assert consumer.position(tp) == first + 6
 
 
 def test_admin_operations(node, admin) -> None:
