@@ -108,7 +108,7 @@ class _Peer:
     def __init__(self, node_id: int, address: str) -> None:
         self.node_id = node_id
         self.address = address
-        self.queue: list[pb.RaftMessage] = []
+        self.queue: list[tuple[pb.RaftMessage, int]] = []  # (message, approximate size)
         self.wakeup = asyncio.Event()
         self.send_leaders = True
         self.task: asyncio.Task[None] | None = None
@@ -169,7 +169,8 @@ class Transport:
                 continue  # unknown node: Raft will retry once the peer is known
             if len(peer.queue) >= MAX_QUEUE:
                 peer.queue.clear()  # the peer is not draining; Raft resends what matters
-            peer.queue.append(to_proto(message))
+            records = getattr(message, "records", b"")
+            peer.queue.append((to_proto(message), len(records) + 64))
             peer.wakeup.set()
 
     async def _envelopes(self, peer: _Peer) -> AsyncIterator[pb.Envelope]:
@@ -191,14 +192,14 @@ class Transport:
             # Keep each write under the gRPC message limit; records dominate the size.
             budget = self._max_message_bytes // 2
             size = 0
-            for index, message in enumerate(queued):
-                size += message.ByteSize()
+            for index, (_, approximate) in enumerate(queued):
+                size += approximate
                 if size > budget and index > 0:
                     peer.queue = queued[index:] + peer.queue
                     peer.wakeup.set()
                     queued = queued[:index]
                     break
-            envelope.messages.extend(queued)
+            envelope.messages.extend(message for message, _ in queued)
             yield envelope
 
     async def _run(self, peer: _Peer) -> None:
