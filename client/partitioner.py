@@ -10,7 +10,7 @@ its load weighting): large batches, yet an even spread over time.
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from typing import Callable, Sequence
 
 _M = 0x5BD1E995
 _SEED = 0x9747B28C
@@ -59,30 +59,27 @@ class StickyPartitioner:
         self._current: dict[str, int] = {}
         self._bytes: dict[str, int] = {}
 
-    def partition(
-        self, topic: str, num_partitions: int, available: Sequence[int] | None = None
-    ) -> int:
-        current = self._current.get(topic)
-        if current is None or current >= num_partitions:
-            current = self._choose(topic, num_partitions, available, previous=None)
-        return current
-
-    def on_append(
+    def choose(
         self,
         topic: str,
-        partition: int,
-        size: int,
         num_partitions: int,
-        available: Sequence[int] | None = None,
-    ) -> None:
-        """Count ``size`` bytes sent to the sticky partition; switch after a batch's worth."""
-        if self._current.get(topic) != partition:
-            return
-        total = self._bytes.get(topic, 0) + size
+        size: int,
+        available: Callable[[], Sequence[int]] | None = None,
+    ) -> int:
+        """The partition for a record of ``size`` bytes; after a batch's worth, move on.
+
+        ``available`` (partitions with a known leader) is only called when a new partition is
+        chosen, which keeps the per-record cost to a dict lookup.
+        """
+        current = self._current.get(topic)
+        if current is None or current >= num_partitions:
+            current = self._choose(topic, num_partitions, available() if available else None, None)
+        total = self._bytes[topic] + size
         if total >= self._batch_size:
-            self._choose(topic, num_partitions, available, previous=partition)
+            self._choose(topic, num_partitions, available() if available else None, current)
         else:
             self._bytes[topic] = total
+        return current
 
     def _choose(
         self,

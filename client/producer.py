@@ -195,6 +195,7 @@ class AsyncProducer:
         )
         self._partitioner = StickyPartitioner(batch_size)
         self._partitioner_lock = threading.Lock()
+        self._tps: dict[str, list[TopicPartition]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sender: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
@@ -299,8 +300,8 @@ class AsyncProducer:
         key_bytes: bytes | None,
         size: int,
     ) -> TopicPartition:
-        count = snapshot.partition_count(topic)
-        assert count is not None
+        partitions = snapshot.topics[topic]
+        count = len(partitions)
         if partition is not None:
             if not 0 <= partition < count:
                 raise TidelogError(
@@ -308,14 +309,20 @@ class AsyncProducer:
                     f"partition {partition} of topic {topic!r} does not exist "
                     f"(the topic has {count})",
                 )
-            return TopicPartition(topic, partition)
-        if key_bytes is not None:
-            return TopicPartition(topic, partition_for_key(key_bytes, count))
-        available = snapshot.available_partitions(topic)
-        with self._partitioner_lock:
-            chosen = self._partitioner.partition(topic, count, available)
-            self._partitioner.on_append(topic, chosen, size, count, available)
-        return TopicPartition(topic, chosen)
+            chosen = partition
+        elif key_bytes is not None:
+            chosen = partition_for_key(key_bytes, count)
+        else:
+            with self._partitioner_lock:
+                chosen = self._partitioner.choose(
+                    topic, count, size, lambda: snapshot.available_partitions(topic)
+                )
+        # TopicPartition objects are cached: building a frozen dataclass per record costs more
+        # than the lookup.
+        cached = self._tps.get(topic)
+        if cached is None or len(cached) < count:
+            cached = self._tps[topic] = [TopicPartition(topic, i) for i in range(count)]
+        return cached[chosen]
 
     async def send(
         self,

@@ -46,26 +46,15 @@ def test_known_key_placements() -> None:
 
 def test_sticky_partitioner_sticks_for_a_batch_then_moves() -> None:
     sticky = StickyPartitioner(batch_size=1000, rng=random.Random(7))
-    first = sticky.partition("t", 6)
-    for _ in range(9):  # 900 bytes: still under one batch
-        assert sticky.partition("t", 6) == first
-        sticky.on_append("t", first, 100, 6)
-    sticky.on_append("t", first, 100, 6)  # the batch's worth is reached
-    assert sticky.partition("t", 6) != first
+    first = sticky.choose("t", 6, 100)
+    for _ in range(9):  # up to 1000 bytes in all: the batch's worth still goes to one partition
+        assert sticky.choose("t", 6, 100) == first
+    assert sticky.choose("t", 6, 100) != first
 
 
 def test_sticky_partitioner_spreads_over_time_and_prefers_available() -> None:
     sticky = StickyPartitioner(batch_size=100, rng=random.Random(1))
-    seen = set()
-    for _ in range(200):
-        p = sticky.partition("t", 4, available=[1, 3])
-        seen.add(p)
-        sticky.on_append("t", p, 100, 4, available=[1, 3])
-    assert seen == {1, 3}
+    assert {sticky.choose("t", 4, 100, lambda: [1, 3]) for _ in range(200)} == {1, 3}
     sticky = StickyPartitioner(batch_size=100, rng=random.Random(1))
-    seen = set()
-    for _ in range(200):
-        p = sticky.partition("u", 4)
-        seen.add(p)
-        sticky.on_append("u", p, 100, 4)
-    assert seen == {0, 1, 2, 3}
+    assert {sticky.choose("u", 4, 100) for _ in range(200)} == {0, 1, 2, 3}
+    assert sticky.choose("u", 2, 1) in (0, 1)  # fewer partitions than before: choose again
