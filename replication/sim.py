@@ -630,6 +630,8 @@ class Simulation:
     def _propose(self) -> None:
         rng = self.rng
         leader = self._leader()
+        if leader is None and rng.random() < 0.9:
+            return  # a client waiting for metadata: most of the time it does not even try
         if leader is None or rng.random() < 0.05:
             candidates = [self.nodes[i] for i in self.all_ids if self.nodes[i].up]
             if not candidates:
