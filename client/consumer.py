@@ -227,6 +227,12 @@ class AsyncConsumer:
             raise ValueError(f"invalid offset {offset}: use seek_to_beginning/seek_to_end")
         self._state(tp).seek(offset)
         self._cancel_fetch_for(tp)
+        self._drop_iterated(tp)
+
+    def _drop_iterated(self, tp: TopicPartition) -> None:
+        """Forget records of ``tp`` that iteration buffered but did not hand out yet."""
+        if self._iter_buffer:
+            self._iter_buffer = deque(r for r in self._iter_buffer if r.topic_partition != tp)
 
     async def seek_to_beginning(self, *partitions: TopicPartition) -> None:
         await self._seek_to(partitions, EARLIEST_TIMESTAMP)
@@ -810,6 +816,7 @@ class Consumer:
             self._thread.stop()
             raise
         self._closed = False
+        self._iter_buffer: deque[ConsumerRecord] = deque()
 
     @staticmethod
     async def _create(bootstrap: Any, options: dict[str, Any]) -> AsyncConsumer:
@@ -851,19 +858,34 @@ class Consumer:
         return self
 
     def __next__(self) -> ConsumerRecord:
-        try:
-            return self._thread.run(self._core.__anext__())
-        except StopAsyncIteration:
-            raise StopIteration from None
+        # Records are buffered on this side: one trip to the loop per poll, not per record.
+        timeout = self._core.consumer_timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._iter_buffer:
+            wait = 1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+            self._iter_buffer.extend(self.poll(wait * 1000))
+            if not self._iter_buffer and deadline is not None and time.monotonic() >= deadline:
+                raise StopIteration
+        return self._iter_buffer.popleft()
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
         self._call(lambda: self._core.seek(tp, offset))
+        self._drop_local([tp])
 
     def seek_to_beginning(self, *partitions: TopicPartition) -> None:
         self._thread.run(self._core.seek_to_beginning(*partitions))
+        self._drop_local(partitions)
 
     def seek_to_end(self, *partitions: TopicPartition) -> None:
         self._thread.run(self._core.seek_to_end(*partitions))
+        self._drop_local(partitions)
+
+    def _drop_local(self, partitions: Sequence[TopicPartition]) -> None:
+        if not partitions:
+            self._iter_buffer.clear()
+        elif self._iter_buffer:
+            dropped = set(partitions)
+            self._iter_buffer = deque(r for r in self._iter_buffer if r.topic_partition not in dropped)
 
     def position(self, tp: TopicPartition, timeout: float | None = None) -> int:
         return self._thread.run(self._core.position(tp, timeout))

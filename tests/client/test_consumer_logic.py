@@ -152,3 +152,16 @@ def test_seek_to_beginning_and_end_and_offsets(fake_cluster) -> None:
         assert consumer.end_offsets([TP]) == {TP: 3}
         with pytest.raises(ValueError):
             consumer.seek(TopicPartition("other", 0), 1)
+
+
+def test_seek_during_iteration_drops_records_buffered_for_that_partition(fake_cluster) -> None:
+    fake_cluster.create_topic("t", 1)
+    fake_cluster.append(TP, batch([b"a", b"b", b"c", b"d"]))
+    with Consumer(fake_cluster.bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=5000) as consumer:
+        consumer.assign([TP])
+        iterator = iter(consumer)
+        assert next(iterator).value == b"a"  # b, c, d are buffered by now
+        consumer.seek(TP, 3)
+        assert next(iterator).value == b"d"
+        consumer.seek_to_beginning()
+        assert [next(iterator).value for _ in range(4)] == [b"a", b"b", b"c", b"d"]
