@@ -25,6 +25,7 @@ import json
 import logging
 import random
 import time
+from collections import deque
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -182,6 +183,8 @@ class Replica:
         self._change: asyncio.Future[None] | None = None
         self._skew_ms = 0
         self._config_fetch_timeout_ms = 0
+        self._persisting: asyncio.Task[None] | None = None
+        self._held: deque[Callable[[], None]] = deque()
         quorum_state = load_quorum_state(directory)
         config = raft_config_for(len(voters), election_timeout_ms, fetch_max_wait_ms)
         start_ms = self._now()
@@ -244,6 +247,9 @@ class Replica:
     def receive(self, message: Message) -> None:
         if self.closed:
             return
+        if self._persisting is not None:
+            self._held.append(lambda: self.receive(message))
+            return
         self.group.receive(message, self._now())
         self._process()
 
@@ -251,6 +257,10 @@ class Replica:
         """Append as leader; the future resolves when committed, fails with NotLeader if lost."""
         if self.closed:
             raise ReplicaClosed(self.group_id)
+        if self._persisting is not None:
+            # The group's new epoch or vote is being made durable; a moment later it can
+            # take proposals again (clients retry NOT_LEADER_OR_FOLLOWER).
+            raise NotLeader(self.group.leader_id, self.group.epoch)
         try:
             proposal = self.group.propose(bytes(batches), self._now())
         except NotLeaderError as exc:
@@ -281,11 +291,17 @@ class Replica:
     def _tick(self) -> None:
         if self.closed:
             return
+        if self._persisting is not None:
+            self._held.append(self._tick)
+            return
         self.group.tick(self._now())
         self._process()
 
     def _flush_completed(self, offset: int, generation: int) -> None:
         if self.closed:
+            return
+        if self._persisting is not None:
+            self._held.append(lambda: self._flush_completed(offset, generation))
             return
         self.group.flush_completed(offset, generation, self._now())
         self._process()
@@ -294,14 +310,37 @@ class Replica:
 
     def _process(self) -> None:
         try:
-            self._apply(self.group.take_output())
+            out = self.group.take_output()
+            if out.quorum_state is not None:
+                # The contract: the state is durable before any message of this output leaves.
+                # The write (two fsyncs) runs in a worker thread so that the mass elections of
+                # many groups do not stall the event loop; meanwhile this group takes no input
+                # (they wait in ``_held``), so nothing it says can get ahead of the write.
+                self._persisting = self._loop.create_task(self._persist_then_apply(out))
+                return
+            self._apply(out)
         except Exception as exc:
             self._fail(exc)
 
+    async def _persist_then_apply(self, out) -> None:  # type: ignore[no-untyped-def]
+        try:
+            await asyncio.to_thread(save_quorum_state, self.directory, out.quorum_state)
+        except Exception as exc:
+            self._persisting = None
+            self._fail(exc)
+            return
+        self._persisting = None
+        if self.closed:
+            return
+        try:
+            self._apply(out)
+        except Exception as exc:
+            self._fail(exc)
+            return
+        while self._held and self._persisting is None and not self.closed:
+            self._held.popleft()()
+
     def _apply(self, out) -> None:  # type: ignore[no-untyped-def]
-        if out.quorum_state is not None:
-            # Before any message of this output: a vote must be durable before it is sent.
-            save_quorum_state(self.directory, out.quorum_state)
         changed = False
         if out.role_changes:
             changed = True
@@ -392,20 +431,31 @@ class Replica:
         self._proposals.clear()
         self._notify()
 
+    async def _wait_persisted(self) -> None:
+        while self._persisting is not None:
+            try:
+                await asyncio.shield(self._persisting)
+            except Exception:
+                return
+
     async def close(self, resign: bool = True) -> None:
         """Hand leadership over (so the others elect at once), flush, close the log."""
-        if not self.closed and resign and self.group.role is Role.LEADER:
-            try:
-                self.group.resign()
-                self._process()
-            except Exception:
-                log.exception("%s: resign failed", self.group_id)
+        if not self.closed and resign:
+            await self._wait_persisted()
+            if not self.closed and self.group.role is Role.LEADER:
+                try:
+                    self.group.resign()
+                    self._process()
+                except Exception:
+                    log.exception("%s: resign failed", self.group_id)
+                await self._wait_persisted()
         self._shutdown_group()
-        if self._flush_task is not None:
-            try:
-                await asyncio.shield(self._flush_task)
-            except Exception:
-                pass
+        for task in (self._persisting, self._flush_task):
+            if task is not None:
+                try:
+                    await asyncio.shield(task)
+                except Exception:
+                    pass
         try:
             await asyncio.to_thread(self.storage.close)
         except Exception:
