@@ -70,8 +70,8 @@ class RaftLog(Protocol):
         ...
 
     def reset_to(self, start_offset: int) -> None:
-        """Drop everything and continue as an empty log starting at ``start_offset`` (beyond the
-        end): a follower whose leader deleted, by retention, the offsets it still lacks."""
+        """Drop everything and continue as an empty log starting at ``start_offset``: a follower
+        whose leader deleted (retention) the offsets it lacks or that would place its log."""
         ...
 
     def flush(self) -> int:
@@ -204,7 +204,6 @@ class MemoryLog:
         return NO_EPOCH, self._start
 
     def reset_to(self, start_offset: int) -> None:
-        assert start_offset >= self.end_offset
         # Not durable until the next flush: a crash before it brings the old log back.
         self._disk_tail = self._entries()[: self._synced] + self._disk_tail
         self._synced = 0
@@ -213,8 +212,9 @@ class MemoryLog:
         self._epoch_starts = []
 
     def delete_before(self, offset: int) -> int:
-        """Retention: drop the whole batches that end at or before ``offset``; new log start."""
-        drop = bisect.bisect_right(self._nexts, offset)
+        """Retention: drop the whole batches that end at or before ``offset``, but never the last
+        one (Kafka never deletes the active segment, and it keeps the last epoch); new log start."""
+        drop = max(0, min(bisect.bisect_right(self._nexts, offset), len(self._nexts) - 1))
         assert drop <= self._synced, "retention deletes only flushed (committed) data"
         if drop:
             self._start = self._nexts[drop - 1]

@@ -851,18 +851,20 @@ class RaftGroup:
                 self._replicas.append(m.src)
         progress.last_fetch_ms = self._now
         start = self._log.start_offset
-        if m.fetch_offset < start:
-            self._send(
-                FetchResponse(
-                    self.group_id, self.node_id, m.src, self._epoch, self.node_id,
-                    FetchError.OFFSET_OUT_OF_RANGE, m.fetch_id, m.fetch_offset, m.last_fetched_epoch,
-                    b"", self._hw, NO_DIVERGENCE, start,
-                )
-            )
+        log_end = self._log.end_offset
+        # KIP-595 validateOffsetAndEpoch: does the follower's log end agree with ours? An empty
+        # follower log (last epoch 0) at offset N > 0 was emptied at a log start (retention or
+        # `reset_to`), and a log start is always committed, so it agrees with every leader's log.
+        if m.fetch_offset < start or (m.last_fetched_epoch == NO_EPOCH and m.fetch_offset > log_end):
+            self._reply_out_of_range(m, start)
             return
-        # KIP-595 validateOffsetAndEpoch: does the follower's log end agree with ours?
-        if m.fetch_offset != 0 or m.last_fetched_epoch != NO_EPOCH:
+        if m.last_fetched_epoch != NO_EPOCH:
             epoch, end = self._log.end_offset_for_epoch(m.last_fetched_epoch)
+            if epoch == NO_EPOCH and start > 0:
+                # The epochs that would place the follower's log were deleted with the start of
+                # ours (retention): it cannot be validated, so it starts over at our log start.
+                self._reply_out_of_range(m, start)
+                return
             if epoch != m.last_fetched_epoch or m.fetch_offset > end:
                 self._send(
                     FetchResponse(
@@ -893,6 +895,15 @@ class RaftGroup:
         else:
             # Long-poll: nothing new for this follower; answer when data or the HW moves.
             self._parked[m.src] = (m, self._now + min(m.max_wait_ms, self._config.fetch_max_wait_ms))
+
+    def _reply_out_of_range(self, m: FetchRequest, start: int) -> None:
+        self._send(
+            FetchResponse(
+                self.group_id, self.node_id, m.src, self._epoch, self.node_id,
+                FetchError.OFFSET_OUT_OF_RANGE, m.fetch_id, m.fetch_offset, m.last_fetched_epoch,
+                b"", self._hw, NO_DIVERGENCE, start,
+            )
+        )  # fmt: skip
 
     def _answer_fetch(self, m: FetchRequest) -> None:
         records = self._log.read(m.fetch_offset, self._config.max_fetch_bytes)
@@ -1034,7 +1045,7 @@ class RaftGroup:
         if m.fetch_offset != log.end_offset or m.last_fetched_epoch != log.last_epoch:
             return
         self._fetch_inflight = False
-        if m.error is FetchError.OFFSET_OUT_OF_RANGE and m.diverging_end_offset > log.end_offset:
+        if m.error is FetchError.OFFSET_OUT_OF_RANGE and m.diverging_end_offset >= self._hw:
             self._reset_to(m.diverging_end_offset)
             self._maybe_send_fetch()
             return
@@ -1095,9 +1106,14 @@ class RaftGroup:
 
     def _reset_to(self, start_offset: int) -> None:
         # Everything below the leader's log start is committed (retention only deletes below
-        # the HW) and gone there; we cannot hold a gap, so we start over at its log start.
-        assert self._hw <= self._log.end_offset < start_offset
+        # the HW) and gone there; we cannot hold a gap or prove our tail matches, so we start
+        # over at its log start. Nothing at or above our HW is lost that the leader still has.
+        assert self._hw <= start_offset
         self._log.reset_to(start_offset)
+        changes = self._voter_changes
+        while changes and changes[-1][0] >= start_offset:
+            changes.pop()
+        self._set_voters(changes[-1][1] if changes else self._initial_voters)
         self._flush_generation += 1
         self._flushed = self._flush_requested = start_offset
         out = self._out

@@ -85,6 +85,7 @@ class SimConfig:
     partition_weight: int = 3
     resign_weight: int = 1
     membership_weight: int = 1
+    retention_weight: int = 1
     # A crash right after a node granted a vote: the classic moment to lose an unpersisted vote.
     crash_after_vote_p: float = 0.2
     # ... and a leader right after its high watermark moved, before followers hear of the new one.
@@ -139,12 +140,16 @@ class SimLog(MemoryLog):
         self._sim = sim
         self._node_id = node_id
         self._recovering = False
+        # Chain id of the prefix ending at the log start (-1: the empty prefix at offset 0), and
+        # the same for the durable image, whose start a crash restores.
+        self._base_chain = -1
+        self._durable_base_chain = -1
         super().__init__()
 
     def _push(self, base: int, next_offset: int, epoch: int, data: bytes) -> None:
         super()._push(base, next_offset, epoch, data)
         registry = self._sim.registry
-        previous = self.chain[-1] if self.chain else -1
+        previous = self.chain[-1] if self.chain else self._base_chain
         # CRC-covered content plus where it sits: the same batch at the same offsets and epoch.
         key = (previous, data)
         chain_id = registry.ids.get(key)
@@ -170,10 +175,36 @@ class SimLog(MemoryLog):
         del self.chain[len(self._data) :]
         return end
 
+    def flush(self) -> int:
+        self._durable_base_chain = self._base_chain
+        return super().flush()
+
+    def delete_before(self, offset: int) -> int:
+        drop = max(0, min(bisect.bisect_right(self._nexts, offset), len(self._nexts) - 1))
+        start = super().delete_before(offset)
+        if drop:
+            self._base_chain = self._durable_base_chain = self.chain[drop - 1]
+            del self.chain[:drop]
+        return start
+
+    def reset_to(self, start_offset: int) -> None:
+        # The leader's log start is committed (it deletes only below its HW): we continue from
+        # the committed prefix that ends there.
+        base = self._sim.committed_chain_at(start_offset)
+        if base is None:
+            raise Violation(
+                "committed prefix",
+                f"node {self._node_id} reset its log to {start_offset}, not a committed offset",
+            )
+        super().reset_to(start_offset)
+        self._base_chain = base
+        self.chain = []
+
     def crash(self, rng: random.Random, *, tear: bool = True) -> None:
         # Recovery may bring back batches whose truncation was never flushed: the node's HW
         # restarts at 0, so it claims nothing about them, and its next fetch truncates them again.
         self.chain = []
+        self._base_chain = self._durable_base_chain
         self._recovering = True
         try:
             super().crash(rng, tear=tear)
@@ -182,6 +213,8 @@ class SimLog(MemoryLog):
 
     def durable_chain_at(self, end_offset: int) -> int | None:
         """Like `chain_at`, but only if that prefix is flushed."""
+        if end_offset <= self._durable_start:
+            return self.chain_at(end_offset) if self._start == self._durable_start else None
         index = bisect.bisect_left(self._nexts, end_offset)
         if index < self._synced and self._nexts[index] == end_offset:
             return self.chain[index]
@@ -194,9 +227,12 @@ class SimLog(MemoryLog):
         return (self._epochs[self._synced - 1], self._nexts[self._synced - 1])
 
     def chain_at(self, end_offset: int) -> int | None:
-        """Chain id of the prefix ending exactly at ``end_offset`` (a batch boundary), if any."""
-        if end_offset == self._start:
-            return -1
+        """Chain id of the prefix ending exactly at ``end_offset`` (a batch boundary), if any.
+
+        Below the log start (deleted by retention, always committed) it is the committed one.
+        """
+        if end_offset <= self._start:
+            return self._base_chain if end_offset == self._start else self._sim.committed_chain_at(end_offset)
         index = bisect.bisect_left(self._nexts, end_offset)
         if index < len(self._nexts) and self._nexts[index] == end_offset:
             return self.chain[index]
@@ -503,6 +539,16 @@ class Simulation:
                 "committed proposal", f"two different proposals reported committed at offset {base}"
             )
 
+    def committed_chain_at(self, end_offset: int) -> int | None:
+        """Chain id of the committed prefix ending at ``end_offset``, if that is a committed boundary."""
+        if end_offset == 0:
+            return -1
+        ends = self.committed_ends
+        index = bisect.bisect_left(ends, end_offset)
+        if index < len(ends) and ends[index] == end_offset:
+            return self.committed_chain[index]
+        return None
+
     def check_committed_write(self, node_id: int, next_offset: int, chain_id: int) -> None:
         ends = self.committed_ends
         if ends and next_offset <= ends[-1]:
@@ -583,8 +629,17 @@ class Simulation:
         rng = self.rng
         cfg = self.config
         t = cfg.election_timeout_ms
-        total = cfg.crash_weight + cfg.partition_weight + cfg.resign_weight + cfg.membership_weight
+        total = (
+            cfg.crash_weight
+            + cfg.partition_weight
+            + cfg.resign_weight
+            + cfg.membership_weight
+            + cfg.retention_weight
+        )
         pick = rng.randrange(total)
+        if pick >= total - cfg.retention_weight:
+            self._retention(rng.choice(self.all_ids))
+            return
         up = [self.nodes[i] for i in self.all_ids if self.nodes[i].up]
         if pick < cfg.crash_weight:
             down = len(self.all_ids) - len(up)
@@ -596,14 +651,12 @@ class Simulation:
             ids = list(self.all_ids)
             rng.shuffle(ids)
             cut = rng.randint(1, len(ids) // 2)
-            side = set(ids[:cut])
             one_way = rng.random() < 0.2
             for a in ids[:cut]:
                 for b in ids[cut:]:
                     self.blocked.add((a, b))
                     if not one_way:
                         self.blocked.add((b, a))
-            del side
             self._push(self.now + rng.randint(t, 5 * t), _HEAL)
         elif pick < cfg.crash_weight + cfg.partition_weight + cfg.resign_weight:
             leader = self._leader()
@@ -626,6 +679,17 @@ class Simulation:
                 except MembershipChangeError:
                     return
                 self._apply(leader)
+
+    def _retention(self, node_id: int) -> None:
+        """Delete a node's oldest batches, as retention.ms would: only below its HW (committed)
+        and only what is flushed. A lagging follower may then find its fetch offset gone."""
+        node = self.nodes[node_id]
+        if not node.up or node.group is None:
+            return
+        log = node.log
+        limit = min(node.group.high_watermark, log.flushed_end_offset)
+        if limit > log.start_offset:
+            log.delete_before(log.start_offset + int(self.rng.random() * (limit - log.start_offset + 1)))
 
     def _propose(self) -> None:
         rng = self.rng
