@@ -61,6 +61,7 @@ from __future__ import annotations
 import bisect
 import enum
 import errno
+import itertools
 import json
 import logging
 import os
@@ -70,11 +71,11 @@ import sys
 import threading
 import time
 from array import array
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
-from tidelog.node.fsutil import TEMP_SUFFIX, atomic_write, fsync_directory, write_all
+from tidelog.node.fsutil import TEMP_SUFFIX, atomic_write, fsync_directory
 from tidelog.proto.records import (
     BATCH_LENGTH_OFFSET,
     BATCH_OVERHEAD,
@@ -346,10 +347,24 @@ class _Segment:
     """One segment's files and in-memory state. Mutated under the log's state lock."""
 
     __slots__ = (
-        "base_offset", "fd", "size", "flushed_size", "next_offset", "max_timestamp",
-        "max_timestamp_offset", "first_timestamp", "created_ms", "bytes_since_index", "index_relative",
-        "index_positions", "index_written", "time_timestamps", "time_relative", "time_written",
-        "index_final_synced", "read_hint",
+        "base_offset",
+        "bytes_since_index",
+        "created_ms",
+        "fd",
+        "first_timestamp",
+        "flushed_size",
+        "index_final_synced",
+        "index_positions",
+        "index_relative",
+        "index_written",
+        "max_timestamp",
+        "max_timestamp_offset",
+        "next_offset",
+        "read_hint",
+        "size",
+        "time_relative",
+        "time_timestamps",
+        "time_written",
     )
 
     def __init__(self, base_offset: int, fd: int, size: int) -> None:
@@ -386,7 +401,7 @@ class _Segment:
     def add_batch(self, position: int, size: int, last_offset: int, max_timestamp: int,
                   interval: int) -> None:
         """Index bookkeeping for one batch written at ``position`` (Kafka's LogSegment.append)."""
-        assert self.index_relative is not None and self.time_timestamps is not None
+        assert self.index_relative is not None and self.index_positions is not None
         if max_timestamp > self.max_timestamp:
             self.max_timestamp = max_timestamp
             self.max_timestamp_offset = last_offset
@@ -830,7 +845,8 @@ class PartitionLog:
                     self.directory, segment_name(segment.base_offset))
         self._rebuild_index(segment, segment.size)
         segment.maybe_add_time_entry()
-        assert segment.index_relative is not None and segment.time_timestamps is not None
+        assert segment.index_relative is not None and segment.index_positions is not None
+        assert segment.time_timestamps is not None and segment.time_relative is not None
         atomic_write(self.directory, segment_name(segment.base_offset, INDEX_SUFFIX),
                      _encode_offset_entries(segment.index_relative, segment.index_positions),
                      sync_directory=False)
@@ -871,7 +887,7 @@ class PartitionLog:
             for line in lines[2:]:
                 epoch, start = line.split()
                 entries.append(EpochEntry(int(epoch), int(start)))
-            for a, b in zip(entries, entries[1:]):
+            for a, b in itertools.pairwise(entries):
                 if not (a.epoch < b.epoch and a.start_offset <= b.start_offset):
                     raise ValueError("entries out of order")
             return entries
@@ -954,7 +970,7 @@ class PartitionLog:
             # Stamp only the 16 header bytes that change and gather them with the caller's
             # bytes in one writev: copying a 1 MiB buffer costs as much as the checks.
             view = memoryview(batches).cast("B")
-            pieces: list[bytes | memoryview] = []
+            pieces: list[bytes | bytearray | memoryview] = []
             offset = base_offset
             for header in headers:
                 pieces.append(_STAMP.pack(offset, header.size - LOG_OVERHEAD, epoch))
@@ -995,7 +1011,7 @@ class PartitionLog:
                            [h.last_offset for h in headers],
                            [h.partition_leader_epoch for h in headers])
 
-    def _write(self, pieces: list, headers: list[BatchHeader], base_offset: int,
+    def _write(self, pieces: list[bytes | bytearray | memoryview], headers: list[BatchHeader], base_offset: int,
                lasts: list[int], epochs: list[int]) -> AppendResult:
         total = sum(h.size for h in headers)
         last_offset = lasts[-1]
@@ -1026,8 +1042,7 @@ class PartitionLog:
                 if epoch > self.latest_epoch:
                     self._add_epoch(epoch, last - header.last_offset_delta)
                 segment.add_batch(batch_position, header.size, last, header.max_timestamp, interval)
-                if header.max_timestamp > max_timestamp:
-                    max_timestamp = header.max_timestamp
+                max_timestamp = max(max_timestamp, header.max_timestamp)
                 batch_position += header.size
             segment.size = batch_position
             segment.next_offset = last_offset + 1
@@ -1305,15 +1320,17 @@ class PartitionLog:
     def _write_index_entries(self, segment: _Segment, entries: int, time_entries: int,
                              sync: bool) -> None:
         """Append index entries [written, entries) to the files (flush lock held)."""
-        assert segment.index_relative is not None and segment.index_positions is not None
-        assert segment.time_timestamps is not None and segment.time_relative is not None
+        relative, positions = segment.index_relative, segment.index_positions
+        timestamps, time_relative = segment.time_timestamps, segment.time_relative
+        assert relative is not None and positions is not None
+        assert timestamps is not None and time_relative is not None
+        # Slices are taken without the state lock: entries below the snapshot counts never
+        # change while the flush lock is held, and an array slice is one C call under the GIL.
         jobs = (
             (INDEX_SUFFIX, OFFSET_INDEX_ENTRY, segment.index_written, entries,
-             lambda a, b: _encode_offset_entries(segment.index_relative[a:b],
-                                                 segment.index_positions[a:b])),
+             lambda a, b: _encode_offset_entries(relative[a:b], positions[a:b])),
             (TIME_INDEX_SUFFIX, TIME_INDEX_ENTRY, segment.time_written, time_entries,
-             lambda a, b: _encode_time_entries(segment.time_timestamps[a:b],
-                                               segment.time_relative[a:b])),
+             lambda a, b: _encode_time_entries(timestamps[a:b], time_relative[a:b])),
         )
         for suffix, entry_size, written, wanted, encode in jobs:
             if written >= wanted and not sync:
@@ -1466,6 +1483,9 @@ class PartitionLog:
                 del self._bases[:len(doomed)]
                 self._total_bytes = sum(s.size for s in self._segments)
                 self._truncate_epochs_from_start(self._bases[0])
+                # An emptied log keeps no epoch entry (as after a reopen, which drops entries
+                # starting at the end offset, like Kafka's truncateFromEnd on load).
+                self._truncate_epochs_from_end(self._end_offset)
                 epochs = list(self._epochs)
                 self._epochs_dirty = False
             for segment in doomed:

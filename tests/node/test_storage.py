@@ -10,7 +10,6 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from tidelog.node import storage
 from tidelog.node.storage import (
     CLEAN_SHUTDOWN,
@@ -618,3 +617,24 @@ def test_records_survive_a_round_trip_through_the_log(open_log) -> None:
     (decoded,) = list(decode_batches(plog.read(0, 100)))
     assert [(r.offset, r.key, r.value) for r in decoded.records()] == [(0, b"key", b"value"), (1, None, None)]
     assert decoded.partition_leader_epoch == 3
+
+
+def test_recovery_point_is_rewritten_per_interval_and_on_roll(open_log, tmp_path: Path) -> None:
+    plog = open_log(LogConfig(segment_bytes=2000, recovery_point_interval_bytes=1000))
+    point = tmp_path / "t-0" / RECOVERY_POINT
+    plog.append(batch(size=40), epoch=0)
+    plog.flush()
+    first = point.read_text()
+    plog.append(batch(size=40), epoch=0)
+    plog.flush()
+    assert point.read_text() == first  # less than the interval since the last rewrite
+    while plog.size_bytes < 1200:
+        plog.append(batch(size=40), epoch=0)
+    plog.flush()
+    second = point.read_text()
+    assert second != first
+    while len(plog.segment_base_offsets) == 1:
+        plog.append(batch(size=40), epoch=0)
+    plog.flush()
+    assert f'"segment": {plog.segment_base_offsets[-1]}' in point.read_text()  # a roll moves it
+    plog.verify()

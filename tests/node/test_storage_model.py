@@ -28,7 +28,6 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-
 from tidelog.node.storage import (
     LEADER_EPOCH_CHECKPOINT,
     EpochEntry,
@@ -398,7 +397,7 @@ class StorageMachine(RuleBasedStateMachine):
 
 
 FAST = settings(
-    max_examples=25,
+    max_examples=50,
     stateful_step_count=30,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
@@ -417,6 +416,7 @@ def test_storage_model(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_storage_model_long(monkeypatch: pytest.MonkeyPatch) -> None:
     no_fsync(monkeypatch)
     run_state_machine_as_test(
