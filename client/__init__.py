@@ -1,9 +1,20 @@
 """The tidelog client library (DESIGN.md §9).
 
-    from tidelog.client import Producer, Consumer, AdminClient, TopicPartition, NewTopic
+    from tidelog.client import AdminClient, Consumer, Producer
+
+    with AdminClient("127.0.0.1:9192") as admin:
+        admin.create_topic("orders", num_partitions=3)
+    with Producer("127.0.0.1:9192") as producer:
+        producer.send("orders", b"hello", key=b"alice").result()
+    with Consumer("127.0.0.1:9192", topics=["orders"], auto_offset_reset="earliest") as consumer:
+        for record in consumer:
+            print(record.offset, record.key, record.value)
 
 Each client also exists as an asyncio class (`AsyncProducer`, `AsyncConsumer`,
 `AsyncAdminClient`); the sync classes run the async core on one background thread per object.
+``bootstrap`` is a list of "host:port" or a comma-separated string. Errors from the cluster are
+`TidelogError` (``.code``, ``.name``, ``.retriable``); `ClusterUnreachableError` is the one for
+"no node answered".
 """
 
 from __future__ import annotations

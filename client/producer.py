@@ -456,7 +456,8 @@ class AsyncProducer:
             run_size = 0
             for batch in run:
                 if batch.encoded is None:
-                    batch.encoded = encode_batch(batch.records, compression=self.compression)
+                    # PendingRecord has the fields of a Record that encode_batch reads.
+                    batch.encoded = encode_batch(batch.records, compression=self.compression)  # type: ignore[arg-type]
                 run_size += len(batch.encoded)
             if current and size + run_size > self.max_request_size:
                 chunks.append(current)
