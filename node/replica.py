@@ -217,7 +217,8 @@ class Replica:
 
     @property
     def is_leader(self) -> bool:
-        return self.group.role is Role.LEADER
+        # Not until the new role's quorum state is durable and its output applied.
+        return self.group.role is Role.LEADER and self._persisting is None
 
     @property
     def epoch(self) -> int:
@@ -225,6 +226,8 @@ class Replica:
 
     @property
     def leader_id(self) -> int | None:
+        if self._persisting is not None:
+            return None  # changing; known again in a moment
         return self.group.leader_id
 
     @property

@@ -171,7 +171,7 @@ class Node:
         if self.quorum.replica is not None:
             replicas.append(self.quorum.replica)
         for replica in replicas:
-            if replica.leader_id != node_id:
+            if replica.group.leader_id != node_id:
                 continue
             survivors = sorted(v for v in replica.group.voters if v != node_id)
             rank = survivors.index(self.config.node_id) if self.config.node_id in survivors else len(survivors)

@@ -6,7 +6,6 @@ whether it passed or failed (and atexit kills any left over if pytest itself die
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -16,11 +15,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from support.nodes import LocalCluster, start_cluster  # noqa: E402
-
-
-def replication_available() -> bool:
-    """Multi-node clusters need the Raft core wired into the node (issue 4, priority 3)."""
-    return importlib.util.find_spec("tidelog.node.replica") is not None
 
 
 @pytest.fixture
@@ -35,9 +29,7 @@ def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
 
 @pytest.fixture
 def cluster3(tmp_path: Path) -> Iterator[LocalCluster]:
-    """A running three-node cluster (skipped until replicated partitions land in the node)."""
-    if not replication_available():
-        pytest.skip("3-node clusters need replicated partitions (tidelog.node.replica), not landed yet")
+    """A running three-node cluster; every node is a controller voter."""
     local = start_cluster(tmp_path, nodes=3)
     try:
         yield local

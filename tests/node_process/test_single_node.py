@@ -121,7 +121,8 @@ def test_many_partitions_in_one_request(stubs: Stubs) -> None:
     stubs.create("multi", partitions=3)
     response = stubs.broker.Produce(api_pb2.ProduceRequest(acks=-1, timeout_ms=5000, partitions=[
         api_pb2.ProducePartitionData(topic="multi", partition=p, records=batch(b"v%d" % p)) for p in range(3)]))
-    assert [r.error for r in response.partitions] == [ErrorCode.NONE] * 3
+    # CreateTopics returned once every partition had its leader, so all three are accepted.
+    assert [r.error for r in response.partitions] == [ErrorCode.NONE] * 3, response
     fetched = stubs.broker.Fetch(api_pb2.FetchRequest(max_wait_ms=0, max_bytes=1 << 20, partitions=[
         api_pb2.FetchPartition(topic="multi", partition=p, fetch_offset=0, current_leader_epoch=-1)
         for p in range(3)]))
@@ -367,6 +368,21 @@ def test_retention_deletes_old_segments_and_moves_the_log_start(tmp_path: Path) 
         last = client.latest("short", 0) - 1
         newest = codec.decode_records(client.fetch("short", 0, last).records)
         assert newest[-1].offset == last and newest[-1].value == b"x" * 300
+    finally:
+        client.close()
+        local.stop_all()
+
+
+def test_a_request_over_max_request_bytes_is_refused_and_the_node_keeps_serving(tmp_path: Path) -> None:
+    local = start_cluster(tmp_path, nodes=1, max_request_bytes=64 * 1024)
+    client = Stubs(local.bootstrap)
+    try:
+        client.create("big")
+        with pytest.raises(grpc.RpcError) as refused:
+            client.produce("big", 0, batch(b"x" * 100_000))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert client.produce("big", 0, batch(b"small")).error == ErrorCode.NONE
+        assert [r.value for r in client.read_all("big", 0)] == [b"small"]
     finally:
         client.close()
         local.stop_all()
