@@ -59,6 +59,7 @@ before it fdatasyncs, so `flushed_offset` never claims bytes that were not yet w
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import enum
 import errno
 import itertools
@@ -247,7 +248,10 @@ class EpochEntry:
 class _RecoveryPoint:
     """Everything before ``offset`` is durable: segments before ``segment`` completely (log and
     index files), and segment ``segment`` up to byte ``position`` with its first
-    ``index_entries``/``time_index_entries`` index entries."""
+    ``index_entries``/``time_index_entries`` index entries.
+
+    ``reset`` = 1 marks a `PartitionLog.reset_to` in progress: the log is empty at ``offset``
+    and every segment file found is a leftover."""
 
     offset: int
     segment: int
@@ -257,6 +261,7 @@ class _RecoveryPoint:
     max_timestamp: int
     max_timestamp_offset: int
     bytes_since_index: int
+    reset: int = 0
 
     def encode(self) -> bytes:
         body = {"version": 1, **{name: getattr(self, name) for name in self.__slots__}}
@@ -267,7 +272,8 @@ class _RecoveryPoint:
         body = json.loads(data)
         if body.get("version") != 1:
             raise ValueError(f"unknown recovery-point version {body.get('version')!r}")
-        values = {name: body[name] for name in cls.__slots__}
+        values = {name: body[name] for name in cls.__slots__ if name != "reset"}
+        values["reset"] = body.get("reset", 0)
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in values.values()):
             raise ValueError("recovery-point fields must be integers")
         point = cls(**values)
@@ -553,19 +559,30 @@ class PartitionLog:
         point = self._read_recovery_point()
         epochs = self._read_epoch_checkpoint()
 
+        if point is not None and point.reset:
+            log.warning("%s: finishing an interrupted reset to offset %d", self.directory, point.offset)
+            for base in bases:
+                for suffix in (LOG_SUFFIX, INDEX_SUFFIX, TIME_INDEX_SUFFIX):
+                    try:
+                        os.unlink(self._path(segment_name(base, suffix)))
+                    except FileNotFoundError:
+                        pass
+            bases = []
         if not bases:
-            if point is not None and point.offset > 0:
+            start = 0
+            if point is not None and point.reset:
+                start = point.offset
+            elif point is not None and point.offset > 0:
                 raise CorruptLogError(
                     f"{self.directory}: recovery-point says offsets below {point.offset} are "
                     "durable but there are no segment files"
                 )
-            segment = _Segment(0, self._open_segment_fd(0, create=True), 0)
-            segment.created_ms = self._clock()
-            segment.start_empty_index()
-            for suffix in (INDEX_SUFFIX, TIME_INDEX_SUFFIX):
-                os.close(os.open(self._path(segment_name(0, suffix)), os.O_WRONLY | os.O_CREAT, 0o644))
-            self._segments, self._bases = [segment], [0]
+            self._segments, self._bases = [self._create_segment(start)], [start]
+            self._end_offset = self._flushed_offset = start
             fsync_directory(self.directory)
+            if point is not None and point.reset:
+                self._epochs_dirty = True  # the file may still list the old log's epochs
+                self._flush_locked(force_checkpoint=True)
             return
 
         for base in bases:
@@ -1057,9 +1074,8 @@ class PartitionLog:
             return max(h.max_timestamp for h in headers) - segment.first_timestamp
         return self._clock() - segment.created_ms
 
-    def _roll(self) -> _Segment:
-        """Start a new active segment at the end offset (owner thread)."""
-        base = self._end_offset
+    def _create_segment(self, base: int) -> _Segment:
+        """A new, empty segment's three files (the directory still needs an fsync)."""
         fd = self._open_segment_fd(base, create=True)
         segment = _Segment(base, fd, 0)
         segment.next_offset = base
@@ -1072,6 +1088,12 @@ class PartitionLog:
         except OSError:
             os.close(fd)
             raise
+        return segment
+
+    def _roll(self) -> _Segment:
+        """Start a new active segment at the end offset (owner thread)."""
+        base = self._end_offset
+        segment = self._create_segment(base)
         with self._state_lock:
             previous = self._segments[-1]
             previous.maybe_add_time_entry()  # the last time entry of a rolled segment is its max
@@ -1438,6 +1460,38 @@ class PartitionLog:
             self._write_epoch_checkpoint(epochs)
             self._checkpoint_mark = self._appended_bytes
             return new_end
+
+    def reset_to(self, start_offset: int) -> None:
+        """Drop the whole log and continue as an empty log at ``start_offset`` (Kafka's
+        truncateFullyAndStartAt): for a follower whose leader no longer has, or never had, the
+        offsets that would place its log. Durable when it returns; a crash part-way through
+        leaves either the old log or the reset one (the next open finishes the reset)."""
+        self._check_usable()
+        if start_offset < 0:
+            raise ValueError(f"start offset must be >= 0, got {start_offset}")
+        with self._flush_lock:
+            marker = _RecoveryPoint(
+                offset=start_offset, segment=start_offset, position=0, index_entries=0,
+                time_index_entries=0, max_timestamp=_NO_TIMESTAMP,
+                max_timestamp_offset=start_offset - 1, bytes_since_index=0, reset=1)
+            # The marker commits the reset: from here on an open finishes it.
+            atomic_write(self.directory, RECOVERY_POINT, marker.encode())
+            for segment in self._segments:
+                self._delete_segment_files(segment)
+            fresh = self._create_segment(start_offset)
+            fsync_directory(self.directory)
+            with self._state_lock:
+                self._segments, self._bases = [fresh], [start_offset]
+                self._end_offset = self._flushed_offset = start_offset
+                self._total_bytes = 0
+                self._set_epochs([])
+                self._epochs_dirty = False
+            self._write_epoch_checkpoint([])
+            point = dataclasses.replace(marker, reset=0)
+            atomic_write(self.directory, RECOVERY_POINT, point.encode())
+            self._checkpoint = point
+            self._checkpoint_mark = self._appended_bytes
+        log.info("%s: log reset to start at offset %d", self.directory, start_offset)
 
     def _delete_segment_files(self, segment: _Segment) -> None:
         os.close(segment.fd)

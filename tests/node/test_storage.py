@@ -638,3 +638,43 @@ def test_recovery_point_is_rewritten_per_interval_and_on_roll(open_log, tmp_path
     plog.flush()
     assert f'"segment": {plog.segment_base_offsets[-1]}' in point.read_text()  # a roll moves it
     plog.verify()
+
+
+@pytest.mark.parametrize("start", [0, 7, 500])
+def test_reset_to_empties_the_log_at_any_offset(open_log, tmp_path: Path, start: int) -> None:
+    plog = open_log()
+    for i in range(20):
+        plog.append(batch(2, size=40), epoch=i // 10)
+    assert 0 in plog.segment_base_offsets
+    plog.reset_to(start)
+    assert (plog.log_start_offset, plog.end_offset, plog.flushed_offset) == (start, start, start)
+    assert plog.epoch_entries == () and plog.read(start, 100) == b""
+    assert sorted(p.name for p in (tmp_path / "t-0").glob("*.log")) == [segment_name(start)]
+    plog.append_replicated(expected(2, 0, 10, start, 5))
+    crash(plog)
+    plog = open_log()
+    assert (plog.log_start_offset, plog.end_offset) == (start, start + 2)
+    assert plog.epoch_entries == (EpochEntry(5, start),)
+
+
+def test_an_interrupted_reset_is_finished_on_open(open_log, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    plog = open_log()
+    for _ in range(20):
+        plog.append(batch(2, size=40), epoch=1)
+    plog.flush()
+
+    def power_cut(self: PartitionLog, segment: object) -> None:
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(PartitionLog, "_delete_segment_files", power_cut)
+    with pytest.raises(KeyboardInterrupt):
+        plog.reset_to(10)
+    monkeypatch.undo()
+    crash(plog)
+    plog = open_log()
+    assert (plog.log_start_offset, plog.end_offset, plog.epoch_entries) == (10, 10, ())
+    assert sorted(p.name for p in (tmp_path / "t-0").glob("*.log")) == [segment_name(10)]
+    crash(plog)
+    plog = open_log()  # the finished reset is itself durable
+    assert (plog.log_start_offset, plog.end_offset) == (10, 10)

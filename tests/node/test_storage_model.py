@@ -243,6 +243,17 @@ class StorageMachine(RuleBasedStateMachine):
         self.durable_end = new_end
         self.snapshot()
 
+    @precondition(lambda self: self.plog is not None)
+    @rule(delta=st.integers(-5, 20))
+    def reset(self, delta: int) -> None:
+        """A follower's log is replaced by an empty one (its leader deleted what it lacks)."""
+        assert self.plog is not None
+        start = max(0, self.end + delta)
+        self.plog.reset_to(start)
+        self.entries = []
+        self.log_start = self.durable_end = start
+        self.snapshot()
+
     @rule(ms=st.integers(0, 3000))
     def advance_clock(self, ms: int) -> None:
         self.now += ms
