@@ -36,7 +36,14 @@ close to the cost of the data fdatasync itself). On open:
   logged), later segments are deleted;
 * a cleanly closed log has its recovery point at the end, so nothing is scanned;
 * flushed data that is missing or not a valid batch sequence where the recovery point says it
-  must be raises `CorruptLogError`: the replica must go offline and re-fetch, never skip.
+  must be raises `CorruptLogError`: the replica must go offline and re-fetch, never skip. After
+  a crash the batches just below the recovery point (from the last index entry) are CRC-checked
+  too; damage deeper in the flushed region is found when a read walks over it or by `verify`,
+  which reads everything.
+
+`reset_to` replaces the log with an empty one at a given offset (a Raft follower whose leader
+deleted what it lacks); a recovery point flagged ``reset`` commits it, so a crash part-way is
+finished on the next open.
 
 Threads
 -------
@@ -603,7 +610,7 @@ class PartitionLog:
                     f"{self.directory}: segment {segment_name(point.segment)} holding flushed data "
                     f"up to offset {point.offset} is missing"
                 )
-        changed = self._recover(point, epochs)
+        changed = self._recover(point, epochs, clean)
         if clean and changed:
             log.warning("%s: clean-shutdown marker present but the log needed recovery", self.directory)
         elif not clean and changed:
@@ -617,7 +624,8 @@ class PartitionLog:
             os.unlink(self._path(CLEAN_SHUTDOWN))
             fsync_directory(self.directory)
 
-    def _recover(self, point: _RecoveryPoint | None, epochs: list[EpochEntry] | None) -> bool:
+    def _recover(self, point: _RecoveryPoint | None, epochs: list[EpochEntry] | None,
+                 clean: bool) -> bool:
         """Rebuild the in-memory state; scan and repair everything after ``point``. Returns
         whether anything needs writing back."""
         changed = False
@@ -645,6 +653,8 @@ class PartitionLog:
             segment.size = point.position
             if not self._load_recovery_segment(segment, point):
                 changed = True
+            elif not clean:
+                self._check_seam(segment, point)
             if epochs is None:
                 log.warning("%s: leader-epoch-checkpoint missing or damaged; rebuilding it from "
                             "batch headers", self.directory)
@@ -768,6 +778,36 @@ class PartitionLog:
         self._rebuild_index(segment, point.position)
         self._set_index_files_length(segment, 0, 0)
         return False
+
+    def _check_seam(self, segment: _Segment, point: _RecoveryPoint) -> None:
+        """After a crash, CRC-check the flushed batches from the last index entry up to the
+        recovery point (at most about index_interval_bytes and one batch): they must end
+        exactly there. Damage to flushed data is an error, never a tail to cut."""
+        assert segment.index_positions is not None and segment.index_relative is not None
+        start = segment.index_positions[-1] if segment.index_positions else 0
+        if point.position - start > _SCAN_CHUNK:
+            return  # a sparse index (huge index.interval.bytes): not worth reading at open
+        expected = None
+        if segment.index_relative:
+            expected_last = segment.base_offset + segment.index_relative[-1]
+        else:
+            expected, expected_last = segment.base_offset, None
+        position = start
+        for batch_position, header in _scan_valid(segment.fd, start, point.position,
+                                                  max(self.config.max_message_bytes, _SCAN_CHUNK)):
+            if expected_last is not None:
+                if header.last_offset != expected_last:
+                    break
+                expected_last = None
+            elif header.base_offset != expected:
+                break
+            expected = header.next_offset
+            position = batch_position + header.size
+        if position != point.position or expected != point.offset:
+            raise CorruptLogError(
+                f"{self.directory}: flushed data of {segment_name(segment.base_offset)} is damaged "
+                f"between bytes {start} and {point.position} (below the recovery point, offset "
+                f"{point.offset}); the replica must re-fetch it")
 
     def _read_file(self, segment: _Segment, suffix: str) -> bytes:
         with open(self._path(segment_name(segment.base_offset, suffix)), "rb") as f:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -483,12 +484,17 @@ def test_tail_scan_is_limited_to_after_the_recovery_point(open_log, tmp_path: Pa
     real_scan = storage._scan_valid
 
     def recording_scan(fd: int, start: int, end: int, max_batch: int):
-        starts.append(start)
+        starts.append((start, end))
         return real_scan(fd, start, end, max_batch)
 
     monkeypatch.setattr(storage, "_scan_valid", recording_scan)
     plog = open_log()
-    assert starts == [flushed_end[1]]
+    recovery_point = flushed_end[1]
+    # The tail after the recovery point, plus a CRC check of the seam just below it (from the
+    # last index entry: at most index.interval.bytes and one batch).
+    (seam_start, seam_end), (tail_start, _) = starts
+    assert seam_end == tail_start == recovery_point
+    assert recovery_point - seam_start <= 4096 + 200
     assert plog.end_offset == 42
 
 
@@ -678,3 +684,19 @@ def test_an_interrupted_reset_is_finished_on_open(open_log, tmp_path: Path,
     crash(plog)
     plog = open_log()  # the finished reset is itself durable
     assert (plog.log_start_offset, plog.end_offset) == (10, 10)
+
+
+def test_damage_just_below_the_recovery_point_is_an_error_after_a_crash(open_log, tmp_path: Path) -> None:
+    plog = open_log(LogConfig(recovery_point_interval_bytes=0))
+    for _ in range(10):
+        plog.append(batch(2, size=40), epoch=1)
+    plog.flush()
+    plog.append(batch(2, size=40), epoch=1)
+    crash(plog)
+    point = json.loads((tmp_path / "t-0" / RECOVERY_POINT).read_text())
+    path = tmp_path / "t-0" / segment_name(0)
+    data = bytearray(path.read_bytes())
+    data[point["position"] - 3] ^= 0x40  # inside the last flushed batch
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptLogError, match="recovery point"):
+        open_log()
