@@ -33,13 +33,19 @@ class RaftLog(Protocol):
     def start_offset(self) -> int: ...
 
     @property
+    def start_epoch(self) -> int:
+        """Epoch of the last batch *before* start_offset (deleted by retention, or the epoch given
+        to `reset_to`); NO_EPOCH when the log starts at 0. Kafka's leader-epoch cache keeps it."""
+        ...
+
+    @property
     def end_offset(self) -> int:
         """The offset the next batch will get (log end offset)."""
         ...
 
     @property
     def last_epoch(self) -> int:
-        """partitionLeaderEpoch of the last batch; NO_EPOCH (0) for an empty log."""
+        """partitionLeaderEpoch of the last batch; start_epoch for an empty log."""
         ...
 
     def append(self, batches: bytes, epoch: int) -> tuple[int, int]:
@@ -65,13 +71,14 @@ class RaftLog(Protocol):
     def end_offset_for_epoch(self, epoch: int) -> tuple[int, int]:
         """KIP-101/KIP-595: (largest epoch <= ``epoch`` in the log, the end offset of that epoch).
 
-        (NO_EPOCH, start_offset) when no such epoch exists.
+        start_epoch counts as present, ending at start_offset or later; (NO_EPOCH, start_offset)
+        when no such epoch exists.
         """
         ...
 
-    def reset_to(self, start_offset: int) -> None:
-        """Drop everything and continue as an empty log starting at ``start_offset``: a follower
-        whose leader deleted (retention) the offsets it lacks or that would place its log."""
+    def reset_to(self, start_offset: int, start_epoch: int) -> None:
+        """Drop everything and continue as an empty log at ``start_offset`` whose prefix ended
+        in ``start_epoch``: a follower whose leader deleted (retention) what it needs."""
         ...
 
     def flush(self) -> int:
@@ -85,22 +92,25 @@ class RaftLog(Protocol):
 class MemoryLog:
     """A `RaftLog` in memory, with a model of what a crash keeps (tests and the simulator).
 
-    The durable image is the first ``_synced`` batches plus ``_disk_tail``: batches that were
-    flushed once and then truncated away in memory; a truncation is only durable after the next
-    flush, as with a file whose new length was not yet fsynced.
+    The durable image is the first ``_synced`` batches plus ``_disk_tail`` (batches flushed once
+    and then truncated away in memory: a truncation is only durable after the next flush, as
+    with a file whose new length was not yet fsynced), starting at ``_durable_start``.
     """
 
-    def __init__(self, start_offset: int = 0) -> None:
+    def __init__(self, start_offset: int = 0, start_epoch: int = NO_EPOCH) -> None:
         self._start = start_offset
+        self._start_epoch = start_epoch
         self._bases: list[int] = []
         self._nexts: list[int] = []
         self._epochs: list[int] = []
         self._data: list[bytes] = []
-        # (epoch, start offset) for each run of batches of one epoch: the leader-epoch cache.
+        # (epoch, start offset) for each run of batches of one epoch: the leader-epoch cache. Its
+        # first entry may be (start_epoch, start_offset), the run that began before the start.
         self._epoch_starts: list[tuple[int, int]] = []
         self._synced = 0
         self._disk_tail: list[tuple[int, int, int, bytes]] = []
-        self._durable_start = start_offset
+        self._durable_start = (start_offset, start_epoch)
+        self._rebuild_epoch_starts()
 
     # --- the RaftLog interface ------------------------------------------------------------
 
@@ -109,12 +119,16 @@ class MemoryLog:
         return self._start
 
     @property
+    def start_epoch(self) -> int:
+        return self._start_epoch
+
+    @property
     def end_offset(self) -> int:
         return self._nexts[-1] if self._nexts else self._start
 
     @property
     def last_epoch(self) -> int:
-        return self._epochs[-1] if self._epochs else NO_EPOCH
+        return self._epochs[-1] if self._epochs else self._start_epoch
 
     def append(self, batches: bytes, epoch: int) -> tuple[int, int]:
         if epoch < self.last_epoch:
@@ -178,15 +192,10 @@ class MemoryLog:
         keep = bisect.bisect_right(self._nexts, offset)
         if keep < len(self._nexts):
             if keep < self._synced:
-                self._disk_tail = [
-                    (self._bases[i], self._nexts[i], self._epochs[i], self._data[i])
-                    for i in range(keep, self._synced)
-                ] + self._disk_tail
+                self._disk_tail = self._entries()[keep : self._synced] + self._disk_tail
                 self._synced = keep
             del self._bases[keep:], self._nexts[keep:], self._epochs[keep:], self._data[keep:]
-            end = self.end_offset
-            while self._epoch_starts and self._epoch_starts[-1][1] >= end:
-                self._epoch_starts.pop()
+            self._rebuild_epoch_starts()
         return self.end_offset
 
     def epoch_for(self, offset: int) -> int | None:
@@ -203,37 +212,33 @@ class MemoryLog:
                 return found_epoch, end
         return NO_EPOCH, self._start
 
-    def reset_to(self, start_offset: int) -> None:
+    def reset_to(self, start_offset: int, start_epoch: int) -> None:
         # Not durable until the next flush: a crash before it brings the old log back.
         self._disk_tail = self._entries()[: self._synced] + self._disk_tail
         self._synced = 0
         self._start = start_offset
+        self._start_epoch = start_epoch
         self._bases, self._nexts, self._epochs, self._data = [], [], [], []
-        self._epoch_starts = []
+        self._rebuild_epoch_starts()
 
     def delete_before(self, offset: int) -> int:
         """Retention: drop the whole batches that end at or before ``offset``, but never the last
-        one (Kafka never deletes the active segment, and it keeps the last epoch); new log start."""
+        one (Kafka never deletes the active segment); returns the new log start."""
         drop = max(0, min(bisect.bisect_right(self._nexts, offset), len(self._nexts) - 1))
         assert drop <= self._synced, "retention deletes only flushed (committed) data"
         if drop:
             self._start = self._nexts[drop - 1]
+            self._start_epoch = self._epochs[drop - 1]
             del self._bases[:drop], self._nexts[:drop], self._epochs[:drop], self._data[:drop]
-            self._synced = max(0, self._synced - drop)
-            while len(self._epoch_starts) > 1 and self._epoch_starts[1][1] <= self._start:
-                self._epoch_starts.pop(0)
-            if self._epoch_starts:
-                self._epoch_starts[0] = (self._epoch_starts[0][0], max(self._epoch_starts[0][1], self._start))
-            self._durable_start = self._start
+            self._synced -= drop
+            self._durable_start = (self._start, self._start_epoch)
+            self._rebuild_epoch_starts()
         return self._start
-
-    def _entries(self) -> list[tuple[int, int, int, bytes]]:
-        return list(zip(self._bases, self._nexts, self._epochs, self._data, strict=True))
 
     def flush(self) -> int:
         self._synced = len(self._data)
         self._disk_tail = []
-        self._durable_start = self._start
+        self._durable_start = (self._start, self._start_epoch)
         return self.end_offset
 
     # --- the crash model --------------------------------------------------------------------
@@ -248,14 +253,15 @@ class MemoryLog:
 
         Unflushed batches may each have reached the disk or not (a prefix of them survives),
         and with ``tear`` the next one may be cut anywhere; recovery keeps the longest valid
-        prefix (`scan_valid_prefix`) and discards the torn rest. A truncation that was not
-        flushed is undone: the truncated batches come back.
+        prefix (`scan_valid_prefix`) and discards the torn rest. A truncation or reset that was
+        not flushed is undone: the batches it removed come back.
         """
-        unflushed = list(zip(self._bases, self._nexts, self._epochs, self._data, strict=True))[self._synced :]
+        entries = self._entries()
+        unflushed = entries[self._synced :]
         survivors: list[tuple[int, int, int, bytes]] = []
         if self._disk_tail:
             survivors = list(self._disk_tail)
-        elif unflushed:
+        elif unflushed and (self._start, self._start_epoch) == self._durable_start:
             whole = rng.randrange(len(unflushed) + 1)
             written = b"".join(entry[3] for entry in unflushed[:whole])
             if tear and whole < len(unflushed):
@@ -263,10 +269,10 @@ class MemoryLog:
                 written += torn[: rng.randrange(1, len(torn))]
             headers, _ = scan_valid_prefix(written)
             survivors = unflushed[: len(headers)]
-        durable = list(zip(self._bases, self._nexts, self._epochs, self._data, strict=True))[: self._synced]
-        self._start = self._durable_start
+        durable = entries[: self._synced]
+        self._start, self._start_epoch = self._durable_start
         self._bases, self._nexts, self._epochs, self._data = [], [], [], []
-        self._epoch_starts = []
+        self._rebuild_epoch_starts()
         for entry in durable + survivors:
             self._push(*entry)
         # What recovery found is on disk now.
@@ -274,6 +280,18 @@ class MemoryLog:
         self._disk_tail = []
 
     # --- internals --------------------------------------------------------------------------
+
+    def _entries(self) -> list[tuple[int, int, int, bytes]]:
+        return list(zip(self._bases, self._nexts, self._epochs, self._data, strict=True))
+
+    def _rebuild_epoch_starts(self) -> None:
+        starts: list[tuple[int, int]] = []
+        if self._start_epoch != NO_EPOCH:
+            starts.append((self._start_epoch, self._start))
+        for base, epoch in zip(self._bases, self._epochs, strict=True):
+            if not starts or starts[-1][0] != epoch:
+                starts.append((epoch, base))
+        self._epoch_starts = starts
 
     def _push(self, base: int, next_offset: int, epoch: int, data: bytes) -> None:
         assert base == self.end_offset, (base, self.end_offset)

@@ -850,20 +850,19 @@ class RaftGroup:
             if m.src not in self._replicas:
                 self._replicas.append(m.src)
         progress.last_fetch_ms = self._now
-        start = self._log.start_offset
-        log_end = self._log.end_offset
-        # KIP-595 validateOffsetAndEpoch: does the follower's log end agree with ours? An empty
-        # follower log (last epoch 0) at offset N > 0 was emptied at a log start (retention or
-        # `reset_to`), and a log start is always committed, so it agrees with every leader's log.
-        if m.fetch_offset < start or (m.last_fetched_epoch == NO_EPOCH and m.fetch_offset > log_end):
-            self._reply_out_of_range(m, start)
+        log = self._log
+        start = log.start_offset
+        # KIP-595 validateOffsetAndEpoch: does the follower's log end agree with ours? Below our
+        # log start (deleted by retention) we cannot tell: the follower starts over there.
+        if m.fetch_offset < start:
+            self._reply_out_of_range(m)
             return
-        if m.last_fetched_epoch != NO_EPOCH:
-            epoch, end = self._log.end_offset_for_epoch(m.last_fetched_epoch)
+        if m.fetch_offset != start or m.last_fetched_epoch != log.start_epoch:
+            epoch, end = log.end_offset_for_epoch(m.last_fetched_epoch)
             if epoch == NO_EPOCH and start > 0:
                 # The epochs that would place the follower's log were deleted with the start of
-                # ours (retention): it cannot be validated, so it starts over at our log start.
-                self._reply_out_of_range(m, start)
+                # ours: it cannot be validated, so it starts over at our log start.
+                self._reply_out_of_range(m)
                 return
             if epoch != m.last_fetched_epoch or m.fetch_offset > end:
                 self._send(
@@ -896,12 +895,14 @@ class RaftGroup:
             # Long-poll: nothing new for this follower; answer when data or the HW moves.
             self._parked[m.src] = (m, self._now + min(m.max_wait_ms, self._config.fetch_max_wait_ms))
 
-    def _reply_out_of_range(self, m: FetchRequest, start: int) -> None:
+    def _reply_out_of_range(self, m: FetchRequest) -> None:
+        # Our log start and the epoch that ended there, in the divergence fields.
+        log = self._log
         self._send(
             FetchResponse(
                 self.group_id, self.node_id, m.src, self._epoch, self.node_id,
                 FetchError.OFFSET_OUT_OF_RANGE, m.fetch_id, m.fetch_offset, m.last_fetched_epoch,
-                b"", self._hw, NO_DIVERGENCE, start,
+                b"", self._hw, log.start_epoch, log.start_offset,
             )
         )  # fmt: skip
 
@@ -1046,7 +1047,7 @@ class RaftGroup:
             return
         self._fetch_inflight = False
         if m.error is FetchError.OFFSET_OUT_OF_RANGE and m.diverging_end_offset >= self._hw:
-            self._reset_to(m.diverging_end_offset)
+            self._reset_to(m.diverging_end_offset, m.diverging_epoch)
             self._maybe_send_fetch()
             return
         if m.error is not FetchError.NONE:
@@ -1104,12 +1105,12 @@ class RaftGroup:
             self._set_voters(changes[-1][1] if changes else self._initial_voters)
         self._request_flush()
 
-    def _reset_to(self, start_offset: int) -> None:
+    def _reset_to(self, start_offset: int, start_epoch: int) -> None:
         # Everything below the leader's log start is committed (retention only deletes below
         # the HW) and gone there; we cannot hold a gap or prove our tail matches, so we start
         # over at its log start. Nothing at or above our HW is lost that the leader still has.
         assert self._hw <= start_offset
-        self._log.reset_to(start_offset)
+        self._log.reset_to(start_offset, start_epoch)
         changes = self._voter_changes
         while changes and changes[-1][0] >= start_offset:
             changes.pop()

@@ -187,7 +187,7 @@ class SimLog(MemoryLog):
             del self.chain[:drop]
         return start
 
-    def reset_to(self, start_offset: int) -> None:
+    def reset_to(self, start_offset: int, start_epoch: int) -> None:
         # The leader's log start is committed (it deletes only below its HW): we continue from
         # the committed prefix that ends there.
         base = self._sim.committed_chain_at(start_offset)
@@ -196,7 +196,7 @@ class SimLog(MemoryLog):
                 "committed prefix",
                 f"node {self._node_id} reset its log to {start_offset}, not a committed offset",
             )
-        super().reset_to(start_offset)
+        super().reset_to(start_offset, start_epoch)
         self._base_chain = base
         self.chain = []
 
@@ -213,8 +213,9 @@ class SimLog(MemoryLog):
 
     def durable_chain_at(self, end_offset: int) -> int | None:
         """Like `chain_at`, but only if that prefix is flushed."""
-        if end_offset <= self._durable_start:
-            return self.chain_at(end_offset) if self._start == self._durable_start else None
+        durable_start = self._durable_start[0]
+        if end_offset <= durable_start:
+            return self.chain_at(end_offset) if self._start == durable_start else None
         index = bisect.bisect_left(self._nexts, end_offset)
         if index < self._synced and self._nexts[index] == end_offset:
             return self.chain[index]

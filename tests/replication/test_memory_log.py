@@ -136,11 +136,11 @@ def test_reset_starts_an_empty_log_further_on_and_is_undone_by_a_crash_before_a_
     log.append(batch(b"a"), 1)
     log.flush()
     before = log.read(0, 1 << 20)
-    log.reset_to(10)
-    assert (log.start_offset, log.end_offset, log.last_epoch) == (10, 10, 0)
+    log.reset_to(10, 1)
+    assert (log.start_offset, log.end_offset, log.last_epoch) == (10, 10, 1)
     log.crash(random.Random(0))
     assert (log.start_offset, log.read(0, 1 << 20)) == (0, before)
-    log.reset_to(10)
+    log.reset_to(10, 1)
     leader = MemoryLog()
     for _ in range(12):
         leader.append(batch(b"y"), 2)
@@ -148,3 +148,40 @@ def test_reset_starts_an_empty_log_further_on_and_is_undone_by_a_crash_before_a_
     log.flush()
     log.crash(random.Random(0))
     assert (log.start_offset, log.end_offset) == (10, 12)
+
+
+def test_crash_after_an_unflushed_reset_brings_back_the_old_log_only() -> None:
+    log = MemoryLog()
+    log.reset_to(13, 1)
+    leader = MemoryLog()
+    for _ in range(15):
+        leader.append(batch(b"y"), 1)
+    log.append_replicated(leader.read(13, 1 << 20))
+    for seed in range(10):
+        copy = MemoryLog()
+        copy.reset_to(13, 1)
+        copy.append_replicated(leader.read(13, 1 << 20))
+        copy.crash(random.Random(seed))
+        assert (copy.start_offset, copy.end_offset) == (0, 0)
+
+
+def test_an_emptied_log_keeps_the_epoch_its_prefix_ended_in() -> None:
+    """A log emptied down to its start (retention then truncation, or a reset) must still say
+    which epoch its prefix ended in: votes and fetch validation compare (last epoch, end offset)."""
+    log = MemoryLog()
+    for e in (1, 2, 2, 3):
+        log.append(batch(b"x"), e)
+    log.flush()
+    log.delete_before(2)
+    assert (log.start_offset, log.start_epoch) == (2, 2)
+    log.truncate_to(2)
+    assert (log.end_offset, log.last_epoch) == (2, 2)
+    assert log.end_offset_for_epoch(2) == (2, 2) and log.end_offset_for_epoch(1) == (0, 2)
+    log.append_replicated(_batch_at(2, 4))
+    assert log.end_offset_for_epoch(3) == (2, 2) and log.end_offset_for_epoch(4) == (4, 3)
+
+
+def _batch_at(offset: int, epoch: int) -> bytes:
+    leader = MemoryLog(start_offset=offset, start_epoch=epoch)
+    leader.append(batch(b"z"), epoch)
+    return leader.read(offset, 1 << 20)
