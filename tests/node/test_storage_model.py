@@ -387,6 +387,7 @@ class StorageMachine(RuleBasedStateMachine):
             data.append(chunk)
             offset = headers[-1].next_offset
         assert b"".join(data) == b"".join(e.data for e in self.entries)
+        plog.verify()
 
     @invariant()
     def answers_epoch_and_time_queries(self) -> None:
