@@ -257,8 +257,10 @@ class _RecoveryPoint:
     index files), and segment ``segment`` up to byte ``position`` with its first
     ``index_entries``/``time_index_entries`` index entries.
 
-    ``reset`` = 1 marks a `PartitionLog.reset_to` in progress: the log is empty at ``offset``
-    and every segment file found is a leftover."""
+    ``log_start`` is the log start offset (segments below it are leftovers of an interrupted
+    retention) and ``start_epoch`` the epoch of the last batch before it. ``reset`` = 1 marks a
+    `PartitionLog.reset_to` in progress: the log is empty at ``offset`` and every segment file
+    found is a leftover."""
 
     offset: int
     segment: int
@@ -268,6 +270,8 @@ class _RecoveryPoint:
     max_timestamp: int
     max_timestamp_offset: int
     bytes_since_index: int
+    log_start: int = 0
+    start_epoch: int = 0
     reset: int = 0
 
     def encode(self) -> bytes:
@@ -279,13 +283,15 @@ class _RecoveryPoint:
         body = json.loads(data)
         if body.get("version") != 1:
             raise ValueError(f"unknown recovery-point version {body.get('version')!r}")
-        values = {name: body[name] for name in cls.__slots__ if name != "reset"}
-        values["reset"] = body.get("reset", 0)
+        optional = {"log_start": 0, "start_epoch": 0, "reset": 0}
+        values = {name: body[name] if name not in optional else body.get(name, optional[name])
+                  for name in cls.__slots__}
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in values.values()):
             raise ValueError("recovery-point fields must be integers")
         point = cls(**values)
         if min(point.offset, point.segment, point.position, point.index_entries,
-               point.time_index_entries, point.bytes_since_index) < 0 or point.segment > point.offset:
+               point.time_index_entries, point.bytes_since_index, point.log_start) < 0 \
+                or point.segment > point.offset or point.log_start > point.offset:
             raise ValueError("recovery-point fields out of range")
         return point
 
@@ -516,6 +522,7 @@ class PartitionLog:
         self._epoch_numbers: list[int] = []
         self._epoch_starts: list[int] = []
         self._epochs_dirty = False
+        self._start_epoch = 0
         self._dir_dirty = False
         self._closed = False
         self._failure: BaseException | None = None
@@ -586,12 +593,29 @@ class PartitionLog:
                 )
             self._segments, self._bases = [self._create_segment(start)], [start]
             self._end_offset = self._flushed_offset = start
+            if point is not None and point.reset:
+                self._start_epoch = point.start_epoch
             fsync_directory(self.directory)
             if point is not None and point.reset:
                 self._epochs_dirty = True  # the file may still list the old log's epochs
                 self._flush_locked(force_checkpoint=True)
             return
 
+        if point is not None:
+            self._start_epoch = point.start_epoch
+            leftovers = [b for b in bases if b < point.log_start]
+            if leftovers and len(leftovers) < len(bases):
+                log.warning("%s: finishing an interrupted retention: log starts at %d",
+                            self.directory, point.log_start)
+                for base in leftovers:
+                    for suffix in (LOG_SUFFIX, INDEX_SUFFIX, TIME_INDEX_SUFFIX):
+                        try:
+                            os.unlink(self._path(segment_name(base, suffix)))
+                        except FileNotFoundError:
+                            pass
+                bases = bases[len(leftovers):]
+                known = set(bases)
+                fsync_directory(self.directory)
         for base in bases:
             fd = self._open_segment_fd(base)
             self._segments.append(_Segment(base, fd, os.fstat(fd).st_size))
@@ -749,6 +773,7 @@ class PartitionLog:
         self._end_offset = active.next_offset
         self._total_bytes = sum(s.size for s in self._segments)
         self._flushed_offset = self._end_offset if not changed else trusted_end
+        self._truncate_epochs_from_start(self._bases[0])  # after an interrupted retention
         self._truncate_epochs_from_end(self._end_offset)
         return changed or self._epochs_dirty
 
@@ -976,6 +1001,12 @@ class PartitionLog:
     def latest_epoch(self) -> int:
         """The epoch of the last epoch entry, -1 for a log without one."""
         return self._epochs[-1].epoch if self._epochs else -1
+
+    @property
+    def start_epoch(self) -> int:
+        """The epoch of the last batch before `log_start_offset` (deleted by retention, or the
+        one given to `reset_to`); 0 when nothing ever preceded the log start."""
+        return self._start_epoch
 
     @property
     def epoch_entries(self) -> tuple[EpochEntry, ...]:
@@ -1343,7 +1374,8 @@ class PartitionLog:
                 time_index_entries=len(active.time_timestamps),
                 max_timestamp=active.max_timestamp,
                 max_timestamp_offset=active.max_timestamp_offset,
-                bytes_since_index=active.bytes_since_index)
+                bytes_since_index=active.bytes_since_index,
+                log_start=self._bases[0], start_epoch=self._start_epoch)
             appended = self._appended_bytes
         checkpoint = self._checkpoint
         due = (force_checkpoint or checkpoint is None or checkpoint.segment != point.segment
@@ -1461,7 +1493,8 @@ class PartitionLog:
                 offset=new_end, segment=keep.base_offset, position=position,
                 index_entries=entries, time_index_entries=time_entries,
                 max_timestamp=max_timestamp, max_timestamp_offset=max_offset,
-                bytes_since_index=position - walk_from)
+                bytes_since_index=position - walk_from,
+                log_start=self._bases[0], start_epoch=self._start_epoch)
             # Lower the recovery point first: a crash before the files shrink then rescans
             # the old tail instead of trusting a file that is about to change.
             atomic_write(self.directory, RECOVERY_POINT, point.encode())
@@ -1501,11 +1534,12 @@ class PartitionLog:
             self._checkpoint_mark = self._appended_bytes
             return new_end
 
-    def reset_to(self, start_offset: int) -> None:
-        """Drop the whole log and continue as an empty log at ``start_offset`` (Kafka's
-        truncateFullyAndStartAt): for a follower whose leader no longer has, or never had, the
-        offsets that would place its log. Durable when it returns; a crash part-way through
-        leaves either the old log or the reset one (the next open finishes the reset)."""
+    def reset_to(self, start_offset: int, start_epoch: int = 0) -> None:
+        """Drop the whole log and continue as an empty log at ``start_offset`` whose prefix
+        ended in ``start_epoch`` (Kafka's truncateFullyAndStartAt): for a follower whose leader
+        no longer has, or never had, the offsets that would place its log. Durable when it
+        returns; a crash part-way through leaves either the old log or the reset one (the next
+        open finishes the reset)."""
         self._check_usable()
         if start_offset < 0:
             raise ValueError(f"start offset must be >= 0, got {start_offset}")
@@ -1513,7 +1547,8 @@ class PartitionLog:
             marker = _RecoveryPoint(
                 offset=start_offset, segment=start_offset, position=0, index_entries=0,
                 time_index_entries=0, max_timestamp=_NO_TIMESTAMP,
-                max_timestamp_offset=start_offset - 1, bytes_since_index=0, reset=1)
+                max_timestamp_offset=start_offset - 1, bytes_since_index=0,
+                log_start=start_offset, start_epoch=start_epoch, reset=1)
             # The marker commits the reset: from here on an open finishes it.
             atomic_write(self.directory, RECOVERY_POINT, marker.encode())
             for segment in self._segments:
@@ -1526,6 +1561,7 @@ class PartitionLog:
                 self._total_bytes = 0
                 self._set_epochs([])
                 self._epochs_dirty = False
+                self._start_epoch = start_epoch
             self._write_epoch_checkpoint([])
             point = dataclasses.replace(marker, reset=0)
             atomic_write(self.directory, RECOVERY_POINT, point.encode())
@@ -1571,8 +1607,18 @@ class PartitionLog:
             total -= segment.size
         if not doomed:
             return 0
+        new_start = doomed[-1].next_offset
+        start_epoch = self.epoch_for(new_start - 1)
+        if start_epoch is None:
+            start_epoch = self._start_epoch
         with self._flush_lock:
+            # The recovery point commits the new log start (and the epoch before it) before any
+            # file goes: an open after a crash part-way deletes the rest.
+            point = dataclasses.replace(checkpoint, log_start=new_start, start_epoch=start_epoch)
+            atomic_write(self.directory, RECOVERY_POINT, point.encode())
+            self._checkpoint = point
             with self._state_lock:
+                self._start_epoch = start_epoch
                 del self._segments[:len(doomed)]
                 del self._bases[:len(doomed)]
                 self._total_bytes = sum(s.size for s in self._segments)

@@ -700,3 +700,45 @@ def test_damage_just_below_the_recovery_point_is_an_error_after_a_crash(open_log
     path.write_bytes(bytes(data))
     with pytest.raises(CorruptLogError, match="recovery point"):
         open_log()
+
+
+def test_start_epoch_survives_retention_reset_and_reopen(open_log, tmp_path: Path) -> None:
+    config = LogConfig(segment_bytes=400, retention_bytes=0, recovery_point_interval_bytes=0)
+    plog = open_log(config)
+    assert plog.start_epoch == 0
+    for epoch in range(1, 9):
+        plog.append(batch(2, size=100), epoch=epoch)
+    plog.flush()
+    plog.enforce_retention()
+    start = plog.log_start_offset
+    assert start > 0 and plog.start_epoch == plog.epoch_entries[0].epoch - 1
+    crash(plog)
+    plog = open_log(config)
+    assert plog.log_start_offset == start and plog.start_epoch == plog.epoch_entries[0].epoch - 1
+    plog.reset_to(100, start_epoch=42)
+    plog.close()
+    plog = open_log(config)
+    assert (plog.log_start_offset, plog.start_epoch, plog.epoch_entries) == (100, 42, ())
+
+
+def test_an_interrupted_retention_is_finished_on_open(open_log, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    config = LogConfig(segment_bytes=400, retention_bytes=0, recovery_point_interval_bytes=0)
+    plog = open_log(config)
+    for epoch in range(1, 9):
+        plog.append(batch(2, size=100), epoch=epoch)
+    plog.flush()
+    bases = plog.segment_base_offsets
+
+    def power_cut(self: PartitionLog, segment: object) -> None:
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(PartitionLog, "_delete_segment_files", power_cut)
+    with pytest.raises(KeyboardInterrupt):
+        plog.enforce_retention()
+    monkeypatch.undo()
+    crash(plog)
+    plog = open_log(config)
+    assert plog.segment_base_offsets == (bases[-1],)
+    assert plog.epoch_entries[0].start_offset == bases[-1]
+    assert sorted(p.name for p in (tmp_path / "t-0").glob("*.log")) == [segment_name(bases[-1])]

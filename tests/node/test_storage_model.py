@@ -30,6 +30,7 @@ from hypothesis.stateful import (
 )
 from tidelog.node.storage import (
     LEADER_EPOCH_CHECKPOINT,
+    RECOVERY_POINT,
     EpochEntry,
     LogConfig,
     OffsetOutOfRangeError,
@@ -78,6 +79,7 @@ class StorageMachine(RuleBasedStateMachine):
         self.entries: list[Entry] = []
         self.log_start = 0
         self.durable_end = 0
+        self.start_epoch = 0  # the epoch of the last batch before log_start
         self.now = 10_000
         self.plog: PartitionLog | None = None
 
@@ -244,12 +246,13 @@ class StorageMachine(RuleBasedStateMachine):
         self.snapshot()
 
     @precondition(lambda self: self.plog is not None)
-    @rule(delta=st.integers(-5, 20))
-    def reset(self, delta: int) -> None:
+    @rule(delta=st.integers(-5, 20), start_epoch=st.integers(0, 9))
+    def reset(self, delta: int, start_epoch: int) -> None:
         """A follower's log is replaced by an empty one (its leader deleted what it lacks)."""
         assert self.plog is not None
         start = max(0, self.end + delta)
-        self.plog.reset_to(start)
+        self.plog.reset_to(start, start_epoch)
+        self.start_epoch = start_epoch
         self.entries = []
         self.log_start = self.durable_end = start
         self.snapshot()
@@ -283,15 +286,17 @@ class StorageMachine(RuleBasedStateMachine):
                 assert all(e.max_timestamp < self.now - self.config.retention_ms for e in gone)
             if self.retention == "bytes":
                 assert self.plog.size_bytes >= self.config.retention_bytes
+        if gone:
+            self.start_epoch = gone[-1].epoch
         self.entries = [e for e in self.entries if e.last_offset >= new_start]
         self.log_start = new_start
-        # Retention's effects are durable: deleted files and the rewritten epoch checkpoint.
+        # Retention's effects are durable: deleted files and the rewritten state files.
         for name in os.listdir(self.image):
             if name[:20].isdigit() and not (self.directory / name).exists():
                 os.unlink(self.image / name)
         if deleted:
-            shutil.copy2(self.directory / LEADER_EPOCH_CHECKPOINT,
-                         self.image / LEADER_EPOCH_CHECKPOINT)
+            for name in (LEADER_EPOCH_CHECKPOINT, RECOVERY_POINT):
+                shutil.copy2(self.directory / name, self.image / name)
 
     # --- restarts and crashes --------------------------------------------------------------
 
@@ -376,6 +381,7 @@ class StorageMachine(RuleBasedStateMachine):
             return
         assert plog.end_offset == self.end
         assert plog.log_start_offset == self.log_start
+        assert plog.start_epoch == self.start_epoch
         assert self.durable_end <= plog.flushed_offset <= plog.end_offset
         assert plog.epoch_entries == self.model_epochs()
         # Reading forward from the start returns every batch exactly once.
