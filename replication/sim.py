@@ -88,6 +88,7 @@ class SimConfig:
     resign_weight: int = 1
     membership_weight: int = 1
     retention_weight: int = 1
+    pause_weight: int = 1
     # A crash right after a node granted a vote: the classic moment to lose an unpersisted vote.
     crash_after_vote_p: float = 0.2
     # ... and a leader right after its high watermark moved, before followers hear of the new one.
@@ -137,6 +138,7 @@ def _swarm(config: SimConfig, rng: random.Random) -> SimConfig:
             "resign_weight",
             "membership_weight",
             "retention_weight",
+            "pause_weight",
         )
     }
     if not any(weights.values()):
@@ -278,6 +280,7 @@ class _Node:
         "up",
         "role",
         "cut_incarnation",
+        "paused_until",
     )
 
     def __init__(self, node_id: int, log: SimLog) -> None:
@@ -291,6 +294,8 @@ class _Node:
         self.up = True
         self.role = Role.UNATTACHED
         self.cut_incarnation = -1
+        # A stopped process (SIGSTOP, a long GC pause): nothing it receives is handled before.
+        self.paused_until = 0
 
 
 class Simulation:
@@ -317,6 +322,8 @@ class Simulation:
         # Global committed log: chain ids and end offsets of the committed batches, in order.
         self.committed_chain: list[int] = []
         self.committed_ends: list[int] = []
+        # The epoch in which each of them committed (non-decreasing along the log).
+        self.committed_epochs: list[int] = []
         self.committed_payloads: dict[int, bytes] = {}
         self.leaders: dict[int, int] = {}
         # (voter, epoch) -> the candidate it granted: Raft §5.2, at most one vote per epoch.
@@ -457,12 +464,16 @@ class Simulation:
         other = self.leaders.setdefault(epoch, node.node_id)
         if other != node.node_id:
             raise Violation("election safety", f"nodes {other} and {node.node_id} both lead epoch {epoch}")
-        if self.committed_ends:
-            end = self.committed_ends[-1]
-            if node.log.chain_at(end) != self.committed_chain[-1]:
+        # Raft §5.4: entries committed in epochs before this one must all be in its log. (A leader
+        # of an older epoch can still be elected late, from votes granted before those commits.)
+        known = bisect.bisect_left(self.committed_epochs, epoch)
+        if known:
+            end = self.committed_ends[known - 1]
+            if node.log.chain_at(end) != self.committed_chain[known - 1]:
                 raise Violation(
                     "leader completeness",
-                    f"node {node.node_id} leads epoch {epoch} without the committed prefix up to offset {end}",
+                    f"node {node.node_id} leads epoch {epoch} without the prefix up to offset {end}, "
+                    f"committed in epoch {self.committed_epochs[known - 1]}",
                 )
 
     def _on_high_watermark(self, node: _Node, hw: int) -> None:
@@ -475,6 +486,14 @@ class Simulation:
             raise Violation("committed prefix", f"node {node.node_id} HW {hw} is not a batch end in its log")
         ends = self.committed_ends
         top = ends[-1] if ends else 0
+        assert node.group is not None
+        epoch = node.group.epoch
+        if hw > top and self.committed_epochs and epoch < self.committed_epochs[-1]:
+            raise Violation(
+                "committed prefix",
+                f"node {node.node_id} of epoch {epoch} extends the committed log after epoch "
+                f"{self.committed_epochs[-1]} committed",
+            )
         if hw <= top:
             index = bisect.bisect_left(ends, hw)
             if index >= len(ends) or ends[index] != hw or self.committed_chain[index] != chain_id:
@@ -493,6 +512,7 @@ class Simulation:
         for index in range(start, stop):
             ends.append(log._nexts[index])
             self.committed_chain.append(log.chain[index])
+            self.committed_epochs.append(epoch)
         if node.role is Role.LEADER:
             if self.config.direct_checks:
                 self._check_commit_rule(node, hw, chain_id)
@@ -610,11 +630,21 @@ class Simulation:
 
     # --- faults -----------------------------------------------------------------------------------
 
+    def _pause(self) -> None:
+        up = [self.nodes[i] for i in self.all_ids if self.nodes[i].up]
+        if not up:
+            return
+        leader = self._leader()
+        node = leader if leader is not None and self.rng.random() < 0.5 else self.rng.choice(up)
+        t = self.config.election_timeout_ms
+        node.paused_until = self.now + self.rng.randint(t // 2, 4 * t)
+
     def _crash(self, node: _Node) -> None:
         if self.rng.random() < 0.5:
             # A power cut rather than a process kill: what it had sent but not yet delivered is lost.
             node.cut_incarnation = node.incarnation
         node.up = False
+        node.paused_until = 0
         node.group = None
         node.incarnation += 1
         node.log.crash(self.rng, tear=self.rng.random() < self.config.tear_p)
@@ -655,7 +685,10 @@ class Simulation:
             + cfg.membership_weight
             + cfg.retention_weight
         )
-        pick = rng.randrange(total)
+        pick = rng.randrange(total + cfg.pause_weight)
+        if pick >= total:
+            self._pause()
+            return
         if pick >= total - cfg.retention_weight:
             self._retention(rng.choice(self.all_ids))
             return
@@ -722,6 +755,8 @@ class Simulation:
             leader = rng.choice(candidates)
         group = leader.group
         assert group is not None
+        if leader.paused_until > self.now:
+            return  # the client's request waits on the stopped process
         if group.role is not Role.LEADER:
             try:
                 group.propose(_NOT_LEADER_PROBE)
@@ -774,12 +809,19 @@ class Simulation:
                         continue
                     if b <= nodes[a.src].cut_incarnation:  # type: ignore[attr-defined, operator]
                         continue  # sent just before its sender lost power
+                    if node.paused_until > at:
+                        self._push(node.paused_until, kind, a, b)  # waits in the socket buffer
+                        continue
                     trace.append((at, kind, a, None))
                     node.group.receive(a, at)  # type: ignore[union-attr, arg-type]
                     self._apply(node)
                 elif kind == _TICK:
                     node = a  # type: ignore[assignment]
                     if not node.up or node.incarnation != b or node.tick_at != at:
+                        continue
+                    if node.paused_until > at:
+                        node.tick_at = node.paused_until
+                        self._push(node.paused_until, _TICK, node, node.incarnation)
                         continue
                     node.group.tick(at)  # type: ignore[union-attr]
                     self._apply(node)
@@ -788,6 +830,9 @@ class Simulation:
                     incarnation: int = b[0]  # type: ignore[index]
                     flush: Flush = b[1]  # type: ignore[index]
                     if not node.up or node.incarnation != incarnation:
+                        continue
+                    if node.paused_until > at:
+                        self._push(node.paused_until, kind, a, b)
                         continue
                     node.log.flush()
                     node.group.flush_completed(flush.up_to, flush.generation, at)  # type: ignore[union-attr]
