@@ -3,8 +3,9 @@
     python -m tidelog.replication.sim --seeds 1000 [--start 0] [--nodes 3|5] [--steps 600] [--workers 2]
 
 Everything comes from one seed: `random.Random(seed)` drives the network (delay, drop, duplicate,
-reorder by delay, partitions that heal), the disks (flush latency; a crash loses what was not
-flushed and may tear the last batch), crashes and restarts, client proposals and voter changes.
+reorder by delay, partitions that heal), the disks (flush latency and stalls; a crash loses what
+was not flushed and may tear the last batch), crashes, power cuts, restarts and stopped processes,
+retention, client proposals and voter changes; each seed draws its own mix of them (swarm).
 Time is simulated; the real `RaftGroup` runs unchanged. A step is one event (a delivery, a tick,
 a flush completing, a fault, a proposal); the invariants are checked as each step's outputs are
 applied:
@@ -15,7 +16,8 @@ applied:
 * the commit rule: the leader's HW moves only through an entry of its epoch and only to an
   offset flushed on a majority of the voters;
 * log matching: two batches with the same (base offset, epoch) end identical prefixes;
-* leader completeness: every new leader holds the whole committed prefix;
+* leader completeness: every new leader holds everything committed in earlier epochs, and at
+  every commit no replica lacking it is as up to date as a majority of the voters' durable logs;
 * committed prefix: every HW a replica reports covers exactly the committed prefix, and no
   replica truncates a committed batch it holds (a deposed leader may still append conflicting
   entries at committed offsets: they are never committed and get truncated);
