@@ -571,6 +571,21 @@ def test_leader_with_fetching_majority_keeps_leading() -> None:
     assert cluster[1].role is Role.LEADER
 
 
+def test_observers_count_neither_for_commit_nor_for_check_quorum() -> None:
+    """KIP-595: the high watermark is computed from the voters' fetch offsets only, and only
+    voters' fetches keep a leader in office; observers merely follow."""
+    cluster = Cluster(voters=(1, 2, 3), observers=(4, 5))
+    cluster.elect(1)
+    hw = cluster[1].high_watermark
+    cluster.propose(1, b"x")
+    for _ in range(60):
+        cluster.tick_all(10)
+        cluster.run(drop=lambda m: bool({m.src, m.dst} & {2, 3}))
+    assert cluster.logs[4].end_offset == cluster.logs[1].end_offset  # observers did fetch it
+    assert cluster[1].high_watermark == hw
+    assert Role.RESIGNED in cluster.roles[1] and cluster[1].role is not Role.LEADER
+
+
 def test_end_quorum_epoch_lets_the_preferred_successor_run_first() -> None:
     """KIP-595 EndQuorumEpoch: a resigning leader names preferred successors (most caught up
     first) and they start the election without waiting out the fetch timeout."""
