@@ -689,7 +689,12 @@ class RaftGroup:
         if self._config._bug_vote_without_log_check:
             return True
         log = self._log
-        return (last_epoch, end_offset) >= (log.last_epoch, log.end_offset)
+        own = (log.last_epoch, log.end_offset)
+        if own[0] == NO_EPOCH and own[1] > 0:
+            # An empty log past offset 0 that cannot say which epoch its prefix ended in: our
+            # position is unknown, so we cannot judge anyone's log as up to date. Refuse.
+            return False
+        return (last_epoch, end_offset) >= own
 
     def _on_vote_request(self, m: VoteRequest) -> None:
         if m.pre_vote:
@@ -857,7 +862,7 @@ class RaftGroup:
         if m.fetch_offset < start:
             self._reply_out_of_range(m)
             return
-        if m.fetch_offset != start or m.last_fetched_epoch != log.start_epoch:
+        if start == 0 or m.fetch_offset != start or m.last_fetched_epoch != log.start_epoch:
             epoch, end = log.end_offset_for_epoch(m.last_fetched_epoch)
             if epoch == NO_EPOCH and start > 0:
                 # The epochs that would place the follower's log were deleted with the start of

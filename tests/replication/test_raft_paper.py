@@ -233,6 +233,30 @@ def test_vote_only_for_an_up_to_date_log(candidate: tuple[int, int], granted: bo
     assert group.take_output().messages[0].granted is granted
 
 
+class _ForgetfulLog(MemoryLog):
+    """A log that, once emptied, no longer knows the epoch its prefix ended in."""
+
+    @property
+    def last_epoch(self) -> int:
+        return super().last_epoch if self.batch_count() else 0
+
+
+def test_a_voter_that_cannot_place_its_own_log_refuses_votes() -> None:
+    """§5.4.1 needs the voter's own (last epoch, end offset). An empty log at offset 7 that
+    reports epoch 0 would rank below any candidate of epoch >= 1, including one that lacks the
+    committed entries below 7; such a voter must refuse rather than guess."""
+    log = _ForgetfulLog(start_offset=7, start_epoch=3)
+    group = lone(log=log)
+    group.receive(vote_request(2, 1, epoch=5, last_epoch=1, end_offset=2))
+    assert not group.take_output().messages[0].granted
+    group = lone(log=MemoryLog(start_offset=7, start_epoch=3))
+    group.receive(vote_request(2, 1, epoch=5, last_epoch=1, end_offset=2))
+    assert not group.take_output().messages[0].granted  # (1, 2) < (3, 7)
+    group = lone(log=MemoryLog(start_offset=7, start_epoch=3))
+    group.receive(vote_request(2, 1, epoch=5, last_epoch=3, end_offset=7))
+    assert group.take_output().messages[0].granted
+
+
 def test_candidate_recognizes_leader_of_its_epoch() -> None:
     """§5.2: "If the leader's term ... is at least as large as the candidate's current term,
     then the candidate recognizes the leader as legitimate and returns to follower state."
