@@ -30,6 +30,14 @@ def test_faulty_seeds_run_clean(nodes: int) -> None:
     assert summary.commits > 10 * summary.seeds
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("nodes", [3, 5])
+def test_many_more_faulty_seeds_run_clean(nodes: int) -> None:
+    """A soak over seeds the default suite does not run (a few minutes on two cores)."""
+    summary = run_seeds(range(100_000, 110_000), SimConfig(nodes=nodes), workers=2)
+    assert not summary.violations, [(r.seed, r.violation) for r in summary.violations]
+
+
 def test_seed_replays_exactly() -> None:
     config = SimConfig(nodes=5)
     first, second = Simulation(7, config), Simulation(7, config)
