@@ -141,5 +141,8 @@ def test_perf_commands_report_throughput_and_latency(node) -> None:
     assert set(produce["latency_ms"]) == {"p50", "p95", "p99", "p999", "max"}
     consume = ok_json(tidelog(node, "perf", "consume", "perf", "--num-records", "300", "--output", "json"))
     assert consume["records"] == 300 and consume["latency_ms"]["p50"] is not None
+    e2e = ok_json(tidelog(node, "perf", "e2e", "perf", "--num-records", "200", "--record-size", "50",
+                          "--output", "json"))
+    assert e2e["records"] == 200 and e2e["latency_ms"]["max"] is not None
     human = tidelog(node, "perf", "produce", "perf", "--num-records", "50", "--throughput", "500")
     assert human.returncode == 0 and "records/s" in human.stdout and "p99" in human.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import time
 from collections import deque
 
@@ -160,3 +161,30 @@ def test_misuse_raises_immediately(fake_cluster) -> None:
         producer.send("t", b"x")
     with pytest.raises(ValueError):
         Producer(fake_cluster.bootstrap, acks=2)
+
+
+def test_callbacks_run_on_the_io_thread_and_cannot_block_it(fake_cluster) -> None:
+    fake_cluster.create_topic("t", 1, leader=-1)  # nothing is delivered: the buffer fills
+    outcomes: list[object] = []
+    with Producer(fake_cluster.bootstrap, buffer_memory=600, max_block_ms=60_000,
+                  delivery_timeout_ms=200, retry_backoff_ms=10) as producer:
+        first = producer.send("t", bytes(500))
+
+        def on_done(future) -> None:  # runs on the client's I/O thread
+            # A blocking call from there would deadlock; it fails at once instead.
+            try:
+                producer.flush()
+            except RuntimeError as exc:
+                outcomes.append(exc)
+            # send() must not wait here either; its future is looked at from the test's thread.
+            outcomes.append(producer.send("t", bytes(500)))
+
+        first.add_done_callback(on_done)
+        assert isinstance(first.exception(30), TidelogError)  # expired: no leader
+        deadline = time.monotonic() + 30
+        while len(outcomes) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert isinstance(outcomes[0], RuntimeError)
+    second = outcomes[1]
+    assert isinstance(second, concurrent.futures.Future)
+    assert isinstance(second.exception(30), TidelogError)  # expired too, or failed at close
