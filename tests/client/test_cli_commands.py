@@ -146,3 +146,41 @@ def test_perf_commands_report_throughput_and_latency(node) -> None:
     assert e2e["records"] == 200 and e2e["latency_ms"]["max"] is not None
     human = tidelog(node, "perf", "produce", "perf", "--num-records", "50", "--throughput", "500")
     assert human.returncode == 0 and "records/s" in human.stdout and "p99" in human.stdout
+
+
+def test_produce_flags_and_relative_offsets(node) -> None:
+    ok_json(tidelog(node, "topic", "create", "flags", "-p", "3", "--output", "json"))
+    fixed = json_lines(tidelog(node, "produce", "flags", "--key", "k", "--acks", "1",
+                               "--compression", "gzip", "--output", "json", stdin="a\nb\nc\n"))
+    assert len({r["partition"] for r in fixed}) == 1  # one key, one partition
+    key_partition = fixed[0]["partition"]
+    other = (key_partition + 1) % 3
+    pinned = json_lines(tidelog(node, "produce", "flags", "--partition", str(other), "--acks", "0",
+                                "--output", "json", stdin="x\ny\n"))
+    assert [r["partition"] for r in pinned] == [other, other]
+    assert {r["offset"] for r in pinned} == {-1}  # acks=0: no offsets
+    skipped = json_lines(tidelog(node, "consume", "flags", "-p", str(key_partition), "-o", "+2:end"))
+    # +2 from the log start: offset 0 holds the leader's control batch, so 2 is the second record.
+    assert [r["value"] for r in skipped] == ["b", "c"]
+    table = tidelog(node, "produce", "flags", stdin="z\n")
+    assert table.returncode == 0 and "produced 1 record(s) to flags" in table.stdout
+    bad = tidelog(node, "produce", "flags", "--partition", "9", stdin="z\n")
+    assert_one_line_error(bad, 1, "UNKNOWN_TOPIC_OR_PARTITION")
+
+
+def test_cluster_info_command(node, capsys) -> None:
+    import argparse
+
+    from tidelog.client.cli import register_cluster_info
+
+    parser = argparse.ArgumentParser()
+    register_cluster_info(parser.add_subparsers())
+    args = parser.parse_args(["info", "--bootstrap", node.bootstrap, "--output", "json"])
+    assert args.handler(args) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["controller_id"] == 1 and [n["id"] for n in info["nodes"]] == [1]
+    assert all({"topic", "partition", "leader", "leader_epoch", "replicas"} <= set(p)
+               for p in info["partitions"])
+    args = parser.parse_args(["info", "--bootstrap", node.bootstrap])
+    assert args.handler(args) == 0
+    assert "CONTROLLER" in capsys.readouterr().out
