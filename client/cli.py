@@ -271,7 +271,7 @@ def _register_consume(subparsers: argparse._SubParsersAction) -> None:  # type: 
     consume.add_argument("-p", "--partitions", "--partition", dest="partitions", action="append",
                          metavar="P[,P...]", help="only these partitions (repeatable)")
     consume.add_argument("-f", "--format", dest="output", choices=("json", "text"),
-                         help="alias of --output")
+                         default=argparse.SUPPRESS, help="alias of --output (rpk's name)")
     consume.add_argument("-g", "--group", help="consumer group (not available yet)")
     consume.add_argument("--fetch-max-wait-ms", type=int, default=500, help="(default %(default)s)")
     _common(consume, output=("json", "text"))
