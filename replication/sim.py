@@ -102,6 +102,7 @@ class SimConfig:
     max_flush_ms: int = 4
     slow_flush_p: float = 0.01
     propose_interval_ms: int = 20
+    max_in_flight: int = 10
     observers: int = 1
     liveness_bound_ms: int = 40 * 100
     # Check the rules that safety rests on directly (durable-before-visible, the commit rule),
@@ -337,6 +338,7 @@ class Simulation:
         self.calm = False
         self.heal_ms = 0
         self.calm_commit = False
+        # Client proposals accepted and not yet reported committed or failed (the in-flight ones).
         self._proposal_payloads: dict[tuple[int, int, int], bytes] = {}
         self._payload_counter = 0
         self._last_vote_grant: int | None = None
@@ -411,6 +413,8 @@ class Simulation:
             crash = node.role is Role.LEADER and self.rng.random() < self.config.crash_after_commit_p
         for proposal in out.committed:
             self._on_committed(node, proposal.base_offset, proposal.last_offset, proposal.epoch)
+        for proposal in out.failed:
+            self._proposal_payloads.pop((node.node_id, proposal.epoch, proposal.base_offset), None)
         if out.flush is not None:
             cfg = self.config
             if self.rng.random() < cfg.slow_flush_p:
@@ -642,6 +646,8 @@ class Simulation:
         node.paused_until = self.now + self.rng.randint(t // 2, 4 * t)
 
     def _crash(self, node: _Node) -> None:
+        for key in [key for key in self._proposal_payloads if key[0] == node.node_id]:
+            del self._proposal_payloads[key]  # its clients see the connection drop
         if self.rng.random() < 0.5:
             # A power cut rather than a process kill: what it had sent but not yet delivered is lost.
             node.cut_incarnation = node.incarnation
@@ -747,6 +753,10 @@ class Simulation:
 
     def _propose(self) -> None:
         rng = self.rng
+        # Producers bound their requests in flight (Kafka: max.in.flight.requests.per.connection),
+        # so a leader that cannot commit does not pile up an unbounded backlog.
+        if len(self._proposal_payloads) >= (self.config.max_in_flight if not self.calm else 2):
+            return
         leader = self._leader()
         if leader is None and rng.random() < 0.9:
             return  # a client waiting for metadata: most of the time it does not even try
