@@ -53,6 +53,8 @@ _METADATA_ERRORS = frozenset(
     }
 )
 _PREFETCH_ANSWERS = 2
+# How late a long-poll fetch may be, beyond its max wait, before the leaders are looked up again.
+_FETCH_GRACE = 2.0
 
 
 @dataclass(slots=True, eq=False)
@@ -171,6 +173,13 @@ class AsyncConsumer:
     def _on_metadata(self) -> None:
         if self._subscription:
             self._update_subscribed_assignment()
+        # A fetch still waiting on a node that no longer leads one of its partitions (a paused or
+        # partitioned node answers nothing until the request times out) is abandoned, so the
+        # partition moves to its new leader now rather than after request_timeout_ms.
+        snapshot = self.metadata.snapshot
+        for node_id, task in list(self._fetches.items()):
+            if any(snapshot.leader_id(tp) != node_id for tp in getattr(task, "tidelog_partitions", ())):
+                task.cancel()
         if self._pulse is not None:
             self._pulse.fire()
 
@@ -564,7 +573,15 @@ class AsyncConsumer:
                 self._assignment[tp].in_flight = True
             task = loop.create_task(self._fetch(node_id, tps))
             task.tidelog_partitions = frozenset(tps)  # type: ignore[attr-defined]
+            task.tidelog_started = time.monotonic()  # type: ignore[attr-defined]
             self._fetches[node_id] = task
+
+    def _check_overdue_fetches(self) -> None:
+        """A long-poll that outlives its max wait by far hints at an unresponsive node: look
+        again where the leaders are (`_on_metadata` abandons the fetch if one moved)."""
+        overdue = time.monotonic() - (self.fetch_max_wait_ms / 1000.0 + _FETCH_GRACE)
+        if any(getattr(t, "tidelog_started", overdue) < overdue for t in self._fetches.values()):
+            self.metadata.request_update()
 
     async def _fetch(self, node_id: int, tps: list[TopicPartition]) -> None:
         sent = {tp: (self._assignment[tp].fetch_offset, self._assignment[tp].epoch) for tp in tps}
@@ -758,6 +775,7 @@ class AsyncConsumer:
             self._start_resets()
             records = self._drain(limit)
             self._send_fetches()
+            self._check_overdue_fetches()
             if records:
                 return records
             self._raise_errors()

@@ -75,6 +75,8 @@ class _Broker(api_pb2_grpc.BrokerServicer):
         return api_pb2.ProduceResponse(partitions=results)
 
     async def Fetch(self, request, context):
+        if self.node_id in self.cluster.unresponsive:
+            await asyncio.sleep(3600)  # a paused node: the request just hangs
         results = []
         for wanted in request.partitions:
             result = api_pb2.FetchPartitionResult(topic=wanted.topic, partition=wanted.partition)
@@ -146,6 +148,7 @@ class FakeCluster:
         self.ports: dict[int, int] = {}
         self.servers: list[grpc.aio.Server] = []
         self.metadata_requests = 0
+        self.unresponsive: set[int] = set()
         for node_id in range(1, nodes + 1):
             self.thread.run(self._start(node_id))
 

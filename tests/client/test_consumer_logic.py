@@ -165,3 +165,17 @@ def test_seek_during_iteration_drops_records_buffered_for_that_partition(fake_cl
         assert next(iterator).value == b"d"
         consumer.seek_to_beginning()
         assert [next(iterator).value for _ in range(4)] == [b"a", b"b", b"c", b"d"]
+
+
+def test_a_fetch_stuck_on_an_unresponsive_old_leader_is_abandoned(fake_cluster) -> None:
+    fake_cluster.create_topic("t", 1, leader=1)
+    fake_cluster.append(TP, batch([b"before"]))
+    with Consumer(fake_cluster.bootstrap, auto_offset_reset="earliest", fetch_max_wait_ms=100,
+                  request_timeout_ms=120_000) as consumer:
+        consumer.assign([TP])
+        assert [r.value for r in poll_until(consumer, 1)] == [b"before"]
+        fake_cluster.unresponsive.add(1)  # node 1 stops answering, as if paused
+        fake_cluster.move_leader(TP, 2)
+        fake_cluster.append(TP, batch([b"after"]))
+        # Far sooner than request_timeout_ms: the late fetch makes the consumer look again.
+        assert [r.value for r in poll_until(consumer, 1, timeout=20)] == [b"after"]
