@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 Serializer = Callable[[Any], "bytes | None"]
 HeadersArg = "Mapping[str, bytes | str | None] | Iterable[tuple[str, bytes | str | None]] | None"
 
+# How long a produce request may go unanswered before the leaders are looked up again.
+_PRODUCE_GRACE = 2.0
+
 # Errors after which the partition's leader may have moved: look again.
 _METADATA_ERRORS = frozenset(
     {
@@ -218,7 +221,7 @@ class AsyncProducer:
         self._wake = asyncio.Event()
         self._memory_pulse = _Pulse()
         self._batch_pulse = _Pulse()
-        self.metadata.add_listener(self._wake_sender)
+        self.metadata.add_listener(self._on_metadata)
         self._sender = self._loop.create_task(self._run_sender(), name="tidelog-producer-sender")
 
     async def __aenter__(self) -> AsyncProducer:
@@ -395,6 +398,20 @@ class AsyncProducer:
         if self._wake is not None:
             self._wake.set()
 
+    def _on_metadata(self) -> None:
+        # A request still waiting on a node that no longer leads one of its partitions (a paused
+        # or partitioned node answers nothing until the request times out) is abandoned and its
+        # runs retried at the new leader now, rather than after request_timeout_ms.
+        snapshot = self.metadata.snapshot
+        for task in list(self._requests):
+            node_id = getattr(task, "tidelog_node", None)
+            if node_id is not None and any(
+                snapshot.leader_id(tp) != node_id for tp in getattr(task, "tidelog_partitions", ())
+            ):
+                task.tidelog_abandoned = True  # type: ignore[attr-defined]
+                task.cancel()
+        self._wake_sender()
+
     def _on_memory_freed(self) -> None:
         # Called with the accumulator's lock held, always on the loop thread.
         if self._memory_pulse is not None:
@@ -434,8 +451,16 @@ class AsyncProducer:
                 for chunk in self._split_by_size(runs):
                     self._in_flight[node_id] = self._in_flight.get(node_id, 0) + 1
                     task = self._loop.create_task(self._send_request(node_id, chunk))
+                    task.tidelog_node = node_id  # type: ignore[attr-defined]
+                    task.tidelog_partitions = frozenset(run[0].tp for run in chunk)  # type: ignore[attr-defined]
+                    task.tidelog_started = now  # type: ignore[attr-defined]
                     self._requests.add(task)
                     task.add_done_callback(self._requests.discard)
+            overdue = now - _PRODUCE_GRACE
+            if any(getattr(t, "tidelog_started", now) < overdue for t in self._requests):
+                # An unanswered request hints at an unresponsive leader: look again where the
+                # leaders are (_on_metadata abandons the request if one moved).
+                self.metadata.request_update()
             timeout = None
             if drain.next_check is not None:
                 timeout = max(0.0, drain.next_check - time.monotonic())
@@ -522,6 +547,15 @@ class AsyncProducer:
                         run, TidelogError(result.error, result.error_message or f"producing to {tp}")
                     )
         except asyncio.CancelledError:
+            if getattr(asyncio.current_task(), "tidelog_abandoned", False) and not self._closing:
+                moved = TidelogError(
+                    ErrorCode.NOT_LEADER_OR_FOLLOWER,
+                    f"node {node_id} stopped answering and no longer leads; the records may or "
+                    f"may not have been written there",
+                )
+                for run in runs:
+                    self._retry_or_fail(run, moved)
+                return
             # A forced close: the outcome is unknown, and the future must say so.
             error = TidelogError(
                 ErrorCode.REQUEST_TIMED_OUT,

@@ -49,6 +49,8 @@ class _Broker(api_pb2_grpc.BrokerServicer):
                                   port=self.cluster.ports[part.leader])
 
     async def Produce(self, request, context):
+        if self.node_id in self.cluster.unresponsive:
+            await asyncio.sleep(3600)  # a paused node: the request just hangs
         results = []
         for data in request.partitions:
             result = api_pb2.ProducePartitionResult(topic=data.topic, partition=data.partition,

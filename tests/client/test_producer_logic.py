@@ -188,3 +188,17 @@ def test_callbacks_run_on_the_io_thread_and_cannot_block_it(fake_cluster) -> Non
     second = outcomes[1]
     assert isinstance(second, concurrent.futures.Future)
     assert isinstance(second.exception(30), TidelogError)  # expired too, or failed at close
+
+
+def test_a_request_stuck_on_an_unresponsive_old_leader_is_retried_at_the_new_one(fake_cluster) -> None:
+    fake_cluster.create_topic("t", 1, leader=1)
+    with Producer(fake_cluster.bootstrap, linger_ms=0, request_timeout_ms=120_000,
+                  retry_backoff_ms=20) as producer:
+        assert producer.send("t", b"first").result(30).offset == 0
+        fake_cluster.unresponsive.add(1)  # node 1 stops answering, as if paused
+        stuck = producer.send("t", b"second")
+        fake_cluster.move_leader(TP, 2)
+        # Far sooner than request_timeout_ms: the late request makes the producer look again.
+        assert stuck.result(20).offset == 1
+        assert producer.send("t", b"third").result(20).offset == 2
+    assert fake_cluster.part(TP).values() == [b"first", b"second", b"third"]
