@@ -557,9 +557,6 @@ class RaftGroup:
             self._voted_for = None
             self._leader_id = None
             self._persist()
-        elif self._leader_id is not None and self._leader_id != self.node_id:
-            # Same epoch (a failed pre-vote): we remember who led it, but it is not our leader now.
-            pass
         self._election_deadline = self._now + self._random_election_timeout() + self._backoff()
         self._announce()
 
@@ -1071,16 +1068,18 @@ class RaftGroup:
             self._maybe_send_fetch()
             return
         if m.records:
-            self._append_replicated(m.records)
+            try:
+                self._append_replicated(m.records)
+            except ValueError:
+                # Bytes that fail their CRC or do not continue our log (CorruptRecordError,
+                # LogAppendError): nothing was appended; ask again rather than trust them.
+                self._fetch_retry_ms = now + self._config.retry_backoff_ms
+                return
         if m.high_watermark > self._leader_hw:
             self._leader_hw = m.high_watermark
         self._update_follower_hw()
-        if self._flushed >= log.end_offset:
-            if m.records:
-                self._send_fetch()
-            else:
-                # An empty answer came back from a long-poll; fetch again at once as well.
-                self._send_fetch()
+        # Fetch again at once (after the flush if we appended): the next answer long-polls.
+        self._maybe_send_fetch()
 
     def _truncation_offset(self, diverging_epoch: int, diverging_end: int) -> int:
         """KRaft's ReplicatedLog.truncateToEndOffset: where our log stops agreeing with the leader's."""

@@ -8,6 +8,7 @@ voter changes).
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -523,6 +524,23 @@ def test_stale_and_duplicated_fetch_responses_are_ignored() -> None:
     end = cluster.logs[2].end_offset
     cluster.deliver(response)
     assert cluster.logs[2].end_offset == end
+
+
+def test_corrupt_records_are_not_appended_and_the_fetch_is_retried() -> None:
+    """DESIGN §2/§3: every batch is CRC-checked on the way in; a corrupt fetch response (bit
+    flip on the wire) appends nothing and the follower asks again."""
+    cluster = Cluster()
+    cluster.elect(1)
+    cluster.propose(1, b"x")
+    cluster.flush(1)
+    (response,) = cluster.take(lambda m: isinstance(m, FetchResponse) and m.dst == 2)
+    flipped = bytearray(response.records)
+    flipped[-1] ^= 0xFF
+    end = cluster.logs[2].end_offset
+    cluster.deliver(dataclasses.replace(response, records=bytes(flipped)))
+    assert cluster.logs[2].end_offset == end
+    cluster.settle()
+    assert cluster.logs[2].read(0, 1 << 20) == cluster.logs[1].read(0, 1 << 20)
 
 
 # --- §5.4 safety --------------------------------------------------------------------------------
