@@ -228,6 +228,31 @@ class Output:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class ReplicaProgress:
+    """The leader's view of one replica (KIP-595 DescribeQuorum): its last valid fetch offset
+    (-1 before its first) and when it last fetched (-1 never), on the driver's clock."""
+
+    node_id: int
+    fetch_offset: int
+    last_fetch_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class QuorumDescription:
+    """A snapshot for admin tools; ``replicas`` is filled on the leader only."""
+
+    group_id: str
+    node_id: int
+    role: Role
+    epoch: int
+    leader_id: int | None
+    high_watermark: int
+    log_end_offset: int
+    voters: tuple[int, ...]
+    replicas: tuple[ReplicaProgress, ...]
+
+
 class _Progress:
     """The leader's view of one replica: its last valid fetch offset and when it last fetched."""
 
@@ -375,6 +400,22 @@ class RaftGroup:
     @property
     def quorum_state(self) -> QuorumState:
         return QuorumState(self._epoch, self._voted_for, self._leader_id)
+
+    def describe(self) -> QuorumDescription:
+        replicas: tuple[ReplicaProgress, ...] = ()
+        if self._role is Role.LEADER:
+            progress = self._progress
+            replicas = tuple(
+                ReplicaProgress(r, progress[r].match, max(progress[r].last_fetch_ms, -1))
+                if r in progress
+                else ReplicaProgress(r, -1, -1)
+                for r in self._replicas
+                if r != self.node_id
+            )
+        return QuorumDescription(
+            self.group_id, self.node_id, self._role, self._epoch, self._leader_id, self._hw,
+            self._log.end_offset, self._voters, replicas,
+        )  # fmt: skip
 
     def next_deadline(self) -> int:
         """The earliest simulated/real time at which `tick` has work; the driver may tick sooner."""

@@ -658,6 +658,21 @@ def test_new_leader_announces_itself_with_begin_quorum_epoch() -> None:
     assert cluster[3].role is Role.FOLLOWER and cluster[3].leader_id == 1
 
 
+def test_describe_quorum_reports_the_leaders_view_of_each_replica() -> None:
+    """KIP-595 DescribeQuorum: the leader knows every replica's fetch offset and last fetch."""
+    cluster = Cluster(voters=(1, 2, 3), observers=(4,))
+    cluster.elect(1)
+    cluster.propose(1, b"x")
+    cluster.run(drop=lambda m: 3 in (m.src, m.dst))
+    described = cluster[1].describe()
+    assert (described.role, described.leader_id, described.voters) == (Role.LEADER, 1, (1, 2, 3))
+    by_node = {r.node_id: r for r in described.replicas}
+    assert sorted(by_node) == [2, 3, 4]
+    assert by_node[2].fetch_offset == described.log_end_offset == described.high_watermark
+    assert by_node[3].fetch_offset < by_node[2].fetch_offset
+    assert cluster[2].describe().replicas == ()
+
+
 # --- proposals -------------------------------------------------------------------------------------
 
 
