@@ -18,7 +18,7 @@ import enum
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Iterator, Sequence, Union
+from typing import Iterator, NamedTuple, Sequence, Union
 
 import crc32c as _crc32c
 import lz4.frame
@@ -62,6 +62,11 @@ MIN_RECORD_SIZE = 7
 # A decompressed batch larger than this is treated as corrupt rather than allocated.
 MAX_DECOMPRESSED_BYTES = 256 * 1024 * 1024
 
+# LZ4 frame header: FLG is the byte after the 4-byte magic; bit 3 says a content size follows.
+_LZ4_CONTENT_SIZE_FLAG = 0x08
+# One input byte of an LZ4 block expands to at most 255 output bytes.
+_LZ4_MAX_RATIO = 255
+
 _HEADER = struct.Struct(">qiibIhiqqqhii")
 assert _HEADER.size == BATCH_OVERHEAD
 _BASE_OFFSET = struct.Struct(">q")
@@ -98,8 +103,10 @@ class Compression(enum.IntEnum):
 _SUPPORTED_CODECS = frozenset({Compression.NONE, Compression.GZIP, Compression.LZ4})
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+class Record(NamedTuple):
+    """One record. A NamedTuple, not a dataclass: consumers build one per record, and a
+    NamedTuple costs a fifth of a frozen dataclass to construct."""
+
     offset: int
     timestamp: int
     key: bytes | None
@@ -283,7 +290,7 @@ def _write_varint(out: bytearray, value: int) -> None:
     out.append(zigzag)
 
 
-def _read_varint(view: memoryview, position: int, end: int, max_bytes: int) -> tuple[int, int]:
+def _read_varint(view: Buffer, position: int, end: int, max_bytes: int) -> tuple[int, int]:
     result = 0
     shift = 0
     for i in range(max_bytes):
@@ -295,14 +302,6 @@ def _read_varint(view: memoryview, position: int, end: int, max_bytes: int) -> t
             return (result >> 1) ^ -(result & 1), position + i + 1
         shift += 7
     raise CorruptRecordError(f"varint longer than {max_bytes} bytes")
-
-
-def _read_varint32(view: memoryview, position: int, end: int) -> tuple[int, int]:
-    return _read_varint(view, position, end, 5)
-
-
-def _read_varlong(view: memoryview, position: int, end: int) -> tuple[int, int]:
-    return _read_varint(view, position, end, 10)
 
 
 # --- encoding -------------------------------------------------------------------------------
@@ -356,7 +355,18 @@ def _decompress(codec: Compression, data: memoryview) -> memoryview:
     if codec not in _SUPPORTED_CODECS:
         raise CorruptRecordError(f"compression {codec.name.lower()} is not supported by this tidelog")
     try:
-        if codec is Compression.LZ4:
+        if (
+            codec is Compression.LZ4
+            and len(data) > 4
+            and not data[4] & _LZ4_CONTENT_SIZE_FLAG
+            and len(data) * _LZ4_MAX_RATIO <= MAX_DECOMPRESSED_BYTES
+        ):
+            # Without a stored content size (which lz4 would trust and allocate), the output of
+            # a frame is bounded by LZ4's maximum ratio, so the one-shot call (twice as fast)
+            # cannot be made to allocate more than the cap.
+            out = lz4.frame.decompress(bytes(data))
+            complete = True
+        elif codec is Compression.LZ4:
             decompressor = lz4.frame.LZ4FrameDecompressor()
             out = decompressor.decompress(bytes(data), max_length=MAX_DECOMPRESSED_BYTES)
             complete = decompressor.eof
@@ -438,58 +448,130 @@ class RecordBatch(BatchHeader):
         return _decode_records(self, payload)
 
 
-def _decode_bytes(view: memoryview, position: int, end: int) -> tuple[bytes | None, int]:
-    length, position = _read_varint32(view, position, end)
+def _decode_records(batch: BatchHeader, payload: memoryview) -> Iterator[Record]:
+    try:
+        yield from _decode_records_unchecked(batch, payload)
+    except IndexError:
+        # A varint's fast path ran off the end of the data: the lengths before it lied.
+        raise CorruptRecordError("a record runs past the end of its batch") from None
+
+
+def _decode_records_unchecked(batch: BatchHeader, payload: memoryview) -> Iterator[Record]:
+    # The consumer's hot path, so the one- and two-byte varint cases are inlined: nearly every
+    # length, delta and count in a batch is below 8192. Indexing `bytes` is the cheapest access
+    # CPython offers, so the payload is copied into one once per batch. Every field is still
+    # checked against its record's end; an index past the data raises IndexError, which the
+    # caller turns into CorruptRecordError.
+    data = bytes(payload)
+    end = len(data)
+    count = batch.record_count
+    if count * MIN_RECORD_SIZE > end:
+        raise CorruptRecordError(f"{count} records cannot fit in {end} bytes")
+    base_offset = batch.base_offset
+    base_timestamp = batch.base_timestamp
+    max_delta = batch.last_offset_delta
+    log_append_time = batch.log_append_time
+    read = _read_varint
+    p = 0
+    for _ in range(count):
+        b = data[p]
+        if b < 0x80:
+            length = (b >> 1) ^ -(b & 1)
+            p += 1
+        elif data[p + 1] < 0x80:
+            raw = (b & 0x7F) | (data[p + 1] << 7)
+            length = (raw >> 1) ^ -(raw & 1)
+            p += 2
+        else:
+            length, p = read(data, p, end, 5)
+        if length < MIN_RECORD_SIZE - 1 or length > end - p:
+            raise CorruptRecordError(f"record length {length} does not fit the batch")
+        record_end = p + length
+        p += 1  # attributes
+        b = data[p]
+        if b < 0x80:
+            timestamp_delta = (b >> 1) ^ -(b & 1)
+            p += 1
+        else:
+            timestamp_delta, p = read(data, p, record_end, 10)
+        b = data[p]
+        if b < 0x80:
+            offset_delta = (b >> 1) ^ -(b & 1)
+            p += 1
+        else:
+            offset_delta, p = read(data, p, record_end, 5)
+        if not 0 <= offset_delta <= max_delta:
+            raise CorruptRecordError(f"record offset delta {offset_delta} outside 0..{max_delta}")
+        b = data[p]
+        if b == 1:  # -1: a null key, the common case
+            key = None
+            p += 1
+        else:
+            key, p = _decode_bytes(data, p, record_end)
+        b = data[p]
+        if b < 0x80:
+            value_length = (b >> 1) ^ -(b & 1)
+            p += 1
+        elif data[p + 1] < 0x80:
+            raw = (b & 0x7F) | (data[p + 1] << 7)
+            value_length = (raw >> 1) ^ -(raw & 1)
+            p += 2
+        else:
+            value_length, p = read(data, p, record_end, 5)
+        if value_length < 0:
+            value = None
+        elif value_length > record_end - p:
+            raise CorruptRecordError(f"value of {value_length} bytes runs past the end of its record")
+        else:
+            value = data[p : p + value_length]
+            p += value_length
+        headers: tuple[tuple[str, bytes | None], ...] = ()
+        if p < record_end and data[p] == 0:
+            p += 1
+        else:
+            header_count, p = read(data, p, record_end, 5)
+            headers, p = _decode_headers(data, p, record_end, header_count)
+        if p != record_end:
+            raise CorruptRecordError(
+                f"record declares {length} bytes but its fields take {length - (record_end - p)}"
+            )
+        yield Record(
+            base_offset + offset_delta,
+            batch.max_timestamp if log_append_time else base_timestamp + timestamp_delta,
+            key,
+            value,
+            headers,
+        )
+    if p != end:
+        raise CorruptRecordError(f"{end - p} bytes left over after {count} records")
+
+
+def _decode_bytes(data: bytes, position: int, end: int) -> tuple[bytes | None, int]:
+    length, position = _read_varint(data, position, end, 5)
     if length < 0:
         return None, position
     if length > end - position:
         raise CorruptRecordError(f"field of {length} bytes runs past the end of its record")
-    return bytes(view[position : position + length]), position + length
+    return data[position : position + length], position + length
 
 
-def _decode_records(batch: BatchHeader, payload: memoryview) -> Iterator[Record]:
-    end = len(payload)
-    if batch.record_count * MIN_RECORD_SIZE > end:
-        raise CorruptRecordError(f"{batch.record_count} records cannot fit in {end} bytes")
-    position = 0
-    for _ in range(batch.record_count):
-        length, position = _read_varint32(payload, position, end)
-        if length < MIN_RECORD_SIZE - 1 or length > end - position:
-            raise CorruptRecordError(f"record length {length} does not fit the batch")
-        record_end = position + length
-        position += 1  # attributes
-        timestamp_delta, position = _read_varlong(payload, position, record_end)
-        offset_delta, position = _read_varint32(payload, position, record_end)
-        if not 0 <= offset_delta <= batch.last_offset_delta:
-            raise CorruptRecordError(
-                f"record offset delta {offset_delta} outside 0..{batch.last_offset_delta}"
-            )
-        key, position = _decode_bytes(payload, position, record_end)
-        value, position = _decode_bytes(payload, position, record_end)
-        header_count, position = _read_varint32(payload, position, record_end)
-        if header_count < 0 or header_count * 2 > record_end - position:
-            raise CorruptRecordError(f"header count {header_count} does not fit the record")
-        headers = []
-        for _ in range(header_count):
-            raw_key, position = _decode_bytes(payload, position, record_end)
-            if raw_key is None:
-                raise CorruptRecordError("record header with a null key")
-            try:
-                header_key = raw_key.decode("utf-8")
-            except UnicodeDecodeError:
-                raise CorruptRecordError("record header key is not UTF-8") from None
-            header_value, position = _decode_bytes(payload, position, record_end)
-            headers.append((header_key, header_value))
-        if position != record_end:
-            raise CorruptRecordError(
-                f"record declares {length} bytes but its fields take {length - (record_end - position)}"
-            )
-        timestamp = (
-            batch.max_timestamp if batch.log_append_time else batch.base_timestamp + timestamp_delta
-        )
-        yield Record(batch.base_offset + offset_delta, timestamp, key, value, tuple(headers))
-    if position != end:
-        raise CorruptRecordError(f"{end - position} bytes left over after {batch.record_count} records")
+def _decode_headers(
+    data: bytes, position: int, end: int, count: int
+) -> tuple[tuple[tuple[str, bytes | None], ...], int]:
+    if count < 0 or count * 2 > end - position:
+        raise CorruptRecordError(f"header count {count} does not fit the record")
+    headers = []
+    for _ in range(count):
+        raw_key, position = _decode_bytes(data, position, end)
+        if raw_key is None:
+            raise CorruptRecordError("record header with a null key")
+        try:
+            header_key = raw_key.decode("utf-8")
+        except UnicodeDecodeError:
+            raise CorruptRecordError("record header key is not UTF-8") from None
+        header_value, position = _decode_bytes(data, position, end)
+        headers.append((header_key, header_value))
+    return tuple(headers), position
 
 
 def decode_batches(buf: Buffer, *, verify_crc: bool = True) -> Iterator[RecordBatch]:

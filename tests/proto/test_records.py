@@ -206,3 +206,15 @@ def test_random_bytes_never_raise_anything_but_corrupt_record_error(blob):
         decode_records(blob)
     except CorruptRecordError:
         pass
+
+
+def test_lz4_frames_with_a_stored_content_size_take_the_bounded_path_and_decode():
+    """Another writer may store the content size; lz4 would trust it, so we stream those frames."""
+    records = [Record(0, 1, None, b"y" * 5000), Record(0, 2, b"k", b"z")]
+    batch = bytearray(encode_batch(records))
+    payload = lz4.frame.compress(bytes(batch[r.BATCH_OVERHEAD:]), store_size=True)
+    assert payload[4] & 0x08
+    framed = bytearray(batch[: r.BATCH_OVERHEAD] + payload)
+    struct.pack_into(">i", framed, 8, len(framed) - 12)
+    struct.pack_into(">h", framed, 21, 3)
+    assert [rec.value for rec in decode_records(_resign(framed))] == [b"y" * 5000, b"z"]
