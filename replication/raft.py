@@ -386,6 +386,14 @@ class RaftGroup:
         return self._flushed
 
     @property
+    def retention_limit(self) -> int:
+        """Retention may delete batches only below this offset: what is committed, and never the
+        latest voters record, which a restart reads the voter set from (there are no snapshots)."""
+        if self._voter_changes:
+            return min(self._hw, self._voter_changes[-1][0])
+        return self._hw
+
+    @property
     def voters(self) -> tuple[int, ...]:
         return self._voters
 

@@ -747,7 +747,7 @@ class Simulation:
         if not node.up or node.group is None:
             return
         log = node.log
-        limit = min(node.group.high_watermark, log.flushed_end_offset)
+        limit = min(node.group.retention_limit, log.flushed_end_offset)
         if limit > log.start_offset:
             log.delete_before(log.start_offset + int(self.rng.random() * (limit - log.start_offset + 1)))
 

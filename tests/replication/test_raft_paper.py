@@ -772,6 +772,26 @@ def test_removed_leader_steps_down_once_the_removal_commits() -> None:
     assert cluster[1].role is Role.FOLLOWER  # it stays on as an observer
 
 
+def test_retention_keeps_the_latest_voters_record_for_restarts() -> None:
+    """KIP-853 keeps the voter set in the log (and in snapshots, which we do not have): a
+    restart reads it back, so retention must not delete the latest voters record. Found by the
+    simulator: a restarted voter fell back to the bootstrap voters and counted a wrong majority."""
+    cluster = Cluster(voters=(1, 2, 3), observers=(4,))
+    cluster.elect(1)
+    cluster[1].propose_voters((1, 2, 3, 4))
+    cluster.apply(1)
+    cluster.settle()
+    record = cluster.logs[2].end_offset - 1
+    for value in (b"a", b"b", b"c"):
+        cluster.propose(1, value)
+    cluster.settle()
+    follower = cluster[2]
+    assert follower.high_watermark > record + 1
+    assert follower.retention_limit == record
+    cluster.logs[2].delete_before(follower.retention_limit)
+    assert cluster.crash(2).voters == (1, 2, 3, 4)
+
+
 def test_voter_change_reverts_when_truncated() -> None:
     """KIP-853: the voter set is whatever the log holds; truncating an uncommitted voters
     record restores the previous set."""
