@@ -348,7 +348,10 @@ class Replica:
         if out.role_changes:
             changed = True
             last = out.role_changes[-1]
-            log.info("%s: %s in epoch %d (leader %s)", self.group_id, last.role.value, last.epoch, last.leader_id)
+            # Partitions change roles by the thousand when a node comes or goes; keep INFO for
+            # the metadata quorum, whose leader is the controller.
+            log.log(logging.INFO if self.group_id.startswith("__cluster_metadata") else logging.DEBUG,
+                    "%s: %s in epoch %d (leader %s)", self.group_id, last.role.value, last.epoch, last.leader_id)
         if out.high_watermark is not None:
             changed = True
         for proposal in out.committed:

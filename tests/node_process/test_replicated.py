@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import grpc
 
-from support.nodes import LocalCluster
+from support.nodes import LocalCluster, start_cluster
 from tidelog.node.storage import PartitionLog
 from tidelog.proto import api_pb2, api_pb2_grpc
 from tidelog.proto import records as codec
@@ -298,3 +299,55 @@ def test_admin_requests_to_any_node_reach_the_controller(cluster3: LocalCluster)
         assert admin.DescribeCluster(api_pb2.DescribeClusterRequest()).controller_id not in (-1, controller)
     finally:
         router.close()
+
+
+def test_paused_leader_is_replaced_and_steps_down_when_resumed(tmp_path: Path) -> None:
+    # A paused (SIGSTOP) leader keeps its connections, so only Raft's timeouts find it out:
+    # the followers elect after the fetch timeout (2 s with a 500 ms long-poll), and the old
+    # leader, resumed, learns the new epoch and follows; nothing acknowledged is lost.
+    cluster = start_cluster(tmp_path, nodes=3, replica_fetch_max_wait_ms=500)
+    router = Router(cluster)
+    try:
+        router.create("paused")
+        acknowledged = {}
+        for i in range(5):
+            offset = router.produce("paused", 0, b"a%d" % i)
+            assert offset is not None
+            acknowledged[offset] = b"a%d" % i
+        old = router.leader("paused", 0)
+        assert old is not None
+        cluster.node(old).pause()
+        try:
+            router.leaders.clear()
+            others = [n for n in cluster.nodes if n.node_id != old]
+            deadline = time.monotonic() + 30
+            new = None
+            while new is None:
+                assert time.monotonic() < deadline, "no new leader while the old one was paused"
+                for node in others:
+                    try:
+                        metadata = router.broker(node.node_id).Metadata(
+                            api_pb2.MetadataRequest(topics=["paused"]), timeout=2)
+                    except grpc.RpcError:
+                        continue
+                    leader = metadata.topics[0].partitions[0].leader_id
+                    if leader not in (-1, old):
+                        new = leader
+                time.sleep(0.05)
+            router.leaders[("paused", 0)] = new
+            for i in range(5):
+                offset = router.produce("paused", 0, b"b%d" % i)
+                assert offset is not None
+                acknowledged[offset] = b"b%d" % i
+        finally:
+            cluster.node(old).resume()
+        offset = router.produce("paused", 0, b"after")
+        assert offset is not None
+        acknowledged[offset] = b"after"
+        found = router.read_all("paused", 0)
+        assert {o: found.get(o) for o in acknowledged} == acknowledged
+        cluster.stop_all()
+        replica_logs_agree(cluster, "paused-0")
+    finally:
+        router.close()
+        cluster.stop_all()
