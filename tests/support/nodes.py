@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -33,6 +34,7 @@ LOOPBACK = "127.0.0.1"
 DEFAULT_START_TIMEOUT = 30.0
 LOG_FILE = "node.log"
 CONFIG_FILE = "node.toml"
+PORT_RETRIES = 3
 
 
 class NodeStartError(RuntimeError):
@@ -289,19 +291,30 @@ def start_cluster(tmp_path: Path, nodes: int = 1, *, wait: bool = True,
 
     ``config`` are node config keys (tidelog.node.config.NODE_KEYS), e.g. ``flush="interval"``
     or ``topic_defaults={"segment.bytes": "1048576"}``; they apply to every node.
-    With more than one node, ``controller_voters`` is set to all of them.
+    With more than one node, every node is a controller voter. Ports are picked free; if
+    another process grabs one before the node binds it, the whole start is retried on new ones.
     """
-    ports = free_ports(nodes)
-    if nodes > 1 and "controller_voters" not in config:
-        config["controller_voters"] = ",".join(f"{i + 1}@{LOOPBACK}:{p}" for i, p in enumerate(ports))
-    cluster = LocalCluster([NodeProcess(i + 1, port, Path(tmp_path) / f"node-{i + 1}", dict(config))
-                            for i, port in enumerate(ports)])
-    try:
-        for node in cluster.nodes:
-            node.start(wait=False)
-        if wait:
-            cluster.wait_ready(timeout)
-    except BaseException:
-        cluster.kill_all()
-        raise
-    return cluster
+    for attempt in range(PORT_RETRIES):
+        ports = free_ports(nodes)
+        node_config = dict(config)
+        if nodes > 1 and "controller_voters" not in config:
+            node_config["controller_voters"] = ",".join(f"{i + 1}@{LOOPBACK}:{p}" for i, p in enumerate(ports))
+        cluster = LocalCluster([NodeProcess(i + 1, port, Path(tmp_path) / f"node-{i + 1}", dict(node_config))
+                                for i, port in enumerate(ports)])
+        try:
+            for node in cluster.nodes:
+                node.start(wait=False)
+            if wait:
+                cluster.wait_ready(timeout)
+        except NodeStartError as exc:
+            cluster.kill_all()
+            if "cannot listen" not in str(exc) or attempt == PORT_RETRIES - 1:
+                raise
+            for node in cluster.nodes:
+                shutil.rmtree(node.data_dir, ignore_errors=True)
+            continue
+        except BaseException:
+            cluster.kill_all()
+            raise
+        return cluster
+    raise AssertionError("unreachable")
