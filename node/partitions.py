@@ -134,7 +134,7 @@ class Partition:
 
     # --- writes ---------------------------------------------------------------------------
 
-    def append(self, batches: bytearray) -> Appended:
+    def append(self, batches: bytes) -> Appended:
         """Append validated batches as the leader (NotLeader otherwise)."""
         self.check_usable()
         try:

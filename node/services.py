@@ -136,7 +136,7 @@ class BrokerService(api_pb2_grpc.BrokerServicer):
             result.error_message = f"leadership lost before commit ({exc}); the records may or may not be committed"
 
     @staticmethod
-    def _validate(configs: Mapping[str, str], records: bytes) -> bytearray:
+    def _validate(configs: Mapping[str, str], records: bytes) -> bytes:
         if not records:
             raise _Rejected(ErrorCode.CORRUPT_MESSAGE, "no record batches in the request")
         try:
@@ -152,7 +152,7 @@ class BrokerService(api_pb2_grpc.BrokerServicer):
                                 f"a batch of {header.size} bytes exceeds max.message.bytes={limit}")
             if header.record_count < 1:
                 raise _Rejected(ErrorCode.CORRUPT_MESSAGE, "a record batch holds no records")
-        return bytearray(records)
+        return records  # bytes: proposed and written without another copy
 
     # --- Fetch ----------------------------------------------------------------------------
 
