@@ -1,0 +1,166 @@
+"""Client CPU cost per record (issue 5): the producer's and the consumer's hot paths.
+
+    python tests/bench/client_cpu_bench.py [--records 100000] [--size 1024] [--runs 3]
+                                           [--compression none,lz4] [--profile DIR]
+
+Starts a 1-node cluster (tests/support/nodes.py) in a temporary directory and, for each
+compression, measures in this process:
+  * produce: `Producer.send` of N records of --size random bytes (null key, one partition),
+    then `flush()`;
+  * consume: a `Consumer` assigned to that partition replaying the N records from offset 0.
+
+The figure is CPU time of this process (``time.process_time``: every thread, the client's I/O
+thread and gRPC's included) divided by N (the calling thread's own share, ``time.thread_time``,
+is printed beside it), so it is robust to other load on the machine; the node runs in
+its own process and is not counted. Wall-clock rates are printed beside it for orientation only.
+Each measurement runs --runs times on a fresh topic and the median is reported, with the implied
+records/s of one fully busy core (1e6 / µs per record).
+
+Not collected by pytest (no test functions); the lead runs it for the record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from tidelog.client import AdminClient, Consumer, NewTopic, Producer, TopicPartition
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from support.nodes import start_cluster  # noqa: E402
+
+
+class Sample(NamedTuple):
+    cpu: float  # seconds of this process's CPU time (all threads)
+    wall: float
+    records: int
+    caller_cpu: float  # of which the calling (application) thread's own
+
+
+def produce(bootstrap: str, topic: str, records: int, payload: bytes, compression: str,
+            hook: Hook) -> Sample:
+    """Time `send` of every record plus `flush`; connecting and closing are left out."""
+    with Producer(bootstrap, compression=compression) as producer:
+        producer.partitions_for(topic)  # metadata first: not part of the per-record cost
+        send = producer.send
+        futures = []
+        hook.start()
+        cpu0, wall0, own0 = time.process_time(), time.perf_counter(), time.thread_time()
+        for _ in range(records):
+            futures.append(send(topic, payload))
+        producer.flush()
+        sample = Sample(time.process_time() - cpu0, time.perf_counter() - wall0, records,
+                        time.thread_time() - own0)
+        hook.stop()
+    failed = sum(1 for f in futures if f.exception() is not None)
+    if failed:
+        raise RuntimeError(f"{failed} of {records} records failed: {futures[-1].exception()}")
+    return sample
+
+
+def consume(bootstrap: str, topic: str, records: int, hook: Hook) -> Sample:
+    """Time polling ``records`` records from offset 0; connecting and closing are left out."""
+    got = 0
+    with Consumer(bootstrap, auto_offset_reset="earliest") as consumer:
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        consumer.seek(tp, 0)
+        deadline = time.monotonic() + 120
+        hook.start()
+        cpu0, wall0, own0 = time.process_time(), time.perf_counter(), time.thread_time()
+        while got < records and time.monotonic() < deadline:
+            got += len(consumer.poll(1000))
+        sample = Sample(time.process_time() - cpu0, time.perf_counter() - wall0, got,
+                        time.thread_time() - own0)
+        hook.stop()
+    if got < records:
+        raise RuntimeError(f"consumed only {got} of {records} records")
+    return sample
+
+
+class Hook:
+    """Starts and stops an optional profiler around the measured part of one run."""
+
+    def __init__(self, directory: str | None, label: str) -> None:
+        self.directory = directory
+        self.label = label
+        self.profiler: Any = None
+
+    def start(self) -> None:
+        if self.directory:
+            from pyinstrument import Profiler
+
+            self.profiler = Profiler(async_mode="disabled")
+            self.profiler.start()
+
+    def stop(self) -> None:
+        if self.profiler is not None:
+            self.profiler.stop()
+            Path(self.directory, f"{self.label}.txt").write_text(  # type: ignore[arg-type]
+                self.profiler.output_text(unicode=True, show_all=False)
+            )
+            self.profiler = None
+
+
+def report(label: str, samples: list[Sample]) -> float:
+    per_record = [s.cpu / s.records * 1e6 for s in samples]
+    caller = statistics.median(s.caller_cpu / s.records * 1e6 for s in samples)
+    rates = [s.records / s.wall for s in samples]
+    med = statistics.median(per_record)
+    print(
+        f"{label:<14} cpu {med:6.2f} µs/record (runs: {', '.join(f'{x:.2f}' for x in per_record)};"
+        f" calling thread {caller:.2f})  => {1e6 / med:>8,.0f} records/s per core;"
+        f"  wall {statistics.median(rates):>8,.0f} records/s",
+        flush=True,
+    )
+    return med
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--records", type=int, default=100_000)
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--compression", default="none,lz4")
+    parser.add_argument("--only", choices=["produce"], default=None,
+                        help="skip the consumer")
+    parser.add_argument("--profile", metavar="DIR", default=None,
+                        help="write a pyinstrument HTML profile of each measured run to DIR")
+    args = parser.parse_args()
+    payload = os.urandom(args.size)
+    if args.profile:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
+
+    with tempfile.TemporaryDirectory(prefix="tidelog-client-bench-") as tmp:
+        cluster = start_cluster(Path(tmp), nodes=1)
+        try:
+            bootstrap = cluster.bootstrap
+            print(f"{args.records} records of {args.size} B, 1 node, 1 partition, acks=all, "
+                  f"median of {args.runs} runs", flush=True)
+            with AdminClient(bootstrap) as admin:
+                for codec in args.compression.split(","):
+                    produced: list[Sample] = []
+                    consumed: list[Sample] = []
+                    for i in range(args.runs):
+                        topic = f"bench-{codec}-{i}"
+                        admin.create_topics([NewTopic(topic, 1, 1)])
+                        produced.append(produce(bootstrap, topic, args.records, payload, codec,
+                                                Hook(args.profile, f"produce-{codec}-{i}")))
+                        if args.only != "produce":
+                            consumed.append(consume(bootstrap, topic, args.records,
+                                                    Hook(args.profile, f"consume-{codec}-{i}")))
+                    report(f"produce {codec}", produced)
+                    if consumed:
+                        report(f"consume {codec}", consumed)
+        finally:
+            cluster.stop_all()
+
+
+if __name__ == "__main__":
+    main()
