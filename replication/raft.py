@@ -1164,8 +1164,11 @@ class RaftGroup:
         # over at its log start. Nothing at or above our HW is lost that the leader still has.
         assert self._hw <= start_offset
         self._log.reset_to(start_offset, start_epoch)
+        # Keep only the voter changes we know committed (below our HW): the rest of our old log
+        # may have diverged. We are then simply a lagging replica with an older configuration,
+        # until we fetch the leader's voters record (retention keeps it above its log start).
         changes = self._voter_changes
-        while changes and changes[-1][0] >= start_offset:
+        while changes and changes[-1][0] >= self._hw:
             changes.pop()
         self._set_voters(changes[-1][1] if changes else self._initial_voters)
         self._flush_generation += 1

@@ -605,14 +605,21 @@ class Simulation:
         return None
 
     def check_committed_truncation(self, node_id: int, first_removed_end: int, chain_id: int) -> None:
+        """A replica that knows the epoch a batch was committed in must never truncate it (its
+        leader has it). One still following a deposed leader of an older epoch may: it was not
+        among the majority that committed it, and it never claimed it with its HW."""
         ends = self.committed_ends
         if ends and first_removed_end <= ends[-1]:
             index = bisect.bisect_left(ends, first_removed_end)
             if ends[index] == first_removed_end and self.committed_chain[index] == chain_id:
-                raise Violation(
-                    "committed prefix",
-                    f"node {node_id} truncates committed data ending at {first_removed_end}",
-                )
+                group = self.nodes[node_id].group
+                epoch = group.epoch if group is not None else 0
+                if epoch >= self.committed_epochs[index]:
+                    raise Violation(
+                        "committed prefix",
+                        f"node {node_id} of epoch {epoch} truncates data ending at {first_removed_end}, "
+                        f"committed in epoch {self.committed_epochs[index]}",
+                    )
 
     def final_check(self) -> None:
         """Every committed proposal is still, with its bytes, at its offset on every node holding it."""
