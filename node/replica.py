@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 
 QUORUM_STATE_FILE = "quorum-state"
 TIMER_GRID_MS = 50
+# Bytes a follower fetch may return: several 256 KiB-1 MiB produce batches per round trip.
+REPLICA_FETCH_MAX_BYTES = 4 << 20
 _NEVER = 1 << 61
 
 
@@ -137,7 +139,7 @@ def raft_config_for(voters: int, election_timeout_ms: int, fetch_max_wait_ms: in
         # A single voter cannot split a vote, so it need not wait a full election timeout
         # before leading (that wait would be the start-up latency of every such partition).
         return RaftConfig.scaled(20)
-    base = RaftConfig.scaled(election_timeout_ms)
+    base = replace(RaftConfig.scaled(election_timeout_ms), max_fetch_bytes=REPLICA_FETCH_MAX_BYTES)
     if fetch_max_wait_ms is None or fetch_max_wait_ms <= base.fetch_max_wait_ms:
         return base
     return replace(base, fetch_max_wait_ms=fetch_max_wait_ms,
