@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import logging
 import random
 import threading
@@ -26,6 +27,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import grpc
 
+from tidelog.client._futures import RecordFuture, settle
 from tidelog.client._loop import LoopThread, wait_event
 from tidelog.client.accumulator import (
     BufferExhausted,
@@ -118,6 +120,21 @@ def _resolve(handle: object, value: Any = None, exc: BaseException | None = None
                 handle.set_exception(exc)
         except concurrent.futures.InvalidStateError:
             pass
+
+
+def _settle_handles(
+    handles: list[object], results: list[RecordMetadata] | None, exc: BaseException | None
+) -> None:
+    """Complete a batch's futures: the sync producer's in one pass (`settle`), others one by one."""
+    if handles and type(handles[0]) is RecordFuture:
+        settle(handles, results, exc)  # type: ignore[arg-type]
+    elif exc is not None:
+        for handle in handles:
+            _resolve(handle, exc=exc)
+    else:
+        assert results is not None
+        for handle, value in zip(handles, results):
+            _resolve(handle, value)
 
 
 class _Pulse:
@@ -581,18 +598,21 @@ class AsyncProducer:
         base = result.base_offset if self.acks != 0 else -1
         append_time = result.log_append_time_ms
         for batch in run:
-            for record, handle in zip(batch.records, batch.handles):
-                _resolve(
-                    handle,
-                    RecordMetadata(
-                        topic,
-                        partition,
-                        base + record.offset if base >= 0 else -1,
-                        append_time if append_time >= 0 else record.timestamp,
-                    ),
-                )
+            records = batch.records
+            count = len(records)
+            offsets: Iterable[int]
             if base >= 0:
-                base += batch.record_count  # the node gives a run contiguous offsets
+                offsets = range(base, base + count)  # a record's offset in its batch is its index
+                base += count  # the node gives a run contiguous offsets
+            else:
+                offsets = itertools.repeat(-1, count)
+            if append_time >= 0:
+                metadata = [RecordMetadata(topic, partition, o, append_time) for o in offsets]
+            else:
+                metadata = [
+                    RecordMetadata(topic, partition, o, r.timestamp) for o, r in zip(offsets, records)
+                ]
+            _settle_handles(batch.handles, metadata, None)
         self._batch_done()
 
     def _retry_or_fail(self, run: list[ProducerBatch], error: TidelogError) -> None:
@@ -618,8 +638,7 @@ class AsyncProducer:
 
     def _fail_handles(self, batches: list[ProducerBatch], error: BaseException) -> None:
         for batch in batches:
-            for handle in batch.handles:
-                _resolve(handle, exc=error)
+            _settle_handles(batch.handles, None, error)
         self._batch_done()
 
     def _batch_done(self) -> None:
@@ -644,6 +663,8 @@ class Producer:
             self._thread.stop()
             raise
         self._closed = False
+        # Shared by every record's future (see RecordFuture).
+        self._future_condition = threading.Condition()
 
     @staticmethod
     async def _create(bootstrap: Any, options: dict[str, Any]) -> AsyncProducer:
@@ -669,7 +690,7 @@ class Producer:
         if self._closed:
             raise RuntimeError("the producer is closed")
         core = self._core
-        future: concurrent.futures.Future[RecordMetadata] = concurrent.futures.Future()
+        future: concurrent.futures.Future[RecordMetadata] = RecordFuture(self._future_condition)
         try:
             fields, size, key_bytes = core._prepare(topic, value, key, headers, timestamp)
             deadline = time.monotonic() + core.max_block
