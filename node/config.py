@@ -284,12 +284,8 @@ def build_config(values: Mapping[str, Any]) -> NodeConfig:
             "retention_check_interval_ms", values.get("retention_check_interval_ms", 300000), 1),
         topic_defaults=MappingProxyType(topic_defaults),
     )
-    if config.controller_voters and config.node_id not in {v.node_id for v in config.controller_voters}:
-        raise ConfigError(
-            f"node {config.node_id} is not among the controller voters {format_voters(config.controller_voters)}; "
-            "every node must be a controller voter for now")
-    if config.controller_voters:
-        own = next(v for v in config.controller_voters if v.node_id == config.node_id)
+    own = next((v for v in config.controller_voters if v.node_id == config.node_id), None)
+    if own is not None:
         if own.address.port != config.advertised_address.port:
             raise ConfigError(
                 f"controller voter {own.node_id}@{own.address} does not match this node's "

@@ -46,7 +46,7 @@ from tidelog.node.replica import NotLeader, Replica, ReplicaClosed
 from tidelog.proto import api_pb2
 from tidelog.proto.common_pb2 import ErrorCode
 from tidelog.proto.records import scan_batches
-from tidelog.replication.messages import Message
+from tidelog.replication.messages import BeginQuorumEpoch, Message
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +87,25 @@ class MetadataQuorum:
         self.directory.mkdir(parents=True, exist_ok=True)
         storage = await asyncio.to_thread(open_log, self.directory, TOPIC_CONFIG_DEFAULTS)
         self._applied = storage.log_start_offset
+        voters = tuple(v.node_id for v in self.config.voters)
         self.replica = Replica(
-            METADATA_GROUP_ID, self.config.node_id, tuple(v.node_id for v in self.config.voters), self.directory,
+            METADATA_GROUP_ID, self.config.node_id, voters, self.directory,
             storage, self._send, FlushPolicy.ALWAYS, self.config.election_timeout_ms,
             on_role_change=lambda _: self._role_changed(), on_high_watermark=lambda _: self._apply_committed(),
-            campaign_now=self.config.node_id == min(v.node_id for v in self.config.voters))
+            campaign_now=self.config.node_id == min(voters),
+            observers=() if self.is_voter else (self.config.node_id,))
+
+    @property
+    def is_voter(self) -> bool:
+        return self.config.node_id in {v.node_id for v in self.config.voters}
+
+    def observe_leader(self, leader_id: int, epoch: int) -> None:
+        """An observer learns the leader from a voter (it gets no BeginQuorumEpoch: the leader
+        does not know it yet) and starts fetching; a stale epoch is corrected by the answer."""
+        replica = self.replica
+        if replica is None or self.is_voter or replica.closed or leader_id == self.config.node_id:
+            return
+        replica.receive(BeginQuorumEpoch(METADATA_GROUP_ID, leader_id, self.config.node_id, epoch))
 
     @property
     def is_leader(self) -> bool:

@@ -165,7 +165,8 @@ class Replica:
                  election_timeout_ms: int = 1000,
                  on_role_change: Callable[[Replica], None] | None = None,
                  on_high_watermark: Callable[[Replica], None] | None = None,
-                 campaign_now: bool = False, fetch_max_wait_ms: int | None = None) -> None:
+                 campaign_now: bool = False, fetch_max_wait_ms: int | None = None,
+                 observers: tuple[int, ...] = ()) -> None:
         self.group_id = group_id
         self.node_id = node_id
         self.directory = directory
@@ -198,7 +199,7 @@ class Replica:
             start_ms -= 2 * config.election_timeout_ms
         self._config_fetch_timeout_ms = config.fetch_timeout_ms
         self.group = RaftGroup(
-            group_id, node_id, voters, log=RaftLogAdapter(partition_log), quorum_state=quorum_state,
+            group_id, node_id, voters, observers, log=RaftLogAdapter(partition_log), quorum_state=quorum_state,
             config=config, rng=random.Random(), now_ms=start_ms,
         )
         self._process()

@@ -226,6 +226,23 @@ class Node:
                 log.exception("registration failed")
             await self.quorum.wait_image_change(0.2)
 
+    async def _find_metadata_leader(self) -> None:
+        """An observer (a node outside the controller voters) asks the voters who leads the
+        metadata quorum whenever it has no live leader to fetch from."""
+        while not self.shutting_down:
+            leader = self.quorum.leader_id
+            if leader is None or not self.transport.alive(leader):
+                for voter in self.config.voters:
+                    try:
+                        stub = api_pb2_grpc.AdminStub(self.admin_channel(str(voter.address)))
+                        answer = await stub.DescribeCluster(api_pb2.DescribeClusterRequest(), timeout=1)
+                    except grpc.RpcError:
+                        continue
+                    if answer.controller_id >= 0 and answer.controller_id != self.config.node_id:
+                        self.quorum.observe_leader(answer.controller_id, max(answer.metadata_epoch, 1))
+                        break
+            await asyncio.sleep(0.5)
+
     async def register(self, request: replication_pb2.RegisterRequest) -> replication_pb2.RegisterResponse:
         try:
             await self.controller.ensure_cluster_created()
@@ -269,6 +286,8 @@ class Node:
         await server.start()
         self._server = server
         self._tasks.append(asyncio.get_running_loop().create_task(self._keep_registered()))
+        if not self.quorum.is_voter:
+            self._tasks.append(asyncio.get_running_loop().create_task(self._find_metadata_leader()))
         log.info("node %d serving on %s (data dir %s, flush=%s, voters %s)", config.node_id, config.listen,
                  config.data_dir, config.flush, ",".join(f"{v.node_id}@{v.address}" for v in config.voters))
 

@@ -351,3 +351,24 @@ def test_paused_leader_is_replaced_and_steps_down_when_resumed(tmp_path: Path) -
     finally:
         router.close()
         cluster.stop_all()
+
+
+def test_a_node_outside_the_controller_voters_observes_the_metadata_and_hosts_replicas(tmp_path: Path) -> None:
+    cluster = start_cluster(tmp_path, nodes=3, voters=2)
+    router = Router(cluster)
+    try:
+        observer = cluster.node(3)
+        admin = api_pb2_grpc.AdminStub(router.channels[observer.node_id])
+        described = admin.DescribeCluster(api_pb2.DescribeClusterRequest())
+        assert list(described.controller_voters) == [1, 2] and described.controller_id in (1, 2)
+        # Admin requests sent to the observer are forwarded to the controller.
+        created = admin.CreateTopics(api_pb2.CreateTopicsRequest(topics=[
+            api_pb2.NewTopic(name="wide", num_partitions=3, replication_factor=3)]), timeout=30)
+        assert created.topics[0].error == ErrorCode.NONE, created
+        for partition in range(3):
+            assert router.produce("wide", partition, b"v%d" % partition) is not None
+        assert 3 in {router.leader("wide", p) for p in range(3)}  # the observer leads a partition
+        assert list(router.read_all("wide", 2).values()) == [b"v2"]
+    finally:
+        router.close()
+        cluster.stop_all()

@@ -286,19 +286,22 @@ class LocalCluster:
 
 
 def start_cluster(tmp_path: Path, nodes: int = 1, *, wait: bool = True,
-                  timeout: float = DEFAULT_START_TIMEOUT, **config: Any) -> LocalCluster:
+                  timeout: float = DEFAULT_START_TIMEOUT, voters: int | None = None,
+                  **config: Any) -> LocalCluster:
     """Start ``nodes`` nodes with data dirs ``tmp_path/node-<id>`` and wait until they serve.
 
     ``config`` are node config keys (tidelog.node.config.NODE_KEYS), e.g. ``flush="interval"``
     or ``topic_defaults={"segment.bytes": "1048576"}``; they apply to every node.
-    With more than one node, every node is a controller voter. Ports are picked free; if
+    With more than one node, the first ``voters`` nodes (default: all) are the controller
+    voters and the others observe the metadata quorum. Ports are picked free; if
     another process grabs one before the node binds it, the whole start is retried on new ones.
     """
     for attempt in range(PORT_RETRIES):
         ports = free_ports(nodes)
         node_config = dict(config)
         if nodes > 1 and "controller_voters" not in config:
-            node_config["controller_voters"] = ",".join(f"{i + 1}@{LOOPBACK}:{p}" for i, p in enumerate(ports))
+            node_config["controller_voters"] = ",".join(
+                f"{i + 1}@{LOOPBACK}:{p}" for i, p in enumerate(ports[:voters or nodes]))
         cluster = LocalCluster([NodeProcess(i + 1, port, Path(tmp_path) / f"node-{i + 1}", dict(node_config))
                                 for i, port in enumerate(ports)])
         try:
