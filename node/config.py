@@ -181,8 +181,9 @@ NODE_KEYS: tuple[NodeKey, ...] = (
     NodeKey("max_request_bytes", 104857600, "largest gRPC message the node accepts or sends"),
     NodeKey("fetch_max_wait_ms_limit", 30000, "cap on a Fetch's max_wait_ms"),
     NodeKey("election_timeout_ms", 1000,
-            "Raft election timeout of multi-replica groups (KRaft's default); failover takes about "
-            "1-2x this"),
+            "Raft election timeout T of multi-replica groups (KRaft's default; the metadata quorum "
+            "detects a silent leader after 2T). A crashed leader's node refuses connections and is "
+            "replaced within a few round trips instead"),
     NodeKey("replica_fetch_max_wait_ms", 2000,
             "long-poll of partition replica fetches; an idle partition costs one fetch per follower "
             "per this, and a leader that stops answering (without crashing) is replaced after twice "
