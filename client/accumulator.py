@@ -140,7 +140,19 @@ class RecordAccumulator:
         filled in here.
         """
         with self._lock:
-            return self._append_locked(tp, record_fields, size, handle)
+            batch = self._append_locked(tp, record_fields, size, handle)
+            return None if batch is None else self._result_locked(batch)
+
+    def add(
+        self, tp: TopicPartition, record_fields: tuple, size: int, handle: object
+    ) -> bool | None:
+        """`try_append` for the producer's hot path: only whether the sender must re-plan
+        (None when buffer memory is short)."""
+        with self._lock:
+            batch = self._append_locked(tp, record_fields, size, handle)
+            if batch is None:
+                return None
+            return batch.sealed or len(batch.records) == 1
 
     def append(
         self,
@@ -155,9 +167,9 @@ class RecordAccumulator:
         deadline = time.monotonic() + timeout
         with self._lock:
             while True:
-                result = self._append_locked(tp, record_fields, size, handle)
-                if result is not None:
-                    return result
+                batch = self._append_locked(tp, record_fields, size, handle)
+                if batch is not None:
+                    return self._result_locked(batch)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise BufferExhausted(
@@ -166,9 +178,16 @@ class RecordAccumulator:
                     )
                 self._memory_freed.wait(remaining)
 
+    @staticmethod
+    def _result_locked(batch: ProducerBatch) -> AppendResult:
+        # A batch was created (its first record) or sealed (by this record): re-plan.
+        index = len(batch.records) - 1
+        return AppendResult(batch, index, batch.sealed or index == 0)
+
     def _append_locked(
         self, tp: TopicPartition, record_fields: tuple, size: int, handle: object
-    ) -> AppendResult | None:
+    ) -> ProducerBatch | None:
+        """The batch the record went into, or None when buffer memory is short."""
         if self.closed:
             raise RuntimeError("the producer is closed")
         if self._used + size > self.buffer_memory and self._used > 0:
@@ -176,25 +195,19 @@ class RecordAccumulator:
         queue = self._partitions.get(tp)
         if queue is None:
             queue = self._partitions[tp] = _PartitionQueue()
-        wake = False
         batch = queue.open
-        if batch is not None and batch.records and batch.size + size > self.batch_size:
+        if batch is not None and batch.size + size > self.batch_size and batch.records:
             batch.sealed = True
             queue.sealed.append(batch)
             queue.open = batch = None
-            wake = True
         if batch is None:
             now = self._clock()
-            batch = ProducerBatch(
-                tp, self._next_batch_id, now, now + self.delivery_timeout
-            )
+            batch = ProducerBatch(tp, self._next_batch_id, now, now + self.delivery_timeout)
             self._next_batch_id += 1
             self._incomplete.add(batch.batch_id)
             queue.open = batch
-            wake = True
-        timestamp, key, value, headers = record_fields
-        index = len(batch.records)
-        batch.records.append(PendingRecord(index, timestamp, key, value, headers))
+        records = batch.records
+        records.append(PendingRecord(len(records), *record_fields))
         batch.handles.append(handle)
         batch.size += size
         self._used += size
@@ -202,8 +215,7 @@ class RecordAccumulator:
             batch.sealed = True
             queue.sealed.append(batch)
             queue.open = None
-            wake = True
-        return AppendResult(batch, index, wake)
+        return batch
 
     # --- draining (the event loop) ----------------------------------------------------------
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import itertools
 import logging
 import random
@@ -30,6 +31,7 @@ import grpc
 from tidelog.client._futures import RecordFuture, settle
 from tidelog.client._loop import LoopThread, wait_event
 from tidelog.client.accumulator import (
+    RECORD_OVERHEAD,
     BufferExhausted,
     ProducerBatch,
     RecordAccumulator,
@@ -215,7 +217,11 @@ class AsyncProducer:
         )
         self._partitioner = StickyPartitioner(batch_size)
         self._partitioner_lock = threading.Lock()
+        # TopicPartition objects are cached: building a frozen dataclass per record costs more
+        # than the lookup.
         self._tps: dict[str, list[TopicPartition]] = {}
+        self._available: dict[str, Callable[[], list[int]]] = {}
+        self._max_record_size = min(max_request_size - BATCH_OVERHEAD, buffer_memory)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sender: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
@@ -294,15 +300,26 @@ class AsyncProducer:
     def _prepare(
         self, topic: str, value: Any, key: Any, headers: Any, timestamp: int | None
     ) -> tuple[tuple, int, bytes | None]:
+        """``((timestamp, key, value, headers), size, key)`` of a record ready to append."""
+        # The hot path of every send: the checks are ordered so that the common case (bytes in,
+        # no serializers, no headers) costs as few calls as possible.
         if not isinstance(topic, str) or not topic:
             raise TypeError("topic must be a non-empty string")
-        key_bytes = to_bytes(self.key_serializer(key) if self.key_serializer else key, "key")
-        value_bytes = to_bytes(
-            self.value_serializer(value) if self.value_serializer else value, "value"
-        )
-        header_items = normalize_headers(headers)
-        size = estimate_record_size(key_bytes, value_bytes, header_items)
-        if size + BATCH_OVERHEAD > self.max_request_size or size > self.accumulator.buffer_memory:
+        if self.key_serializer is not None:
+            key = self.key_serializer(key)
+        if self.value_serializer is not None:
+            value = self.value_serializer(value)
+        if key is not None and type(key) is not bytes:
+            key = to_bytes(key, "key")
+        if value is not None and type(value) is not bytes:
+            value = to_bytes(value, "value")
+        size = RECORD_OVERHEAD + (len(key) if key else 0) + (len(value) if value else 0)
+        if headers:
+            header_items = normalize_headers(headers)
+            size = estimate_record_size(key, value, header_items)
+        else:
+            header_items = ()
+        if size > self._max_record_size:
             raise TidelogError(
                 ErrorCode.MESSAGE_TOO_LARGE,
                 f"the record is {size} bytes serialized, larger than max_request_size="
@@ -310,7 +327,7 @@ class AsyncProducer:
             )
         if timestamp is None:
             timestamp = time.time_ns() // 1_000_000
-        return (timestamp, key_bytes, value_bytes, header_items), size, key_bytes
+        return (timestamp, key, value, header_items), size, key
 
     def _choose_partition(
         self,
@@ -320,8 +337,10 @@ class AsyncProducer:
         key_bytes: bytes | None,
         size: int,
     ) -> TopicPartition:
-        partitions = snapshot.topics[topic]
-        count = len(partitions)
+        cached = self._tps.get(topic)
+        count = len(snapshot.topics[topic])
+        if cached is None or len(cached) != count:
+            cached = self._tps[topic] = [TopicPartition(topic, i) for i in range(count)]
         if partition is not None:
             if not 0 <= partition < count:
                 raise TidelogError(
@@ -329,20 +348,21 @@ class AsyncProducer:
                     f"partition {partition} of topic {topic!r} does not exist "
                     f"(the topic has {count})",
                 )
-            chosen = partition
-        elif key_bytes is not None:
-            chosen = partition_for_key(key_bytes, count)
-        else:
-            with self._partitioner_lock:
-                chosen = self._partitioner.choose(
-                    topic, count, size, lambda: snapshot.available_partitions(topic)
-                )
-        # TopicPartition objects are cached: building a frozen dataclass per record costs more
-        # than the lookup.
-        cached = self._tps.get(topic)
-        if cached is None or len(cached) < count:
-            cached = self._tps[topic] = [TopicPartition(topic, i) for i in range(count)]
-        return cached[chosen]
+            return cached[partition]
+        if key_bytes is not None:
+            return cached[partition_for_key(key_bytes, count)]
+        available = self._available.get(topic)
+        if available is None:
+            # Built once per topic rather than a closure per record; it reads the snapshot
+            # current when a new sticky partition is chosen.
+            available = self._available[topic] = functools.partial(
+                self._available_partitions, topic
+            )
+        with self._partitioner_lock:
+            return cached[self._partitioner.choose(topic, count, size, available)]
+
+    def _available_partitions(self, topic: str) -> list[int]:
+        return self.metadata.snapshot.available_partitions(topic)
 
     async def send(
         self,
@@ -693,27 +713,24 @@ class Producer:
         future: concurrent.futures.Future[RecordMetadata] = RecordFuture(self._future_condition)
         try:
             fields, size, key_bytes = core._prepare(topic, value, key, headers, timestamp)
-            deadline = time.monotonic() + core.max_block
             snapshot = core.metadata.snapshot
-            if snapshot.partition_count(topic) is None:
+            if not snapshot.topics.get(topic):
                 snapshot = self._thread.run(core.metadata.wait_for_topics([topic], core.max_block))
             tp = core._choose_partition(snapshot, topic, partition, key_bytes, size)
-            if self._thread.in_loop_thread():
-                result = core.accumulator.try_append(tp, fields, size, future)
-                if result is None:
+            accumulator = core.accumulator
+            wake = accumulator.add(tp, fields, size, future)
+            if wake is None:  # buffer memory is short: wait for some (max_block_ms)
+                if self._thread.in_loop_thread():
                     raise TidelogError(
                         ErrorCode.REQUEST_TIMED_OUT,
                         "buffer memory is full and send() was called from the client's I/O "
                         "thread, where it cannot wait",
                     )
-            else:
                 try:
-                    result = core.accumulator.append(
-                        tp, fields, size, future, max(0.0, deadline - time.monotonic())
-                    )
+                    wake = accumulator.append(tp, fields, size, future, core.max_block).wake_sender
                 except BufferExhausted as exc:
                     raise TidelogError(ErrorCode.REQUEST_TIMED_OUT, str(exc)) from None
-            if result.wake_sender:
+            if wake:
                 self._thread.call_soon(core._wake_sender)
         except TidelogError as exc:
             future.set_exception(exc)

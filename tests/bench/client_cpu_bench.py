@@ -1,12 +1,14 @@
 """Client CPU cost per record (issue 5): the producer's and the consumer's hot paths.
 
     python tests/bench/client_cpu_bench.py [--records 100000] [--size 1024] [--runs 3]
-                                           [--compression none,lz4] [--profile DIR]
+                                           [--compression none,lz4] [--distinct] [--threads]
+                                           [--only produce] [--profile DIR]
 
 Starts a 1-node cluster (tests/support/nodes.py) in a temporary directory and, for each
 compression, measures in this process:
   * produce: `Producer.send` of N records of --size random bytes (null key, one partition),
-    then `flush()`;
+    then `flush()`; by default every record carries the same payload, as `tidelog perf` sends
+    (lz4 then shrinks the batches to almost nothing), with --distinct none compresses;
   * consume: a `Consumer` assigned to that partition replaying the N records from offset 0.
 
 The figure is CPU time of this process (``time.process_time``: every thread, the client's I/O
@@ -26,6 +28,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,14 +39,44 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from support.nodes import start_cluster  # noqa: E402
 
 
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds per thread of this process, by Python thread name where there is one
+    (Linux /proc; empty elsewhere)."""
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    totals: dict[str, float] = {}
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return totals
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        name = names.get(int(tid)) or stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        totals[name] = totals.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+    return totals
+
+
+def thread_delta(before: dict[str, float], after: dict[str, float], records: int) -> str:
+    """µs per record by thread name, largest first (threads named alike are summed)."""
+    delta = {name: after[name] - before.get(name, 0.0) for name in after}
+    shown = sorted(((v, k) for k, v in delta.items() if v > 0), reverse=True)[:5]
+    return ", ".join(f"{name} {v / records * 1e6:.1f}" for v, name in shown)
+
+
 class Sample(NamedTuple):
     cpu: float  # seconds of this process's CPU time (all threads)
     wall: float
     records: int
     caller_cpu: float  # of which the calling (application) thread's own
+    threads: str  # µs per record by thread (from /proc, 10 ms resolution)
 
 
-def produce(bootstrap: str, topic: str, records: int, payload: bytes, compression: str,
+def produce(bootstrap: str, topic: str, records: int, payloads: list[bytes], compression: str,
             hook: Hook) -> Sample:
     """Time `send` of every record plus `flush`; connecting and closing are left out."""
     with Producer(bootstrap, compression=compression) as producer:
@@ -51,12 +84,14 @@ def produce(bootstrap: str, topic: str, records: int, payload: bytes, compressio
         send = producer.send
         futures = []
         hook.start()
+        threads0 = thread_cpu()
         cpu0, wall0, own0 = time.process_time(), time.perf_counter(), time.thread_time()
-        for _ in range(records):
-            futures.append(send(topic, payload))
+        pool = len(payloads)
+        for i in range(records):
+            futures.append(send(topic, payloads[i % pool]))
         producer.flush()
         sample = Sample(time.process_time() - cpu0, time.perf_counter() - wall0, records,
-                        time.thread_time() - own0)
+                        time.thread_time() - own0, thread_delta(threads0, thread_cpu(), records))
         hook.stop()
     failed = sum(1 for f in futures if f.exception() is not None)
     if failed:
@@ -73,11 +108,12 @@ def consume(bootstrap: str, topic: str, records: int, hook: Hook) -> Sample:
         consumer.seek(tp, 0)
         deadline = time.monotonic() + 120
         hook.start()
+        threads0 = thread_cpu()
         cpu0, wall0, own0 = time.process_time(), time.perf_counter(), time.thread_time()
         while got < records and time.monotonic() < deadline:
             got += len(consumer.poll(1000))
         sample = Sample(time.process_time() - cpu0, time.perf_counter() - wall0, got,
-                        time.thread_time() - own0)
+                        time.thread_time() - own0, thread_delta(threads0, thread_cpu(), got))
         hook.stop()
     if got < records:
         raise RuntimeError(f"consumed only {got} of {records} records")
@@ -108,7 +144,7 @@ class Hook:
             self.profiler = None
 
 
-def report(label: str, samples: list[Sample]) -> float:
+def report(label: str, samples: list[Sample], verbose: bool) -> float:
     per_record = [s.cpu / s.records * 1e6 for s in samples]
     caller = statistics.median(s.caller_cpu / s.records * 1e6 for s in samples)
     rates = [s.records / s.wall for s in samples]
@@ -119,6 +155,9 @@ def report(label: str, samples: list[Sample]) -> float:
         f"  wall {statistics.median(rates):>8,.0f} records/s",
         flush=True,
     )
+    if verbose:
+        for sample in samples:
+            print(f"    by thread (µs/record): {sample.threads}")
     return med
 
 
@@ -130,10 +169,17 @@ def main() -> None:
     parser.add_argument("--compression", default="none,lz4")
     parser.add_argument("--only", choices=["produce"], default=None,
                         help="skip the consumer")
+    parser.add_argument("--distinct", action="store_true",
+                        help="incompressible records (1024 random payloads) instead of one payload")
+    parser.add_argument("--threads", action="store_true",
+                        help="also print each run's CPU per record by thread (Linux)")
     parser.add_argument("--profile", metavar="DIR", default=None,
                         help="write a pyinstrument HTML profile of each measured run to DIR")
     args = parser.parse_args()
-    payload = os.urandom(args.size)
+    # One payload for every record, as `tidelog perf` (and Kafka's perf tool) send: lz4 then
+    # compresses a batch to almost nothing. --distinct cycles through 1024 random payloads
+    # instead, more than an lz4 block (64 KiB) holds, so nothing compresses.
+    payloads = [os.urandom(args.size) for _ in range(1024 if args.distinct else 1)]
     if args.profile:
         Path(args.profile).mkdir(parents=True, exist_ok=True)
 
@@ -141,8 +187,9 @@ def main() -> None:
         cluster = start_cluster(Path(tmp), nodes=1)
         try:
             bootstrap = cluster.bootstrap
-            print(f"{args.records} records of {args.size} B, 1 node, 1 partition, acks=all, "
-                  f"median of {args.runs} runs", flush=True)
+            print(f"{args.records} records of {args.size} B "
+                  f"({'1024 distinct random payloads' if args.distinct else 'one random payload'}), "
+                  f"1 node, 1 partition, acks=all, median of {args.runs} runs", flush=True)
             with AdminClient(bootstrap) as admin:
                 for codec in args.compression.split(","):
                     produced: list[Sample] = []
@@ -150,14 +197,14 @@ def main() -> None:
                     for i in range(args.runs):
                         topic = f"bench-{codec}-{i}"
                         admin.create_topics([NewTopic(topic, 1, 1)])
-                        produced.append(produce(bootstrap, topic, args.records, payload, codec,
+                        produced.append(produce(bootstrap, topic, args.records, payloads, codec,
                                                 Hook(args.profile, f"produce-{codec}-{i}")))
                         if args.only != "produce":
                             consumed.append(consume(bootstrap, topic, args.records,
                                                     Hook(args.profile, f"consume-{codec}-{i}")))
-                    report(f"produce {codec}", produced)
+                    report(f"produce {codec}", produced, args.threads)
                     if consumed:
-                        report(f"consume {codec}", consumed)
+                        report(f"consume {codec}", consumed, args.threads)
         finally:
             cluster.stop_all()
 
