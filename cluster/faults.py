@@ -468,6 +468,7 @@ class Nemesis:
         self.events: list[FaultEvent] = []
         self._heal: Callable[[], dict[str, object]] | None = None
         self._current: FaultEvent | None = None
+        self._bag: list[FaultKind] = []
 
     @property
     def active(self) -> bool:
@@ -497,7 +498,12 @@ class Nemesis:
     def start(self) -> FaultEvent:
         """Apply a fault of a randomly chosen kind; `heal` ends it."""
         assert self._current is None, "one fault at a time"
-        kind = self.rng.choice(self.kinds)
+        # Kinds are drawn without replacement from a refilled bag, so even a short schedule
+        # covers every kind.
+        if not self._bag:
+            self._bag = list(self.kinds)
+            self.rng.shuffle(self._bag)
+        kind = self._bag.pop()
         label, node = self._target()
         now = self.clock()
         detail: dict[str, object] = {}
