@@ -154,6 +154,7 @@ def _swarm(config: SimConfig, rng: random.Random) -> SimConfig:
         long_delay_p=rng.choice((0.0, config.long_delay_p, config.long_delay_p, 0.2)),
         max_flush_ms=rng.choice((1, config.max_flush_ms, config.max_flush_ms, 40)),
         slow_flush_p=rng.choice((0.0, config.slow_flush_p, 0.1)),
+        observers=rng.choice((0, config.observers, config.observers, 2)),
         swarm=False,
         **weights,
     )
