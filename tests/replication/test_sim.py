@@ -4,6 +4,7 @@ the checker has teeth (each deliberately broken core is caught within a bounded 
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -56,8 +57,6 @@ def test_seed_replays_exactly() -> None:
 
 def test_seed_replays_exactly_in_another_process() -> None:
     """Nothing depends on str hashing (PYTHONHASHSEED) or on anything but the seed."""
-    import os
-
     lines = []
     for hash_seed in ("1", "2"):
         out = subprocess.run(
