@@ -1040,9 +1040,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="K",
         help="how many of the last events to print for a seed with a violation",
     )
+    parser.add_argument(
+        "--no-swarm", action="store_true", help="use the default fault mix for every seed (no swarm)"
+    )
     args = parser.parse_args(argv)
     config = SimConfig(
-        nodes=args.nodes, steps=args.steps, bugs=tuple(args.bug), trace_events=max(60, args.trace)
+        nodes=args.nodes,
+        steps=args.steps,
+        bugs=tuple(args.bug),
+        trace_events=max(60, args.trace),
+        swarm=not args.no_swarm,
     )
     seeds = [args.seed] if args.seed is not None else list(range(args.start, args.start + args.seeds))
     summary = run_seeds(seeds, config, workers=args.workers)
@@ -1050,7 +1057,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for result in summary.violations:
         print(f"VIOLATION seed={result.seed} nodes={args.nodes} steps={args.steps}: {result.violation}")
         replay = f"python -m tidelog.replication.sim --seed {result.seed} --nodes {args.nodes} --steps {args.steps}"
-        print("  replay: " + replay + "".join(f" --bug {bug}" for bug in args.bug))
+        extra = "".join(f" --bug {bug}" for bug in args.bug) + (" --no-swarm" if args.no_swarm else "")
+        print("  replay: " + replay + extra)
         for line in result.trace[-args.trace :]:
             print("  " + line)
     return 1 if summary.violations else 0
