@@ -988,7 +988,8 @@ def run_seeds(
     chunk = 20
     chunks = [(list(seeds[i : i + chunk]), config) for i in range(0, len(seeds), chunk)]
     if workers > 1:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
+        # Spawned, not forked: the parent may be a test process with gRPC threads running.
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
             for results in pool.imap(_run_chunk, chunks):
                 if _collect(summary, results) and stop_on_violation:
                     pool.terminate()
