@@ -35,7 +35,7 @@ from tidelog.client.types import ConsumerRecord, OffsetAndTimestamp, TopicPartit
 from tidelog.proto import api_pb2
 from tidelog.proto.common_pb2 import ErrorCode
 from tidelog.proto.errors import TidelogError, is_retriable
-from tidelog.proto.records import CorruptRecordError, decode_batches
+from tidelog.proto.records import CorruptRecordError, Record, decode_batches
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,8 @@ _METADATA_ERRORS = frozenset(
     }
 )
 _PREFETCH_ANSWERS = 2
+# _decode builds a ConsumerRecord as (topic, partition) + Record: the fields must line up.
+assert ConsumerRecord._fields[2:] == Record._fields
 # How late a long-poll fetch may be, beyond its max wait, before the leaders are looked up again.
 _FETCH_GRACE = 2.0
 
@@ -693,11 +695,25 @@ class AsyncConsumer:
         next_offset = fetch_offset
         kd, vd = self.key_deserializer, self.value_deserializer
         topic, partition = tp.topic, tp.partition
+        # Without deserializers a ConsumerRecord is (topic, partition) + the codec's Record,
+        # built by one tuple concatenation instead of a call to the NamedTuple's __new__.
+        prefix = (topic, partition)
+        new = tuple.__new__
         for batch in decode_batches(buf):
             if batch.next_offset <= fetch_offset:
                 continue
             next_offset = batch.next_offset
             if batch.is_control:
+                continue
+            if kd is None and vd is None:
+                if batch.base_offset >= fetch_offset:
+                    records += [new(ConsumerRecord, prefix + r) for r in batch.records()]
+                else:
+                    records += [
+                        new(ConsumerRecord, prefix + r)
+                        for r in batch.records()
+                        if r.offset >= fetch_offset
+                    ]
                 continue
             for record in batch.records():
                 if record.offset < fetch_offset:
