@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-
 from tidelog.node.config import DEFAULT_PORT
 from tidelog.proto import api_pb2, api_pb2_grpc
 from tidelog.proto.common_pb2 import ErrorCode

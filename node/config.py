@@ -8,10 +8,11 @@ Flags win over the file; the file wins over defaults.
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 DEFAULT_PORT = 9192
 METADATA_TOPIC = "__cluster_metadata"

@@ -14,8 +14,8 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
-from typing import Awaitable, Callable, Iterable, Mapping, Sequence
 
 from tidelog.node.config import (
     METADATA_TOPIC,
@@ -159,7 +159,7 @@ class MetadataQuorum:
         self._image_changed.clear()
         try:
             await asyncio.wait_for(self._image_changed.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     async def wait_leader_caught_up(self, timeout: float) -> None:
@@ -192,7 +192,7 @@ class MetadataQuorum:
         deadline = loop.time() + timeout
         while self._applied <= proposal.last_offset:
             if loop.time() > deadline:
-                raise asyncio.TimeoutError()
+                raise TimeoutError()
             await self.wait_image_change(0.05)
 
     async def close(self) -> None:

@@ -11,9 +11,10 @@ commit together or not at all.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from types import MappingProxyType
-from typing import Any, Iterable, Mapping, Union
+from typing import Any, Union
 
 from tidelog.proto import records as codec
 

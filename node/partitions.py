@@ -17,9 +17,9 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
 
 from tidelog.node.config import METADATA_TOPIC, FlushPolicy
 from tidelog.node.metadata import MetadataImage
@@ -262,9 +262,9 @@ class PartitionManager:
                     await partition.close(resign=False)
                     await asyncio.to_thread(_remove_dir, partition.directory)
                     changed = True
-            for key, (topic_id, replicas, configs) in wanted.items():
+            for key, (topic_id, replicas, topic_configs) in wanted.items():
                 if key not in self.partitions:
-                    storage = await asyncio.to_thread(self._open_storage, key[0], key[1], topic_id, configs)
+                    storage = await asyncio.to_thread(self._open_storage, key[0], key[1], topic_id, topic_configs)
                     partition = self._start_replica(key[0], key[1], topic_id, replicas, storage)
                     self.partitions[key] = partition
                     self.by_group[partition.group_id] = partition

@@ -26,9 +26,9 @@ import logging
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 from tidelog.node.config import FlushPolicy
 from tidelog.node.fsutil import atomic_write

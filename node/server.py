@@ -18,14 +18,19 @@ import logging
 import os
 import signal
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import IO, Mapping
+from typing import IO
 
 import grpc
-
 from tidelog.node.config import NodeConfig
-from tidelog.node.controller import METADATA_GROUP_ID, Controller, MetadataQuorum, NotController
+from tidelog.node.controller import (
+    METADATA_GROUP_ID,
+    Controller,
+    MetadataQuorum,
+    NotController,
+)
 from tidelog.node.metadata import MetadataImage, RegisterNode, TopicImage
 from tidelog.node.partitions import PartitionManager, _write_atomically, group_id_for
 from tidelog.node.services import AdminService, BrokerService
@@ -207,7 +212,7 @@ class Node:
                 self._controller_changed.clear()
                 try:
                     await asyncio.wait_for(self._controller_changed.wait(), 5.0)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 continue
             try:
@@ -220,7 +225,7 @@ class Node:
                     if target is not None:
                         stub = replication_pb2_grpc.ReplicationStub(self.admin_channel(target))
                         await stub.Register(request, timeout=5)
-            except (NotController, grpc.RpcError, asyncio.TimeoutError):
+            except (TimeoutError, NotController, grpc.RpcError):
                 pass
             except Exception:
                 log.exception("registration failed")
@@ -252,7 +257,7 @@ class Node:
             return replication_pb2.RegisterResponse(
                 ok=False, controller_id=exc.leader_id if exc.leader_id is not None else -1,
                 error_message=str(exc))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return replication_pb2.RegisterResponse(ok=False, controller_id=-1, error_message="timed out")
         return replication_pb2.RegisterResponse(ok=True, controller_id=self.config.node_id)
 
@@ -313,7 +318,7 @@ class Node:
             self._idle.clear()
             try:
                 await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - loop.time()))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
         if self._replication_service is not None:
             self._replication_service.cancel_streams()

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import grpc
-
 from tidelog.node.config import topic_name_error
-from tidelog.node.metadata import MetadataImage
 from tidelog.node.controller import ADMIN_TIMEOUT_S, NotController
+from tidelog.node.metadata import MetadataImage
 from tidelog.node.partitions import Appended, Partition, PartitionClosed, StorageFailed
 from tidelog.node.replica import NotLeader, ReplicaClosed
 from tidelog.node.storage import OffsetOutOfRangeError
@@ -128,7 +128,7 @@ class BrokerService(api_pb2_grpc.BrokerServicer):
     async def _await_commit(result: api_pb2.ProducePartitionResult, appended: Appended, timeout: float) -> None:
         try:
             await asyncio.wait_for(asyncio.shield(appended.committed), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             result.error = ErrorCode.REQUEST_TIMED_OUT
             result.error_message = f"not committed within {int(timeout * 1000)} ms; the records may still commit"
         except (NotLeader, ReplicaClosed, PartitionClosed, StorageFailed) as exc:
@@ -333,7 +333,7 @@ class AdminService(api_pb2_grpc.AdminServicer):
                     stub = api_pb2_grpc.AdminStub(node.admin_channel(address))
                     return await getattr(stub, method)(request, timeout=remaining,
                                                        metadata=((FORWARDED_HEADER, str(node.config.node_id)),))
-            except (NotController, asyncio.TimeoutError):
+            except (TimeoutError, NotController):
                 pass
             except grpc.RpcError as exc:
                 log.debug("forwarding %s to node %s failed: %s", method, leader, exc)

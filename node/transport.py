@@ -15,11 +15,11 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import fields
-from typing import Any, AsyncIterator, Callable, Mapping
+from typing import Any
 
 import grpc
-
 from tidelog.proto import replication_pb2 as pb
 from tidelog.proto import replication_pb2_grpc
 from tidelog.replication.messages import (
@@ -179,7 +179,7 @@ class Transport:
                 # An idle pair still exchanges an empty envelope now and then: it is the
                 # liveness signal between nodes that share no busy group.
                 await asyncio.wait_for(peer.wakeup.wait(), HEARTBEAT_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             peer.wakeup.clear()
             envelope = pb.Envelope(src=self.node_id)
@@ -215,7 +215,7 @@ class Transport:
             try:
                 try:
                     ready: bool | None = await asyncio.wait_for(_connect(channel), CONNECT_TIMEOUT_S)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     ready = None  # slow, not gone: keep trying without declaring it down
                 if ready is False and was_up:
                     # It was up and now refuses connections: its process is gone.

@@ -7,14 +7,14 @@ whether it passed or failed (and atexit kills any left over if pytest itself die
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from support.nodes import LocalCluster, start_cluster  # noqa: E402
+from support.nodes import LocalCluster, start_cluster
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-
 from support.nodes import LocalCluster, start_cluster
 from tidelog.proto import api_pb2, api_pb2_grpc
 from tidelog.proto import records as codec

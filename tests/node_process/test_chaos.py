@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from support.nodes import start_cluster
 from test_replicated import Router, replica_logs_agree
 

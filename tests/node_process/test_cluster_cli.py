@@ -6,11 +6,10 @@ import json
 import os
 import signal
 import socket
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-
 from support.nodes import free_port
 from tidelog.cluster import launcher
 from tidelog.cluster.cli import main

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import grpc
 import pytest
-
 from support.nodes import LocalCluster, NodeProcess, NodeStartError, start_cluster
 from tidelog.proto import api_pb2, api_pb2_grpc
 from tidelog.proto import records as codec

@@ -22,12 +22,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import grpc
-
 from tidelog.proto import api_pb2, api_pb2_grpc
 
 LOOPBACK = "127.0.0.1"
