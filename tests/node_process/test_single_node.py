@@ -350,10 +350,13 @@ def test_sigterm_during_long_poll_exits_cleanly(tmp_path: Path) -> None:
 
 
 def test_retention_deletes_old_segments_and_moves_the_log_start(tmp_path: Path) -> None:
-    local = start_cluster(tmp_path, nodes=1, retention_check_interval_ms=100)
+    # segment.bytes comes from the node's topic defaults (TOML table), retention.bytes from the topic.
+    local = start_cluster(tmp_path, nodes=1, retention_check_interval_ms=100, topic_defaults={"segment.bytes": "1024"})
     client = Stubs(local.bootstrap)
     try:
-        client.create("short", **{"segment.bytes": "1024", "retention.bytes": "2048"})
+        client.create("short", **{"retention.bytes": "2048"})
+        configs = client.admin.DescribeTopics(api_pb2.DescribeTopicsRequest(names=["short"], include_configs=True))
+        assert configs.topics[0].configs["segment.bytes"] == "1024"
         for i in range(20):
             assert client.produce("short", 0, batch(b"x" * 300)).error == ErrorCode.NONE
 
