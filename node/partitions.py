@@ -202,6 +202,8 @@ class PartitionManager:
         self._on_leaders_changed = on_leaders_changed
         self.partitions: dict[tuple[str, int], Partition] = {}
         self.by_group: dict[str, Partition] = {}
+        # Replicas that could not be opened (damaged data), with why; they stay closed.
+        self.offline: dict[tuple[str, int], str] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._reconcile_lock = asyncio.Lock()
 
@@ -263,11 +265,20 @@ class PartitionManager:
                     await asyncio.to_thread(_remove_dir, partition.directory)
                     changed = True
             for key, (topic_id, replicas, topic_configs) in wanted.items():
-                if key not in self.partitions:
+                if key in self.partitions or key in self.offline:
+                    continue
+                try:
                     storage = await asyncio.to_thread(self._open_storage, key[0], key[1], topic_id, topic_configs)
-                    partition = self._start_replica(key[0], key[1], topic_id, replicas, storage)
-                    self.partitions[key] = partition
-                    self.by_group[partition.group_id] = partition
+                except Exception as exc:
+                    # DESIGN.md §3: a damaged replica goes offline with a clear error, never
+                    # skipping data; the partition's other replicas keep serving it, and an
+                    # operator decides (deleting the directory makes it re-fetch everything).
+                    self.offline[key] = f"{type(exc).__name__}: {exc}"
+                    log.error("replica %s-%d is offline: %s", key[0], key[1], exc)
+                    continue
+                partition = self._start_replica(key[0], key[1], topic_id, replicas, storage)
+                self.partitions[key] = partition
+                self.by_group[partition.group_id] = partition
             await asyncio.to_thread(self._remove_orphans, image)
             if changed:
                 self._on_leaders_changed()

@@ -61,6 +61,10 @@ def _locate(node: Node, image: MetadataImage, topic: str, index: int) -> Partiti
         raise _Rejected(ErrorCode.UNKNOWN_TOPIC_OR_PARTITION,
                         f"topic {topic!r} has {len(topic_image.partitions)} partition(s); no partition {index}")
     partition = node.partitions.get(topic, index)
+    offline = node.partitions.offline.get((topic, index))
+    if offline is not None:
+        raise _Rejected(ErrorCode.NOT_LEADER_OR_FOLLOWER,
+                        f"node {node.config.node_id}'s replica of {topic}-{index} is offline ({offline})")
     if partition is None or not partition.is_leader:
         leader_id, _ = node.leader_of(image, topic, index)
         where = f"node {leader_id} leads it" if leader_id >= 0 else "its leader is not known yet"

@@ -391,3 +391,26 @@ def test_a_request_over_max_request_bytes_is_refused_and_the_node_keeps_serving(
     finally:
         client.close()
         local.stop_all()
+
+
+def test_a_damaged_replica_goes_offline_and_the_others_keep_serving(cluster: LocalCluster, stubs: Stubs) -> None:
+    stubs.create("damaged")
+    stubs.create("healthy")
+    for topic in ("damaged", "healthy"):
+        for i in range(5):
+            assert stubs.produce(topic, 0, batch(b"v%d" % i)).error == ErrorCode.NONE
+    node = cluster.nodes[0]
+    assert node.stop() == 0
+    segment = next((node.data_dir / "damaged-0").glob("*.log"))
+    with open(segment, "r+b") as file:  # flushed data gone: the log cannot be trusted
+        file.truncate(segment.stat().st_size // 2)
+    node.start()
+    again = Stubs(node.address)
+    try:
+        assert again.produce("healthy", 0, batch(b"more")).error == ErrorCode.NONE  # node is up
+        refused = again.broker.Produce(api_pb2.ProduceRequest(acks=-1, partitions=[
+            api_pb2.ProducePartitionData(topic="damaged", partition=0, records=batch(b"x"))])).partitions[0]
+        assert refused.error == ErrorCode.NOT_LEADER_OR_FOLLOWER and "offline" in refused.error_message
+        assert [r.value for r in again.read_all("healthy", 0)][-1] == b"more"
+    finally:
+        again.close()
