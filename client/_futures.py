@@ -25,15 +25,18 @@ _DONE = frozenset({CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED})
 
 
 class RecordFuture(concurrent.futures.Future):  # type: ignore[type-arg]
+    # The starting values live on the class (an instance gets its own on the first write), so
+    # creating a future sets two attributes. Most futures never get a callback: the list of
+    # callbacks is made on the first one.
+    _state = PENDING
+    _result = None
+    _exception = None
+    _done_callbacks: Any = ()
+
     def __init__(self, condition: threading.Condition) -> None:
         # The base __init__ is skipped on purpose: it would build a Condition per future.
         self._condition = condition
-        self._state = PENDING
-        self._result = None
-        self._exception = None
         self._waiters: list[Any] = []
-        # Most futures never get a callback: the list is made on the first one.
-        self._done_callbacks: Any = ()
 
     def add_done_callback(self, fn: Callable[[concurrent.futures.Future[Any]], object]) -> None:
         with self._condition:

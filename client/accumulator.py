@@ -70,11 +70,13 @@ class _PartitionQueue:
 
 
 class AppendResult(NamedTuple):
-    # A NamedTuple rather than a frozen dataclass: it is built once per record, and this is the
-    # producer's hot path (a frozen dataclass costs about a microsecond more to build).
     batch: ProducerBatch
     index: int  # position of the record within its batch
-    wake_sender: bool  # a batch was created or sealed: the sender must re-plan
+    # A batch was created or sealed, so the sender must re-plan (its linger timer, or a send);
+    # not while the partition has a run in flight: the sender drains again when that run
+    # completes (complete/reenqueue, then a wake), which saves the producer a cross-thread wake
+    # per batch while it keeps up.
+    wake_sender: bool
 
 
 class PendingRecord(NamedTuple):
@@ -146,13 +148,13 @@ class RecordAccumulator:
     def add(
         self, tp: TopicPartition, record_fields: tuple, size: int, handle: object
     ) -> bool | None:
-        """`try_append` for the producer's hot path: only whether the sender must re-plan
-        (None when buffer memory is short)."""
+        """`try_append` for the producer's hot path: only ``wake_sender`` (None when buffer
+        memory is short)."""
         with self._lock:
             batch = self._append_locked(tp, record_fields, size, handle)
             if batch is None:
                 return None
-            return batch.sealed or len(batch.records) == 1
+            return (batch.sealed or len(batch.records) == 1) and not self._partitions[tp].in_flight
 
     def append(
         self,
@@ -178,11 +180,11 @@ class RecordAccumulator:
                     )
                 self._memory_freed.wait(remaining)
 
-    @staticmethod
-    def _result_locked(batch: ProducerBatch) -> AppendResult:
-        # A batch was created (its first record) or sealed (by this record): re-plan.
+    def _result_locked(self, batch: ProducerBatch) -> AppendResult:
         index = len(batch.records) - 1
-        return AppendResult(batch, index, batch.sealed or index == 0)
+        return AppendResult(
+            batch, index, (batch.sealed or index == 0) and not self._partitions[batch.tp].in_flight
+        )
 
     def _append_locked(
         self, tp: TopicPartition, record_fields: tuple, size: int, handle: object

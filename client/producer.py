@@ -617,6 +617,7 @@ class AsyncProducer:
         topic, partition = run[0].tp.topic, run[0].tp.partition
         base = result.base_offset if self.acks != 0 else -1
         append_time = result.log_append_time_ms
+        new = tuple.__new__
         for batch in run:
             records = batch.records
             count = len(records)
@@ -626,11 +627,14 @@ class AsyncProducer:
                 base += count  # the node gives a run contiguous offsets
             else:
                 offsets = itertools.repeat(-1, count)
+            # tuple.__new__ with the fields in order: a RecordMetadata per record without a
+            # call into the NamedTuple's Python-level __new__.
             if append_time >= 0:
-                metadata = [RecordMetadata(topic, partition, o, append_time) for o in offsets]
+                metadata = [new(RecordMetadata, (topic, partition, o, append_time)) for o in offsets]
             else:
                 metadata = [
-                    RecordMetadata(topic, partition, o, r.timestamp) for o, r in zip(offsets, records)
+                    new(RecordMetadata, (topic, partition, o, r.timestamp))
+                    for o, r in zip(offsets, records)
                 ]
             _settle_handles(batch.handles, metadata, None)
         self._batch_done()

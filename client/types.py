@@ -25,9 +25,12 @@ class NewTopic:
     configs: Mapping[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
-class RecordMetadata:
-    """Where a produced record landed. ``offset`` is -1 with ``acks=0``."""
+class RecordMetadata(NamedTuple):
+    """Where a produced record landed. ``offset`` is -1 with ``acks=0``.
+
+    A NamedTuple for the reason ConsumerRecord is one: the producer builds one per record (on
+    its I/O thread), where a frozen dataclass cost four times as much (kafka-python's is a
+    namedtuple too)."""
 
     topic: str
     partition: int

@@ -188,3 +188,23 @@ def test_queued_batches_of_a_partition_travel_together_up_to_max_bytes() -> None
     acc.reenqueue(again[2:], retry_at=clock())
     [rest] = acc.drain(clock(), leader_1, max_bytes=10 * one).by_node[1]
     assert [b.records[0].value for b in rest] == [b"3", b"4", b"5"]
+
+
+def test_no_wake_for_a_partition_whose_run_is_in_flight_until_the_run_completes() -> None:
+    # The sender drains again after every completed run, so a batch created or sealed behind an
+    # in-flight run needs no wake of its own; once the run is done, waking is back.
+    clock = Clock()
+    acc = make(clock, batch_size=BATCH_OVERHEAD + 2 * (RECORD_OVERHEAD + 10))
+    assert add(acc, TP0, bytes(10)).wake_sender
+    clock.now += 0.005
+    [run] = acc.drain(clock(), leader_1).by_node[1]
+    created = add(acc, TP0, bytes(10))
+    sealed = add(acc, TP0, bytes(10))
+    assert created.index == 0 and not created.wake_sender
+    assert sealed.batch.sealed and not sealed.wake_sender
+    assert acc.add(TP0, (1, None, bytes(10), ()), RECORD_OVERHEAD + 10, None) is False  # created
+    assert add(acc, TP1, bytes(10)).wake_sender  # another partition: nothing in flight there
+    acc.complete(run)
+    assert acc.add(TP0, (1, None, bytes(10), ()), RECORD_OVERHEAD + 10, None) is True  # sealed
+    [first, second] = acc.drain(clock(), leader_1, max_bytes=10_000).by_node[1][0]
+    assert first is sealed.batch and second.sealed and second.record_count == 2
