@@ -73,6 +73,10 @@ RECOVERY_TIMEOUT_S = 90.0
 FINAL_READ_TIMEOUT_S = 60.0
 START_TIMEOUT_S = 60.0
 PRODUCER_WINDOW = 32  # sends in flight per producer thread
+DELIVERY_TIMEOUT_MS = 30000
+# A send still without an outcome this long after delivery_timeout_ms is recorded as unknown
+# and counted as stuck (a client defect: the future should have failed by then).
+STUCK_GRACE_S = 10.0
 RECOVERY_PROCESS = 0  # the process id of the recovery probes' sends
 ANOMALY_LIMIT = 20
 
@@ -106,6 +110,10 @@ class RunReport:
     unavailable: dict[str, str] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     recovery_s: float | None = None
+    # Client-side oddities that are not anomalies of the history: sends whose future outlived
+    # delivery_timeout_ms (recorded as unknown), errors that ended a worker.
+    stuck_sends: int = 0
+    worker_errors: list[str] = field(default_factory=list)
     verdict: Verdict | None = None
     work_dir: str | None = None
 
@@ -139,6 +147,8 @@ class RunReport:
             "faults": self.faults,
             "recovery_s": self.recovery_s,
             "problems": self.problems,
+            "stuck_sends": self.stuck_sends,
+            "worker_errors": self.worker_errors[:limit],
             "checker": checker,
             "allowed_anomalies": allowed,
         }
@@ -383,6 +393,7 @@ class ProducerWorker(threading.Thread):
         self.process, self.bootstrap, self.topics = process, bootstrap, topics
         self.history, self.rng, self.rate, self.stop_event, self.t0 = history, rng, rate, stop, t0
         self.sent = 0
+        self.stuck = 0  # sends without an outcome long after delivery_timeout_ms
         self.error: BaseException | None = None
 
     def _record(self, topic: str, partition: int, value: str, future: concurrent.futures.Future[Any],
@@ -390,7 +401,8 @@ class ProducerWorker(threading.Thread):
         now = time.monotonic() - self.t0
         if not future.done():
             self.history.record(SendOp(self.process, topic, value, Outcome.UNKNOWN, partition,
-                                       None, now, error="not completed when the producer closed"))
+                                       None, now, error="no outcome (delivery_timeout_ms passed "
+                                                        "or the producer closed)"))
             return
         exc = future.exception()
         if exc is None:
@@ -404,25 +416,23 @@ class ProducerWorker(threading.Thread):
     def run(self) -> None:
         try:
             producer = Producer(self.bootstrap, acks="all", linger_ms=5, request_timeout_ms=5000,
-                                delivery_timeout_ms=30000, max_block_ms=5000)
+                                delivery_timeout_ms=DELIVERY_TIMEOUT_MS, max_block_ms=5000)
         except BaseException as exc:  # the run reports it; the history stays valid
             self.error = exc
             return
-        pending: deque[tuple[str, int, str, concurrent.futures.Future[Any]]] = deque()
+        # Outcomes are recorded in completion order (the checker keys sends by value), so one
+        # stuck partition does not stall the sends to the others.
+        pending: dict[concurrent.futures.Future[Any], tuple[str, int, str, float]] = {}
         interval = 1.0 / self.rate
         next_at = time.monotonic()
         try:
             while not self.stop_event.is_set():
-                while pending and (pending[0][3].done() or len(pending) >= PRODUCER_WINDOW):
-                    topic, partition, value, future = pending.popleft()
-                    try:
-                        future.exception(timeout=40)  # bounded by delivery_timeout_ms
-                    except concurrent.futures.TimeoutError:
-                        pass
-                    self._record(topic, partition, value, future)
+                self._collect(pending, block=len(pending) >= PRODUCER_WINDOW)
                 now = time.monotonic()
                 if now < next_at:
                     self.stop_event.wait(next_at - now)
+                    continue
+                if len(pending) >= PRODUCER_WINDOW:
                     continue
                 next_at = max(next_at + interval, now - 1.0)
                 topic, count = self.rng.choice(self.topics)
@@ -434,22 +444,37 @@ class ProducerWorker(threading.Thread):
                     # Failed inside send(), before the record reached the accumulator.
                     self._record(topic, partition, value, future, definite=True)
                 else:
-                    pending.append((topic, partition, value, future))
+                    pending[future] = (topic, partition, value, time.monotonic())
             try:
-                producer.flush(timeout=40)
+                producer.flush(timeout=DELIVERY_TIMEOUT_MS / 1000 + 10)
             except Exception:  # outcomes still pending are recorded as unknown below
                 pass
-            while pending:
-                self._record(*pending.popleft())
+            self._collect(pending, block=False)
         except BaseException as exc:
             self.error = exc
-            while pending:
-                self._record(*pending.popleft())
         finally:
+            for future, (topic, partition, value, _) in pending.items():
+                self._record(topic, partition, value, future)
+            pending.clear()
             try:
                 producer.close(timeout=5)
             except Exception:
                 pass
+
+    def _collect(self, pending: dict[concurrent.futures.Future[Any], tuple[str, int, str, float]],
+                 block: bool) -> None:
+        if block and pending:
+            concurrent.futures.wait(list(pending), timeout=0.5,
+                                    return_when=concurrent.futures.FIRST_COMPLETED)
+        overdue_at = time.monotonic() - (DELIVERY_TIMEOUT_MS / 1000 + STUCK_GRACE_S)
+        for future in [f for f, (_, _, _, sent) in pending.items() if f.done() or sent < overdue_at]:
+            topic, partition, value, sent = pending.pop(future)
+            if not future.done():
+                self.stuck += 1
+                log.warning("send of %s to %s/%d has no outcome %.0fs after send(), beyond "
+                            "delivery_timeout_ms; recorded as unknown", value, topic, partition,
+                            time.monotonic() - sent)
+            self._record(topic, partition, value, future)
 
 
 class ConsumerWorker(threading.Thread):
@@ -722,9 +747,11 @@ def run_chaos(config: ChaosConfig) -> RunReport:
         report.problems += ["after healing: " + p for p in problems]
         stop_workload.set()
         for worker in workers:
-            worker.join(90)
+            worker.join(DELIVERY_TIMEOUT_MS / 1000 + 60)
             if worker.is_alive():
                 report.problems.append(f"{worker.name} did not finish")
+        report.stuck_sends = sum(w.stuck for w in workers)
+        report.worker_errors += [f"{w.name}: {w.error!r}" for w in workers if w.error is not None]
         ok, problems = wait_recovery(cluster.bootstrap, topics, history, t0, RECOVERY_TIMEOUT_S,
                                      probe_numbers)
         report.recovery_s = round(time.monotonic() - heal_at, 2)
@@ -732,6 +759,7 @@ def run_chaos(config: ChaosConfig) -> RunReport:
         stop_consumers.set()
         for worker in consumers:
             worker.join(30)
+            report.worker_errors += [f"{worker.name}: {e}" for e in worker.errors[-3:]]
         report.problems += final_read(cluster.bootstrap, topics, history, t0,
                                       FINAL_READ_TIMEOUT_S)
     finally:
@@ -822,7 +850,8 @@ def _text(report: RunReport) -> str:
         f"{len(data['faults'])} faults",
         f"sends: {stats.get('acknowledged', 0)} acknowledged, {stats.get('unknown', 0)} unknown, "
         f"{stats.get('failed', 0)} failed; {stats.get('records_polled', 0)} records polled",
-        f"anomalies: {checker.get('counts')}",
+        f"anomalies: {checker.get('counts')}; sends stuck past delivery_timeout_ms: "
+        f"{data['stuck_sends']}",
         f"history: {data['history']}",
     ]
     for name, why in data["unavailable_faults"].items():
