@@ -71,6 +71,45 @@ _METADATA_ERRORS = frozenset(
 )
 
 
+# The Produce RPC called with a request already in wire form (see encode_produce_request).
+_PRODUCE_METHOD = "/tidelog.Broker/Produce"
+# The protobuf keys (field number << 3 | length-delimited) of ProduceRequest.partitions and
+# ProducePartitionData.records, both field 3 in api.proto.
+_PARTITIONS_KEY = b"\x1a"
+_RECORDS_KEY = b"\x1a"
+
+
+def _uvarint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def encode_produce_request(acks: int, timeout_ms: int, runs: list[list[ProducerBatch]]) -> bytes:
+    """A ProduceRequest in protobuf wire form, one partition entry per run.
+
+    Written by hand around the encoded batches so that their bytes are copied once, into the
+    result, rather than three times (joining a run, setting the message's bytes field,
+    serializing): a third of the I/O thread's time per record with uncompressed 1 KiB records.
+    The small fields are still serialized by protobuf; only the framing of the repeated
+    ``partitions`` entries and their ``records`` field is written here.
+    """
+    parts = [api_pb2.ProduceRequest(acks=acks, timeout_ms=timeout_ms).SerializeToString()]
+    for run in runs:
+        head = api_pb2.ProducePartitionData(
+            topic=run[0].tp.topic, partition=run[0].tp.partition
+        ).SerializeToString()
+        batches: list[bytes] = [b.encoded for b in run]  # type: ignore[misc]
+        size = sum(map(len, batches))
+        records_head = _RECORDS_KEY + _uvarint(size)
+        parts += (_PARTITIONS_KEY, _uvarint(len(head) + len(records_head) + size), head, records_head)
+        parts += batches
+    return b"".join(parts)
+
+
 def parse_acks(acks: int | str) -> int:
     if isinstance(acks, str):
         if acks.lower() == "all":
@@ -540,22 +579,12 @@ class AsyncProducer:
                     )
                 self.metadata.request_update()
                 return
-            request = api_pb2.ProduceRequest(
-                acks=self.acks,
-                timeout_ms=int(self.request_timeout_ms),
-                partitions=[
-                    api_pb2.ProducePartitionData(
-                        topic=run[0].tp.topic,
-                        partition=run[0].tp.partition,
-                        records=b"".join(b.encoded for b in run),  # type: ignore[misc]
-                    )
-                    for run in runs
-                ],
+            request = encode_produce_request(self.acks, int(self.request_timeout_ms), runs)
+            produce = self.connections._channel(address).unary_unary(
+                _PRODUCE_METHOD, response_deserializer=api_pb2.ProduceResponse.FromString
             )
             try:
-                response = await self.connections.broker(address).Produce(
-                    request, timeout=self.request_timeout_ms / 1000.0 + 5.0
-                )
+                response = await produce(request, timeout=self.request_timeout_ms / 1000.0 + 5.0)
             except grpc.aio.AioRpcError as exc:
                 error = TidelogError(
                     ErrorCode.REQUEST_TIMED_OUT if is_retriable_rpc_error(exc) else ErrorCode.UNKNOWN_SERVER_ERROR,
