@@ -27,16 +27,24 @@ _DONE = frozenset({CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED})
 class RecordFuture(concurrent.futures.Future):  # type: ignore[type-arg]
     # The starting values live on the class (an instance gets its own on the first write), so
     # creating a future sets two attributes. Most futures never get a callback: the list of
-    # callbacks is made on the first one.
+    # callbacks is made on the first one, and the list of waiters likewise.
     _state = PENDING
     _result = None
     _exception = None
     _done_callbacks: Any = ()
+    _waiter_list: list[Any] | None = None
 
     def __init__(self, condition: threading.Condition) -> None:
         # The base __init__ is skipped on purpose: it would build a Condition per future.
         self._condition = condition
-        self._waiters: list[Any] = []
+
+    @property
+    def _waiters(self) -> list[Any]:
+        # Only concurrent.futures.wait/as_completed add waiters, so the list is made on demand;
+        # every use is under the shared condition, so two threads cannot both make one.
+        if self._waiter_list is None:
+            self._waiter_list = []
+        return self._waiter_list
 
     def add_done_callback(self, fn: Callable[[concurrent.futures.Future[Any]], object]) -> None:
         with self._condition:
@@ -94,8 +102,8 @@ def settle(
             else:
                 future._exception = exception
             future._state = FINISHED
-            if future._waiters:
-                for waiter in future._waiters:
+            if future._waiter_list:
+                for waiter in future._waiter_list:
                     if exception is None:
                         waiter.add_result(future)
                     else:

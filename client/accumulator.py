@@ -125,6 +125,8 @@ class RecordAccumulator:
         self._used = 0
         self._next_batch_id = 0
         self._incomplete: set[int] = set()
+        self._last_tp: TopicPartition | None = None
+        self._last_queue = _PartitionQueue()
         self.closed = False
 
     # --- appending (any thread) -------------------------------------------------------------
@@ -194,9 +196,16 @@ class RecordAccumulator:
             raise RuntimeError("the producer is closed")
         if self._used + size > self.buffer_memory and self._used > 0:
             return None
-        queue = self._partitions.get(tp)
-        if queue is None:
-            queue = self._partitions[tp] = _PartitionQueue()
+        # Consecutive records mostly go to the same partition (sticky partitioning), and the
+        # producer passes the same TopicPartition object for it: an identity check saves the
+        # dataclass's Python-level __hash__ per record. Queues are never removed.
+        if tp is self._last_tp:
+            queue = self._last_queue
+        else:
+            queue = self._partitions.get(tp)
+            if queue is None:
+                queue = self._partitions[tp] = _PartitionQueue()
+            self._last_tp, self._last_queue = tp, queue
         batch = queue.open
         if batch is not None and batch.size + size > self.batch_size and batch.records:
             batch.sealed = True

@@ -208,3 +208,13 @@ def test_no_wake_for_a_partition_whose_run_is_in_flight_until_the_run_completes(
     assert acc.add(TP0, (1, None, bytes(10), ()), RECORD_OVERHEAD + 10, None) is True  # sealed
     [first, second] = acc.drain(clock(), leader_1, max_bytes=10_000).by_node[1][0]
     assert first is sealed.batch and second.sealed and second.record_count == 2
+
+
+def test_equal_topic_partition_objects_share_one_queue() -> None:
+    clock = Clock()
+    acc = make(clock)
+    first = add(acc, TopicPartition("t", 0), b"a")
+    second = add(acc, TP1, b"b")
+    third = add(acc, TopicPartition("t", 0), b"c")  # another object, equal to the first
+    assert third.batch is first.batch and second.batch is not first.batch
+    assert [r.value for r in third.batch.records] == [b"a", b"c"]
