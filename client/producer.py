@@ -747,8 +747,11 @@ class Producer:
         try:
             fields, size, key_bytes = core._prepare(topic, value, key, headers, timestamp)
             snapshot = core.metadata.snapshot
+            blocked = 0.0  # of max_block_ms, spent waiting for the topic's metadata
             if not snapshot.topics.get(topic):
+                started = time.monotonic()
                 snapshot = self._thread.run(core.metadata.wait_for_topics([topic], core.max_block))
+                blocked = time.monotonic() - started
             tp = core._choose_partition(snapshot, topic, partition, key_bytes, size)
             accumulator = core.accumulator
             wake = accumulator.add(tp, fields, size, future)
@@ -760,7 +763,9 @@ class Producer:
                         "thread, where it cannot wait",
                     )
                 try:
-                    wake = accumulator.append(tp, fields, size, future, core.max_block).wake_sender
+                    wake = accumulator.append(
+                        tp, fields, size, future, max(0.0, core.max_block - blocked)
+                    ).wake_sender
                 except BufferExhausted as exc:
                     raise TidelogError(ErrorCode.REQUEST_TIMED_OUT, str(exc)) from None
             if wake:
