@@ -16,9 +16,13 @@ What each fault does, to real node processes on loopback:
   Blocking a pair stops its bytes in both directions and holds new connections without
   connecting them, as a switch that drops packets would; unblocking lets the held bytes go on,
   as TCP retransmission would. Clients still reach every node directly.
-- clock: not implemented. Jumping a node's clock needs either the machine's clock (shared with
-  everything else on the host, and CLOCK_MONOTONIC cannot be set at all) or an LD_PRELOAD shim
-  such as libfaketime, which is not installed; we say so instead of pretending.
+- clock: the node runs under libfaketime (LD_PRELOAD, when the library is installed: Debian's
+  ``libfaketime``), and a jump moves both its wall clock and its monotonic clock forward by
+  seconds to hours at once, so every timer of the node fires together, as after a VM stall or a
+  clock step. Forward only: libfaketime cannot move the monotonic clock back (a negative offset
+  is ignored), and faking only the wall clock breaks its sleeps (EINVAL), so this is the one
+  clock fault we can inject for real per process. Stepping the host clock instead would hit
+  every other process on a shared machine, and CLOCK_MONOTONIC cannot be set at all.
 
 Everything here binds and connects to 127.0.0.1 only, and every wait is bounded.
 """
@@ -60,6 +64,16 @@ class FaultKind(StrEnum):
     PARTITION = "partition"
     DISK = "disk"
     CLOCK = "clock"
+
+
+FAKETIME_GLOB = "/usr/lib/*/faketime/libfaketime.so.1"
+
+
+def faketime_library() -> Path | None:
+    """The libfaketime shared library, if installed (Debian package ``libfaketime``)."""
+    import glob
+    found = sorted(glob.glob(FAKETIME_GLOB))
+    return Path(found[0]) if found else None
 
 
 class FaultUnavailable(RuntimeError):
@@ -113,6 +127,9 @@ class OwnedNode:
     extra_args: Sequence[str] = ()
     process: subprocess.Popen[bytes] | None = None
     paused: bool = False
+    # With libfaketime: the node's clocks run this many seconds ahead (only ever grows).
+    faketime: Path | None = None
+    clock_offset_s: int = 0
 
     @property
     def address(self) -> str:
@@ -135,14 +152,39 @@ class OwnedNode:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         config_path = self.data_dir / "node.toml"
         config_path.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in self.config.items()))
+        env = None
+        if self.faketime is not None:
+            self._write_clock_file()
+            env = {**os.environ, "LD_PRELOAD": str(self.faketime),
+                   "FAKETIME_TIMESTAMP_FILE": str(self.clock_file),
+                   # Re-read the offset at most once a second: a jump lands within a second.
+                   "FAKETIME_CACHE_DURATION": "1"}
         with open(self.log_path, "ab") as log_file:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "tidelog.node.main", "--config", str(config_path),
                  *self.extra_args],
                 stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                 start_new_session=True,  # a Ctrl-C of the driver must not reach the nodes first
+                env=env,
             )
         self.paused = False
+
+    @property
+    def clock_file(self) -> Path:
+        return self.data_dir / "faketime.rc"
+
+    def _write_clock_file(self) -> None:
+        tmp = self.clock_file.with_suffix(".tmp")
+        tmp.write_text(f"+{self.clock_offset_s}\n")
+        os.replace(tmp, self.clock_file)
+
+    def jump_clock(self, seconds: int) -> None:
+        """Move the node's wall and monotonic clocks forward by ``seconds``."""
+        if self.faketime is None:
+            raise FaultUnavailable("clock jumps need libfaketime (Debian package libfaketime)")
+        assert seconds > 0, "libfaketime cannot move the monotonic clock back"
+        self.clock_offset_s += seconds
+        self._write_clock_file()
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -549,6 +591,18 @@ class Nemesis:
             def heal() -> dict[str, object]:
                 proxies.heal()
                 return {}
+        elif kind is FaultKind.CLOCK:
+            jump = getattr(node, "jump_clock", None)
+            if jump is None:
+                raise FaultUnavailable("clock jumps need nodes the driver starts itself")
+            # From a few election timeouts to a day: timers, leases and timestamps all jump.
+            seconds = self.rng.choice((
+                self.rng.randint(2, 10), self.rng.randint(30, 300), self.rng.randint(3600, 86400)))
+            jump(seconds)
+            detail["jump_s"] = seconds
+
+            def heal() -> dict[str, object]:
+                return {}  # a clock cannot be moved back (see the module docstring)
         else:
             raise FaultUnavailable(f"fault {kind.value} is not implemented")
         self._current = FaultEvent(kind, label, (node.node_id,), now, None, detail)

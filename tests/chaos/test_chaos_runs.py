@@ -19,7 +19,7 @@ import pytest
 from tidelog.cluster import launcher
 from tidelog.cluster.chaos import ChaosConfig, peer_address_supported, run_chaos
 from tidelog.cluster.checker import AnomalyKind
-from tidelog.cluster.faults import FaultKind
+from tidelog.cluster.faults import FaultKind, faketime_library
 
 pytestmark = pytest.mark.chaos
 
@@ -30,12 +30,14 @@ def _kinds() -> tuple[FaultKind, ...]:
     kinds = [FaultKind.KILL, FaultKind.PAUSE, FaultKind.DISK]
     if peer_address_supported():
         kinds.append(FaultKind.PARTITION)
+    if faketime_library() is not None:
+        kinds.append(FaultKind.CLOCK)
     return tuple(kinds)
 
 
 def test_short_schedule_of_every_fault_kind(tmp_path: Path) -> None:
     kinds = _kinds()
-    config = ChaosConfig(duration_s=15.0 * len(kinds), seed=SEED, faults=kinds,
+    config = ChaosConfig(duration_s=12.0 * len(kinds), seed=SEED, faults=kinds,
                          history=tmp_path / "history.jsonl", work_dir=tmp_path / "nodes",
                          allow=frozenset({AnomalyKind.DUPLICATE}), quiet_s=(1.0, 3.0), keep=True)
     report = run_chaos(config)
