@@ -329,33 +329,46 @@ class AdminService(api_pb2_grpc.AdminServicer):
             if remaining <= 0 or node.shutting_down:
                 return failed(ErrorCode.NOT_CONTROLLER, "no controller leader answered in time; retry")
             leader = node.quorum.leader_id
+            if node.quorum.is_leader:
+                # Not cancelled on a deadline: a change may already be committing. The
+                # controller's own steps are bounded, and the client's deadline bounds its wait.
+                try:
+                    return await local()
+                except NotController:
+                    pass
+                except TimeoutError:
+                    return failed(ErrorCode.REQUEST_TIMED_OUT,
+                                  "the change was not committed in time; it may still be")
+                await node.quorum.wait_image_change(min(0.1, max(deadline - loop.time(), 0.001)))
+                continue
             try:
-                if node.quorum.is_leader:
-                    return await asyncio.wait_for(local(), remaining)
                 address = node.address_of(leader) if leader is not None else None
                 if address is not None and not forwarded:
                     stub = api_pb2_grpc.AdminStub(node.admin_channel(address))
                     return await getattr(stub, method)(request, timeout=remaining,
                                                        metadata=((FORWARDED_HEADER, str(node.config.node_id)),))
-            except (TimeoutError, NotController):
-                pass
             except grpc.RpcError as exc:
                 log.debug("forwarding %s to node %s failed: %s", method, leader, exc)
             await node.quorum.wait_image_change(min(0.1, max(deadline - loop.time(), 0.001)))
 
     async def CreateTopics(self, request: api_pb2.CreateTopicsRequest, context: grpc.aio.ServicerContext
                            ) -> api_pb2.CreateTopicsResponse:
+        # Leave the client some of its timeout for the answer after waiting for new leaders.
+        loop = asyncio.get_running_loop()
+        leader_deadline = loop.time() + (min(LEADER_WAIT_S, request.timeout_ms / 1000 * 0.8)
+                                         if request.timeout_ms > 0 else LEADER_WAIT_S)
         return await self._on_controller(
             "CreateTopics", request, context, request.timeout_ms,
-            lambda: self._create_topics(request),
+            lambda: self._create_topics(request, leader_deadline),
             lambda code, message: api_pb2.CreateTopicsResponse(topics=[
                 api_pb2.TopicResult(name=t.name, error=code, error_message=message) for t in request.topics]))
 
-    async def _create_topics(self, request: api_pb2.CreateTopicsRequest) -> api_pb2.CreateTopicsResponse:
+    async def _create_topics(self, request: api_pb2.CreateTopicsRequest, leader_deadline: float
+                             ) -> api_pb2.CreateTopicsResponse:
         results = await self.node.controller.create_topics(request.topics, request.validate_only)
         if not request.validate_only:
             created = [r.name for r in results if r.error == ErrorCode.NONE]
-            await self._wait_for_leaders(created, LEADER_WAIT_S)
+            await self._wait_for_leaders(created, leader_deadline - asyncio.get_running_loop().time())
         return api_pb2.CreateTopicsResponse(topics=results)
 
     async def _wait_for_leaders(self, topics: list[str], timeout: float) -> None:
