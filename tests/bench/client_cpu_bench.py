@@ -2,7 +2,7 @@
 
     python tests/bench/client_cpu_bench.py [--records 100000] [--size 1024] [--runs 3]
                                            [--compression none,lz4] [--distinct] [--threads]
-                                           [--only produce] [--profile DIR]
+                                           [--only produce] [--profile DIR] [--against GIT_REF]
 
 Starts a 1-node cluster (tests/support/nodes.py) in a temporary directory and, for each
 compression, measures in this process:
@@ -16,7 +16,9 @@ thread and gRPC's included) divided by N (the calling thread's own share, ``time
 is printed beside it), so it is robust to other load on the machine; the node runs in
 its own process and is not counted. Wall-clock rates are printed beside it for orientation only.
 Each measurement runs --runs times on a fresh topic and the median is reported, with the implied
-records/s of one fully busy core (1e6 / µs per record).
+records/s of one fully busy core (1e6 / µs per record). On a shared, loaded machine the figures
+move by ±20% from run to run: --against GIT_REF compares the working tree with an older commit
+by alternating child processes against one cluster, which cancels most of that.
 
 Not collected by pytest (no test functions); the lead runs it for the record.
 """
@@ -24,8 +26,10 @@ Not collected by pytest (no test functions); the lead runs it for the record.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -150,7 +154,7 @@ def report(label: str, samples: list[Sample], verbose: bool) -> float:
     rates = [s.records / s.wall for s in samples]
     med = statistics.median(per_record)
     print(
-        f"{label:<14} cpu {med:6.2f} µs/record (runs: {', '.join(f'{x:.2f}' for x in per_record)};"
+        f"{label:<18} cpu {med:6.2f} µs/record (runs: {', '.join(f'{x:.2f}' for x in per_record)};"
         f" calling thread {caller:.2f})  => {1e6 / med:>8,.0f} records/s per core;"
         f"  wall {statistics.median(rates):>8,.0f} records/s",
         flush=True,
@@ -159,6 +163,33 @@ def report(label: str, samples: list[Sample], verbose: bool) -> float:
         for sample in samples:
             print(f"    by thread (µs/record): {sample.threads}")
     return med
+
+
+def export_ref(ref: str, directory: Path) -> Path:
+    """A directory to put first on PYTHONPATH so that `tidelog` imports as of git ``ref``."""
+    repo = Path(__file__).resolve().parents[2]
+    tree = directory / "tree"
+    tree.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(repo), "archive", ref], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    (directory / "tidelog").symlink_to(tree, target_is_directory=True)
+    return directory
+
+
+def run_child(mode: str, bootstrap: str, topic: str, args: argparse.Namespace, codec: str,
+              pythonpath: str | None) -> Sample:
+    env = dict(os.environ)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath
+    command = [sys.executable, __file__, "--child", mode, "--bootstrap", bootstrap, "--topic", topic,
+               "--records", str(args.records), "--size", str(args.size), "--compression", codec]
+    if args.distinct:
+        command.append("--distinct")
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    if out.returncode:
+        raise RuntimeError(f"{mode} child failed:\n{out.stderr[-3000:]}")
+    return Sample(*json.loads(out.stdout.strip().splitlines()[-1]))
 
 
 def main() -> None:
@@ -174,7 +205,14 @@ def main() -> None:
     parser.add_argument("--threads", action="store_true",
                         help="also print each run's CPU per record by thread (Linux)")
     parser.add_argument("--profile", metavar="DIR", default=None,
-                        help="write a pyinstrument HTML profile of each measured run to DIR")
+                        help="write a pyinstrument text profile of each measured run to DIR")
+    parser.add_argument("--against", metavar="GIT_REF", default=None,
+                        help="A/B: alternate runs of the working tree's client and GIT_REF's, each "
+                             "in a child process against the same cluster (load on a shared "
+                             "machine moves the figures by ±20%%; alternating cancels most of it)")
+    parser.add_argument("--child", choices=["produce", "consume"], help=argparse.SUPPRESS)
+    parser.add_argument("--bootstrap", help=argparse.SUPPRESS)
+    parser.add_argument("--topic", help=argparse.SUPPRESS)
     args = parser.parse_args()
     # One payload for every record, as `tidelog perf` (and Kafka's perf tool) send: lz4 then
     # compresses a batch to almost nothing. --distinct cycles through 1024 random payloads
@@ -182,29 +220,54 @@ def main() -> None:
     payloads = [os.urandom(args.size) for _ in range(1024 if args.distinct else 1)]
     if args.profile:
         Path(args.profile).mkdir(parents=True, exist_ok=True)
+    if args.child:
+        hook = Hook(None, "")
+        if args.child == "produce":
+            sample = produce(args.bootstrap, args.topic, args.records, payloads, args.compression, hook)
+        else:
+            sample = consume(args.bootstrap, args.topic, args.records, hook)
+        print(json.dumps(list(sample)))
+        return
 
     with tempfile.TemporaryDirectory(prefix="tidelog-client-bench-") as tmp:
+        variants: dict[str, str | None] = {"": None}
+        if args.against:
+            variants = {"this": None,
+                        args.against: str(export_ref(args.against, Path(tmp, "ref").resolve()))}
         cluster = start_cluster(Path(tmp), nodes=1)
         try:
             bootstrap = cluster.bootstrap
             print(f"{args.records} records of {args.size} B "
                   f"({'1024 distinct random payloads' if args.distinct else 'one random payload'}), "
                   f"1 node, 1 partition, acks=all, median of {args.runs} runs", flush=True)
+            if args.against:
+                print(f"A/B: the working tree against {args.against}, alternating", flush=True)
             with AdminClient(bootstrap) as admin:
                 for codec in args.compression.split(","):
-                    produced: list[Sample] = []
-                    consumed: list[Sample] = []
+                    produced: dict[str, list[Sample]] = {name: [] for name in variants}
+                    consumed: dict[str, list[Sample]] = {name: [] for name in variants}
                     for i in range(args.runs):
-                        topic = f"bench-{codec}-{i}"
-                        admin.create_topics([NewTopic(topic, 1, 1)])
-                        produced.append(produce(bootstrap, topic, args.records, payloads, codec,
-                                                Hook(args.profile, f"produce-{codec}-{i}")))
-                        if args.only != "produce":
-                            consumed.append(consume(bootstrap, topic, args.records,
-                                                    Hook(args.profile, f"consume-{codec}-{i}")))
-                    report(f"produce {codec}", produced, args.threads)
-                    if consumed:
-                        report(f"consume {codec}", consumed, args.threads)
+                        order = list(variants.items())
+                        for name, path in order if i % 2 == 0 else order[::-1]:
+                            topic = f"bench-{codec}-{i}-{list(variants).index(name)}"
+                            admin.create_topics([NewTopic(topic, 1, 1)])
+                            if args.against:
+                                produced[name].append(run_child("produce", bootstrap, topic, args, codec, path))
+                                if args.only != "produce":
+                                    consumed[name].append(run_child("consume", bootstrap, topic, args, codec, path))
+                                continue
+                            produced[name].append(produce(bootstrap, topic, args.records, payloads, codec,
+                                                          Hook(args.profile, f"produce-{codec}-{i}")))
+                            if args.only != "produce":
+                                consumed[name].append(consume(bootstrap, topic, args.records,
+                                                              Hook(args.profile, f"consume-{codec}-{i}")))
+                    for name in variants:
+                        suffix = f" [{name}]" if name else ""
+                        report(f"produce {codec}{suffix}", produced[name], args.threads)
+                    for name in variants:
+                        suffix = f" [{name}]" if name else ""
+                        if consumed[name]:
+                            report(f"consume {codec}{suffix}", consumed[name], args.threads)
         finally:
             cluster.stop_all()
 
