@@ -229,9 +229,10 @@ class Replica:
 
     @property
     def leader_id(self) -> int | None:
-        if self._persisting is not None:
-            return None  # changing; known again in a moment
-        return self.group.leader_id
+        leader = self.group.leader_id
+        if leader == self.node_id and self._persisting is not None:
+            return None  # becoming leader: not before its quorum state is durable
+        return leader
 
     @property
     def high_watermark(self) -> int:

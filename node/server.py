@@ -111,11 +111,14 @@ class Node:
         return self.controller.controller_id
 
     def leader_of(self, image: MetadataImage, topic: str, partition: int) -> tuple[int, int]:
-        """(leader id, leader epoch) of a partition as this node knows it; (-1, -1) = unknown."""
+        """(leader id, leader epoch) of a partition as this node knows it; (-1, -1) = unknown.
+
+        This node's own replica knows best; one that has not learnt its leader yet (a new or
+        restarted replica) defers to what the other nodes announce.
+        """
         replica = self.partitions.get(topic, partition)
-        if replica is not None and not replica.closed:
-            leader = replica.leader_id
-            return (leader if leader is not None else -1), replica.leader_epoch
+        if replica is not None and not replica.closed and replica.leader_id is not None:
+            return replica.leader_id, replica.leader_epoch
         topic_image = image.topics.get(topic)
         if topic_image is None:
             return -1, -1
