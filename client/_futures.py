@@ -26,7 +26,7 @@ _DONE = frozenset({CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED})
 
 class RecordFuture(concurrent.futures.Future):  # type: ignore[type-arg]
     # The starting values live on the class (an instance gets its own on the first write), so
-    # creating a future sets two attributes. Most futures never get a callback: the list of
+    # creating a future sets one attribute. Most futures never get a callback: the list of
     # callbacks is made on the first one, and the list of waiters likewise.
     _state = PENDING
     _result = None
@@ -68,6 +68,10 @@ class RecordFuture(concurrent.futures.Future):  # type: ignore[type-arg]
                 self._condition.wait(remaining)
 
     def result(self, timeout: float | None = None) -> Any:
+        if self._state == FINISHED and self._exception is None:
+            # Settled (the state is written last, under the condition): no lock needed to read
+            # a result that can no longer change; applications often call this per record.
+            return self._result
         self._wait_until_done(timeout)
         # Done (or timed out): the base class answers without waiting, and raises
         # TimeoutError or CancelledError as documented.
