@@ -117,6 +117,7 @@ class RunReport:
     worker_errors: list[str] = field(default_factory=list)
     verdict: Verdict | None = None
     work_dir: str | None = None
+    code: str | None = None  # the source tree the nodes and clients ran (git describe --dirty)
 
     def failing_kinds(self) -> list[str]:
         if self.verdict is None:
@@ -139,6 +140,7 @@ class RunReport:
             "failing_kinds": self.failing_kinds(),
             "allowed": sorted(k.value for k in self.config.allow),
             "seed": self.config.seed,
+            "code": self.code,
             "duration_s": self.config.duration_s,
             "fault_kinds": [k.value for k in self.config.faults],
             "unavailable_faults": self.unavailable,
@@ -641,8 +643,20 @@ def final_read(bootstrap: str, topics: Sequence[tuple[str, int]], history: Histo
 # --- the run -------------------------------------------------------------------------------
 
 
+def source_version() -> str | None:
+    """``git describe --always --dirty`` of the tree this package runs from, if it is one: an
+    editable install runs whatever the working tree holds when a process starts."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, timeout=10, cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
 def run_chaos(config: ChaosConfig) -> RunReport:
     report = RunReport(config)
+    report.code = source_version()
     rng = random.Random(config.seed)
     own = config.data_dir is None
     work_dir = config.work_dir
