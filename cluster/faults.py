@@ -448,7 +448,9 @@ class ProxyNet:
 
 
 def partition_modes(node_ids: Sequence[int]) -> tuple[str, ...]:
-    return ("isolate-one", "isolate-leader", "bridge") if len(node_ids) >= 3 else ("isolate-one",)
+    """Modes. "isolate": the target (random, the controller or a leader) from every other node;
+    "bridge": the target is the only node the two halves of the rest can both reach."""
+    return ("isolate", "bridge") if len(node_ids) >= 3 else ("isolate",)
 
 
 def partition_pairs(mode: str, node_ids: Sequence[int], target: int, rng: random.Random
@@ -581,8 +583,6 @@ class Nemesis:
                 raise FaultUnavailable("network partitions need the proxies (--peer-address)")
             ids = [n.node_id for n in self.view.nodes]
             mode = self.rng.choice(partition_modes(ids))
-            if mode == "isolate-one":
-                label = f"node {node.node_id}"
             pairs = partition_pairs(mode, ids, node.node_id, self.rng)
             self.proxies.block(pairs)
             detail.update(mode=mode, cut=[list(p) for p in pairs])

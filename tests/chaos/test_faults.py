@@ -117,7 +117,7 @@ def _wait_blocked(proxies: ProxyNet) -> bool:
 
 def test_partition_pairs() -> None:
     rng = random.Random(1)
-    assert sorted(partition_pairs("isolate-one", [1, 2, 3], 2, rng)) == [(2, 1), (2, 3)]
+    assert sorted(partition_pairs("isolate", [1, 2, 3], 2, rng)) == [(2, 1), (2, 3)]
     bridge = partition_pairs("bridge", [1, 2, 3], 2, rng)
     assert sorted(tuple(sorted(p)) for p in bridge) == [(1, 3)]  # 2 still talks to both
 
