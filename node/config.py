@@ -192,6 +192,9 @@ NODE_KEYS: tuple[NodeKey, ...] = (
     NodeKey("retention_check_interval_ms", 300000,
             "how often segments past retention.ms / retention.bytes are deleted"),
     NodeKey("shutdown_grace_ms", 5000, "on SIGTERM, how long in-flight requests may take to finish"),
+    NodeKey("peer_addresses", {},
+            "a table of node id to HOST:PORT overriding where this node's replication traffic to that "
+            "peer goes (fault-injection proxies use it), e.g. peer_addresses = { \"2\" = \"127.0.0.1:19501\" }"),
     NodeKey("topic_defaults", {}, "a table of topic config defaults for this cluster, e.g. "
             "topic_defaults = { \"segment.bytes\" = \"1048576\" }"),
 )
@@ -216,6 +219,7 @@ class NodeConfig:
     election_timeout_ms: int = 1000
     replica_fetch_max_wait_ms: int = 2000
     topic_defaults: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    peer_addresses: Mapping[int, Address] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def advertised_address(self) -> Address:
@@ -243,6 +247,25 @@ def _int(name: str, value: Any, minimum: int = 0) -> int:
     return number
 
 
+def _peer_addresses(raw: Any) -> dict[int, Address]:
+    """``{id: "HOST:PORT"}`` from TOML, or ``["ID=HOST:PORT", ...]`` from repeated flags."""
+    if isinstance(raw, Mapping):
+        items = list(raw.items())
+    elif isinstance(raw, (list, tuple)):
+        items = []
+        for entry in raw:
+            peer, sep, address = str(entry).partition("=")
+            if not sep:
+                raise ConfigError(f"peer address {entry!r} must look like ID=HOST:PORT")
+            items.append((peer, address))
+    else:
+        raise ConfigError("peer_addresses must be a table of node id to HOST:PORT")
+    return {
+        _int("peer_addresses node id", peer): Address.parse(str(address), what="peer address")
+        for peer, address in items
+    }
+
+
 def build_config(values: Mapping[str, Any]) -> NodeConfig:
     """A checked NodeConfig from a flat mapping of NODE_KEYS names (TOML values or flag strings)."""
     known = {key.name for key in NODE_KEYS}
@@ -261,6 +284,7 @@ def build_config(values: Mapping[str, Any]) -> NodeConfig:
         raise ConfigError("topic_defaults must be a table of topic config names to values")
     topic_defaults = {k: validate_topic_config(k, str(v)) for k, v in topic_defaults_raw.items()}
     listen = Address.parse(str(values.get("listen") or f"127.0.0.1:{DEFAULT_PORT}"), what="listen")
+    peer_addresses = _peer_addresses(values.get("peer_addresses") or {})
     advertised = values.get("advertised")
     voters = values.get("controller_voters")
     config = NodeConfig(
@@ -285,6 +309,7 @@ def build_config(values: Mapping[str, Any]) -> NodeConfig:
         retention_check_interval_ms=_int(
             "retention_check_interval_ms", values.get("retention_check_interval_ms", 300000), 1),
         topic_defaults=MappingProxyType(topic_defaults),
+        peer_addresses=MappingProxyType(peer_addresses),
     )
     own = next((v for v in config.controller_voters if v.node_id == config.node_id), None)
     if own is not None:

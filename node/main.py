@@ -30,6 +30,8 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cluster-id", help=text("cluster_id"))
     parser.add_argument("--flush", choices=("always", "interval"), help=text("flush"))
     parser.add_argument("--flush-interval-ms", type=int, help=text("flush_interval_ms"))
+    parser.add_argument("--peer-address", action="append", metavar="ID=HOST:PORT",
+                        help=text("peer_addresses") + " (repeatable)")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                         help="log verbosity (default: INFO)")
 
@@ -44,6 +46,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         "cluster_id": args.cluster_id,
         "flush": args.flush,
         "flush_interval_ms": args.flush_interval_ms,
+        "peer_addresses": args.peer_address,
     })
 
 

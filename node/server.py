@@ -198,6 +198,7 @@ class Node:
     def _update_peers(self, image: MetadataImage) -> None:
         peers = {v.node_id: str(v.address) for v in self.config.voters}
         peers.update({n.node_id: f"{n.host}:{n.port}" for n in image.nodes.values()})
+        peers.update({node_id: str(address) for node_id, address in self.config.peer_addresses.items()})
         self.transport.set_peers(peers)
 
     def _on_controller_change(self) -> None:
