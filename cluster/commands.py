@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from tidelog.client import cli as client_cli
 from tidelog.cluster import launcher
 from tidelog.node import main as node_main
 from tidelog.node.config import DEFAULT_PORT
@@ -53,6 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
     down = sub("down", "stop every node of the cluster")
     down.set_defaults(handler=_down)
+
+    # `cluster info` asks a running cluster over the client API, so the client room defines it.
+    client_cli.register_cluster_info(cluster_commands)
 
 
 def _help(parser: argparse.ArgumentParser) -> int:

@@ -20,3 +20,15 @@ def test_console_script_prints_help() -> None:
         capture_output=True, text=True, check=True, timeout=60,
     ).stdout
     assert "usage: tidelog" in out
+
+
+def test_cluster_info_is_reachable_through_the_tidelog_command(cluster) -> None:
+    import json
+
+    out = subprocess.run(
+        [sys.executable, "-m", "tidelog.cluster.cli", "cluster", "info",
+         "--bootstrap", cluster.bootstrap, "--output", "json"],
+        capture_output=True, text=True, check=True, timeout=60,
+    ).stdout
+    info = json.loads(out)
+    assert [node["id"] for node in info["nodes"]] == [1]
