@@ -828,13 +828,17 @@ def add_chaos_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: start three nodes of our own in --work-dir)")
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="where our own nodes keep their data and logs (default: a temporary "
-                             "directory, removed after a valid run)")
+                             "directory, removed after a valid run unless it holds the history "
+                             "or --keep is given; its path is in the verdict)")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of faults (default 60)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the fault schedule and workload")
-    parser.add_argument("--faults", type=_parse_faults, default=_parse_faults("kill,pause,disk"),
-                        help="comma-separated: kill,pause,partition,disk,clock (default: kill,pause,disk)")
+    parser.add_argument("--faults", type=_parse_faults,
+                        default=_parse_faults("kill,pause,partition,disk,clock"),
+                        help="comma-separated: kill,pause,partition,disk,clock (default: all; "
+                             "those this setup cannot inject are listed as unavailable)")
     parser.add_argument("--history", type=Path, default=None,
-                        help="write the history (JSON lines) here (default: history.jsonl in the work dir)")
+                        help="write the history (JSON lines) here (default: history-SEED.jsonl in the "
+                             "work dir, or in --data-dir)")
     parser.add_argument("--allow", type=_parse_allow, default=frozenset(),
                         help="anomaly kinds listed but not failing the run, e.g. duplicate "
                              "(expected while the producer is not idempotent)")
