@@ -28,6 +28,7 @@ from tidelog.node.config import (
     validate_topic_config,
 )
 from tidelog.node.metadata import (
+    AllocateProducerIds,
     AlterConfig,
     AssignPartition,
     ClusterCreated,
@@ -53,6 +54,10 @@ log = logging.getLogger(__name__)
 _READ_CHUNK = 1 << 20
 METADATA_GROUP_ID = f"{METADATA_TOPIC}-0"
 ADMIN_TIMEOUT_S = 10.0
+
+
+# Producer ids a controller reserves per metadata record (Kafka's ProducerIdsBlock is 1000 too).
+PRODUCER_ID_BLOCK_SIZE = 1000
 
 
 class NotController(Exception):
@@ -212,6 +217,8 @@ class Controller:
         self.quorum = quorum
         self._alive = alive
         self._lock = asyncio.Lock()
+        # Producer ids [next, end) of the block this node reserved and has not handed out yet.
+        self._producer_ids = (0, 0)
 
     @property
     def image(self) -> MetadataImage:
@@ -238,6 +245,19 @@ class Controller:
             if current is None or (current.host, current.port, current.rack, current.incarnation_id) != (
                     registration.host, registration.port, registration.rack, registration.incarnation_id):
                 await self._commit([registration])
+
+    async def allocate_producer_id(self) -> int:
+        """A producer id no one has had: out of this node's block, reserving a new block through
+        the metadata log (committed before any of its ids is handed out) when it is used up."""
+        async with self._lock:
+            next_id, end = self._producer_ids
+            if next_id >= end:
+                await self.quorum.wait_leader_caught_up(ADMIN_TIMEOUT_S)
+                first = self.image.next_producer_id
+                await self._commit([AllocateProducerIds(self.config.node_id, first, PRODUCER_ID_BLOCK_SIZE)])
+                next_id, end = first, first + PRODUCER_ID_BLOCK_SIZE
+            self._producer_ids = (next_id + 1, end)
+            return next_id
 
     def live_node_ids(self) -> list[int]:
         return sorted(n for n in self.image.nodes if self._alive(n))

@@ -62,10 +62,24 @@ class AlterConfig:
     delete: tuple[str, ...] = ()
 
 
-MetadataRecord = Union[ClusterCreated, RegisterNode, CreateTopic, AssignPartition, DeleteTopic, AlterConfig]
+@dataclass(frozen=True, slots=True)
+class AllocateProducerIds:
+    """Producer ids [first_id, first_id + count) reserved for ``node_id`` to hand out locally.
+
+    Blocks are committed before any id of them is handed out and never reused, so ids are unique
+    across the cluster and across restarts; a block a node does not use up is simply skipped.
+    """
+
+    node_id: int
+    first_id: int
+    count: int
+
+
+MetadataRecord = Union[ClusterCreated, RegisterNode, CreateTopic, AssignPartition, DeleteTopic, AlterConfig,
+                       AllocateProducerIds]
 RECORD_TYPES: Mapping[str, type] = MappingProxyType(
     {cls.__name__: cls for cls in (ClusterCreated, RegisterNode, CreateTopic, AssignPartition, DeleteTopic,
-                                   AlterConfig)}
+                                   AlterConfig, AllocateProducerIds)}
 )
 
 
@@ -163,6 +177,8 @@ class MetadataImage:
     # The offset after the last record folded in, and the epoch of the metadata quorum.
     offset: int = 0
     epoch: int = 0
+    # The first producer id no AllocateProducerIds record has reserved yet.
+    next_producer_id: int = 0
 
     def topic(self, name: str) -> TopicImage | None:
         return self.topics.get(name)
@@ -222,6 +238,8 @@ class MetadataImage:
             topics = dict(self.topics)
             topics[record.topic] = replace(topic, configs=_frozen(configs))
             return replace(image, topics=_frozen(topics))
+        if isinstance(record, AllocateProducerIds):
+            return replace(image, next_producer_id=max(self.next_producer_id, record.first_id + record.count))
         raise TypeError(f"not a metadata record: {record!r}")
 
 

@@ -158,6 +158,22 @@ class BrokerService(api_pb2_grpc.BrokerServicer):
                 raise _Rejected(ErrorCode.CORRUPT_MESSAGE, "a record batch holds no records")
         return records  # bytes: proposed and written without another copy
 
+    # --- InitProducerId -------------------------------------------------------------------
+
+    async def InitProducerId(self, request: api_pb2.InitProducerIdRequest, context: grpc.aio.ServicerContext
+                             ) -> api_pb2.InitProducerIdResponse:
+        # Every call gets a fresh id at epoch 0 (tidelog has no transactional.id to keep an id
+        # across sessions); a producer that must start over asks again rather than bumping.
+        async def local() -> api_pb2.InitProducerIdResponse:
+            producer_id = await self.node.controller.allocate_producer_id()
+            return api_pb2.InitProducerIdResponse(producer_id=producer_id, producer_epoch=0)
+
+        return await AdminService(self.node)._on_controller(
+            "InitProducerId", request, context, 0, local,
+            lambda code, message: api_pb2.InitProducerIdResponse(error=code, error_message=message,
+                                                                 producer_id=-1, producer_epoch=-1),
+            stub_class=api_pb2_grpc.BrokerStub)
+
     # --- Fetch ----------------------------------------------------------------------------
 
     async def Fetch(self, request: api_pb2.FetchRequest, context: grpc.aio.ServicerContext
@@ -319,7 +335,7 @@ class AdminService(api_pb2_grpc.AdminServicer):
 
     async def _on_controller(self, method: str, request: Any, context: grpc.aio.ServicerContext,
                              timeout_ms: int, local: Callable[[], Awaitable[Any]],
-                             failed: Callable[[int, str], Any]) -> Any:
+                             failed: Callable[[int, str], Any], stub_class: Any = api_pb2_grpc.AdminStub) -> Any:
         node = self.node
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (timeout_ms / 1000 if timeout_ms > 0 else ADMIN_TIMEOUT_S)
@@ -344,7 +360,7 @@ class AdminService(api_pb2_grpc.AdminServicer):
             try:
                 address = node.address_of(leader) if leader is not None else None
                 if address is not None and not forwarded:
-                    stub = api_pb2_grpc.AdminStub(node.admin_channel(address))
+                    stub = stub_class(node.admin_channel(address))
                     return await getattr(stub, method)(request, timeout=remaining,
                                                        metadata=((FORWARDED_HEADER, str(node.config.node_id)),))
             except grpc.RpcError as exc:

@@ -59,6 +59,11 @@ class BrokerStub:
                 request_serializer=tidelog_dot_proto_dot_api__pb2.MetadataRequest.SerializeToString,
                 response_deserializer=tidelog_dot_proto_dot_api__pb2.MetadataResponse.FromString,
                 _registered_method=True)
+        self.InitProducerId = channel.unary_unary(
+                '/tidelog.Broker/InitProducerId',
+                request_serializer=tidelog_dot_proto_dot_api__pb2.InitProducerIdRequest.SerializeToString,
+                response_deserializer=tidelog_dot_proto_dot_api__pb2.InitProducerIdResponse.FromString,
+                _registered_method=True)
 
 
 class BrokerServicer:
@@ -94,6 +99,14 @@ class BrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InitProducerId(self, request, context):
+        """A new idempotent producer id (DESIGN.md §8). Any node answers: the controller leader hands
+        ids out of a block it reserved through the metadata log; other nodes forward to it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -116,6 +129,11 @@ def add_BrokerServicer_to_server(servicer, server):
                     servicer.Metadata,
                     request_deserializer=tidelog_dot_proto_dot_api__pb2.MetadataRequest.FromString,
                     response_serializer=tidelog_dot_proto_dot_api__pb2.MetadataResponse.SerializeToString,
+            ),
+            'InitProducerId': grpc.unary_unary_rpc_method_handler(
+                    servicer.InitProducerId,
+                    request_deserializer=tidelog_dot_proto_dot_api__pb2.InitProducerIdRequest.FromString,
+                    response_serializer=tidelog_dot_proto_dot_api__pb2.InitProducerIdResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -231,6 +249,33 @@ class Broker:
             '/tidelog.Broker/Metadata',
             tidelog_dot_proto_dot_api__pb2.MetadataRequest.SerializeToString,
             tidelog_dot_proto_dot_api__pb2.MetadataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InitProducerId(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tidelog.Broker/InitProducerId',
+            tidelog_dot_proto_dot_api__pb2.InitProducerIdRequest.SerializeToString,
+            tidelog_dot_proto_dot_api__pb2.InitProducerIdResponse.FromString,
             options,
             channel_credentials,
             insecure,
