@@ -17,13 +17,20 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from tidelog.node.config import METADATA_TOPIC, FlushPolicy
 from tidelog.node.metadata import MetadataImage
-from tidelog.node.replica import NotLeader, Replica, ReplicaClosed
+from tidelog.node.producer_state import (
+    DEFAULT_PRODUCER_ID_EXPIRATION_MS,
+    CheckResult,
+    ProducerStateManager,
+    Verdict,
+)
+from tidelog.node.replica import NotLeader, Replica, ReplicaClosed, read_headers_from
 from tidelog.node.storage import LogConfig, PartitionLog
 from tidelog.proto import records as codec
 from tidelog.proto.records import BATCH_OVERHEAD
@@ -33,6 +40,8 @@ from tidelog.replication.raft import Proposal
 log = logging.getLogger(__name__)
 
 PARTITION_METADATA_FILE = "partition.metadata"
+# Producer-state snapshots live in a subdirectory so the log's own start-up scan never sees them.
+PRODUCER_SNAPSHOT_DIR = "producer-state"
 
 
 def open_log(directory: Path, topic_configs: Mapping[str, str]) -> PartitionLog:
@@ -134,9 +143,25 @@ class Partition:
 
     # --- writes ---------------------------------------------------------------------------
 
-    def append(self, batches: bytes) -> Appended:
-        """Append validated batches as the leader (NotLeader otherwise)."""
+    def append(self, batches: bytes, headers: list[codec.BatchHeader] | None = None) -> Appended | CheckResult:
+        """Append validated batches as the leader (NotLeader otherwise).
+
+        With ``headers`` (the request's scan), batches of an idempotent producer are checked
+        against the producer state first (DESIGN.md §8): a REJECT or DUPLICATE verdict is
+        returned instead of appending. Check and append run with no ``await`` between, so the
+        next pipelined batch of the same producer is checked against this one.
+        """
         self.check_usable()
+        adapter = self.replica.log_adapter
+        producers = adapter.producers
+        if headers is not None and producers is not None:
+            if not self.is_leader:
+                raise NotLeader(self.leader_id, self.leader_epoch)
+            if any(header.producer_id >= 0 for header in headers):
+                result = producers.check(headers, _wall_ms())
+                if result.verdict is not Verdict.APPEND:
+                    return result
+            adapter.expect(batches, headers)
         try:
             proposal, future = self.replica.propose(batches)
         except ReplicaClosed:
@@ -145,6 +170,15 @@ class Partition:
 
     async def flush_now(self) -> None:
         await self.replica.flush_now()
+
+    async def wait_committed(self, last_offset: int) -> None:
+        """Until the high watermark passes ``last_offset`` (a duplicate's original batch) while
+        this replica leads; NotLeader once it does not."""
+        while self.high_watermark <= last_offset:
+            self.check_usable()
+            if not self.is_leader:
+                raise NotLeader(self.leader_id, self.leader_epoch)
+            await self.wait_change()
 
     # --- reads ----------------------------------------------------------------------------
 
@@ -200,6 +234,7 @@ class PartitionManager:
         self._election_timeout_ms = election_timeout_ms
         self._fetch_max_wait_ms = fetch_max_wait_ms
         self._on_leaders_changed = on_leaders_changed
+        self._producer_id_expiration_ms = DEFAULT_PRODUCER_ID_EXPIRATION_MS
         self.partitions: dict[tuple[str, int], Partition] = {}
         self.by_group: dict[str, Partition] = {}
         # Replicas that could not be opened (damaged data), with why; they stay closed.
@@ -244,6 +279,10 @@ class PartitionManager:
                 try:
                     # Never delete what consumers cannot have read yet.
                     partition.log.enforce_retention(max_offset=partition.high_watermark)
+                    producers = partition.replica.log_adapter.producers
+                    if producers is not None:
+                        producers.remove_before(partition.log.log_start_offset)
+                        producers.expire(_wall_ms(), self._producer_id_expiration_ms)
                 except Exception:
                     log.exception("retention of %s-%d failed", partition.topic, partition.partition)
 
@@ -268,7 +307,8 @@ class PartitionManager:
                 if key in self.partitions or key in self.offline:
                     continue
                 try:
-                    storage = await asyncio.to_thread(self._open_storage, key[0], key[1], topic_id, topic_configs)
+                    storage, producers = await asyncio.to_thread(self._open_storage, key[0], key[1], topic_id,
+                                                                 topic_configs)
                 except Exception as exc:
                     # DESIGN.md §3: a damaged replica goes offline with a clear error, never
                     # skipping data; the partition's other replicas keep serving it, and an
@@ -276,14 +316,15 @@ class PartitionManager:
                     self.offline[key] = f"{type(exc).__name__}: {exc}"
                     log.error("replica %s-%d is offline: %s", key[0], key[1], exc)
                     continue
-                partition = self._start_replica(key[0], key[1], topic_id, replicas, storage)
+                partition = self._start_replica(key[0], key[1], topic_id, replicas, storage, producers)
                 self.partitions[key] = partition
                 self.by_group[partition.group_id] = partition
             await asyncio.to_thread(self._remove_orphans, image)
             if changed:
                 self._on_leaders_changed()
 
-    def _open_storage(self, topic: str, index: int, topic_id: str, configs: Mapping[str, str]) -> PartitionLog:
+    def _open_storage(self, topic: str, index: int, topic_id: str, configs: Mapping[str, str]
+                      ) -> tuple[PartitionLog, ProducerStateManager]:
         directory = partition_dir(self.data_dir, topic, index)
         marker = directory / PARTITION_METADATA_FILE
         if directory.exists() and _read_topic_id(marker) not in (None, topic_id):
@@ -292,15 +333,28 @@ class PartitionManager:
         directory.mkdir(parents=True, exist_ok=True)
         if _read_topic_id(marker) is None:
             _write_atomically(marker, json.dumps({"version": 0, "topic_id": topic_id}).encode())
-        return open_log(directory, configs)
+        storage = open_log(directory, configs)
+        try:
+            # Snapshot (written on clean close) plus a replay of the log after it; after a crash
+            # that is a scan of every batch header in the log.
+            producers = ProducerStateManager(partition=f"{topic}-{index}")
+            producers.rebuild(directory / PRODUCER_SNAPSHOT_DIR, log_start_offset=storage.log_start_offset,
+                              log_end_offset=storage.end_offset,
+                              read_batches_from=lambda offset: read_headers_from(storage, offset),
+                              now_ms=_wall_ms())
+        except BaseException:
+            storage.close()
+            raise
+        return storage, producers
 
     def _start_replica(self, topic: str, index: int, topic_id: str, replicas: tuple[int, ...],
-                       storage: PartitionLog) -> Partition:
+                       storage: PartitionLog, producers: ProducerStateManager | None = None) -> Partition:
         directory = partition_dir(self.data_dir, topic, index)
         replica = Replica(group_id_for(topic, index, topic_id), self.node_id, tuple(replicas), directory, storage,
                           self._send, self.flush_policy, self._election_timeout_ms,
                           on_role_change=lambda _: self._on_leaders_changed(),
-                          campaign_now=replicas[0] == self.node_id, fetch_max_wait_ms=self._fetch_max_wait_ms)
+                          campaign_now=replicas[0] == self.node_id, fetch_max_wait_ms=self._fetch_max_wait_ms,
+                          producers=producers, producer_snapshot_dir=directory / PRODUCER_SNAPSHOT_DIR)
         return Partition(topic, index, topic_id, directory, replica)
 
     def _remove_orphans(self, image: MetadataImage) -> None:
@@ -321,6 +375,10 @@ class PartitionManager:
         self.partitions.clear()
         self.by_group.clear()
         await asyncio.gather(*(p.close() for p in partitions), return_exceptions=True)
+
+
+def _wall_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def _read_topic_id(path: Path) -> str | None:

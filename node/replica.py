@@ -26,13 +26,16 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 from tidelog.node.config import FlushPolicy
 from tidelog.node.fsutil import atomic_write
+from tidelog.node.producer_state import ProducerStateManager
 from tidelog.node.storage import PartitionLog
+from tidelog.proto import records as codec
+from tidelog.proto.records import BatchHeader
 from tidelog.replication.messages import NO_EPOCH, Message
 from tidelog.replication.raft import (
     Flush,
@@ -53,13 +56,44 @@ REPLICA_FETCH_MAX_BYTES = 4 << 20
 _NEVER = 1 << 61
 
 
+def read_headers_from(partition_log: PartitionLog, offset: int) -> Iterator[BatchHeader]:
+    """Headers (with offsets) of the log's batches from the one holding ``offset`` to the end:
+    `ProducerStateManager`'s ``read_batches_from``. The data was checked when appended."""
+    offset = max(offset, partition_log.log_start_offset)
+    while offset < partition_log.end_offset:
+        data = partition_log.read(offset, REPLICA_FETCH_MAX_BYTES)
+        headers = codec.scan_valid_prefix(data, verify_crc=False)[0] if data else []
+        if not headers:
+            return
+        yield from headers
+        offset = headers[-1].next_offset
+
+
 class RaftLogAdapter:
-    """`PartitionLog` as a `tidelog.replication.log.RaftLog`."""
+    """`PartitionLog` as a `tidelog.replication.log.RaftLog`.
 
-    __slots__ = ("log",)
+    With a `ProducerStateManager` it also folds every batch the log appends (leader and
+    follower alike) into it and rolls it back on truncation, so a replica that becomes leader
+    has exactly the old leader's producer state (DESIGN.md §8).
+    """
 
-    def __init__(self, partition_log: PartitionLog) -> None:
+    __slots__ = ("log", "producers", "snapshot_dir", "_pending")
+
+    def __init__(self, partition_log: PartitionLog, producers: ProducerStateManager | None = None,
+                 snapshot_dir: Path | None = None) -> None:
         self.log = partition_log
+        self.producers = producers
+        self.snapshot_dir = snapshot_dir
+        # (buffer, headers) the produce path already scanned, so the leader append need not
+        # scan the same bytes again; matched by identity.
+        self._pending: tuple[bytes, list[BatchHeader]] | None = None
+
+    def expect(self, batches: bytes, headers: list[BatchHeader]) -> None:
+        self._pending = (batches, headers)
+
+    @property
+    def start_epoch(self) -> int:
+        return self.log.start_epoch
 
     @property
     def start_offset(self) -> int:
@@ -76,18 +110,39 @@ class RaftLogAdapter:
         return max(self.log.latest_epoch, NO_EPOCH)
 
     def append(self, batches: bytes, epoch: int) -> tuple[int, int]:
+        pending, self._pending = self._pending, None
         result = self.log.append(batches, epoch)
+        if self.producers is not None:
+            if pending is not None and pending[0] is batches:
+                headers = pending[1]
+            else:
+                headers = codec.scan_batches(batches, verify_crc=False)
+            self.producers.update(headers, _wall_ms(), first_offset=result.base_offset)
         return result.base_offset, result.last_offset
 
     def append_replicated(self, batches: bytes) -> tuple[int, int]:
         result = self.log.append_replicated(batches)
+        if self.producers is not None:
+            self.producers.update(codec.scan_batches(batches, verify_crc=False), _wall_ms())
         return result.base_offset, result.last_offset
 
     def read(self, offset: int, max_bytes: int) -> bytes:
         return self.log.read(offset, max_bytes)
 
     def truncate_to(self, offset: int) -> int:
-        return self.log.truncate_to(offset)
+        end = self.log.truncate_to(offset)
+        if self.producers is not None:
+            self.producers.truncate_to(end, self.snapshot_dir, log_start_offset=self.log.log_start_offset,
+                                       read_batches_from=lambda o: read_headers_from(self.log, o),
+                                       now_ms=_wall_ms())
+        return end
+
+    def reset_to(self, start_offset: int, start_epoch: int) -> None:
+        self.log.reset_to(start_offset, start_epoch)
+        if self.producers is not None:
+            self.producers.clear(start_offset)
+            if self.snapshot_dir is not None:
+                ProducerStateManager.delete_snapshots_outside(self.snapshot_dir, start_offset, start_offset)
 
     def epoch_for(self, offset: int) -> int | None:
         return self.log.epoch_for(offset)
@@ -109,6 +164,11 @@ class RaftLogAdapter:
 
     def flush(self) -> int:
         return self.log.flush()
+
+
+def _wall_ms() -> int:
+    # Producer idleness is measured on the broker's wall clock (producer_state's docstring).
+    return int(time.time() * 1000)
 
 
 def load_quorum_state(directory: Path) -> QuorumState | None:
@@ -166,7 +226,8 @@ class Replica:
                  on_role_change: Callable[[Replica], None] | None = None,
                  on_high_watermark: Callable[[Replica], None] | None = None,
                  campaign_now: bool = False, fetch_max_wait_ms: int | None = None,
-                 observers: tuple[int, ...] = ()) -> None:
+                 observers: tuple[int, ...] = (),
+                 producers: ProducerStateManager | None = None, producer_snapshot_dir: Path | None = None) -> None:
         self.group_id = group_id
         self.node_id = node_id
         self.directory = directory
@@ -198,8 +259,9 @@ class Replica:
             # earlier; the other replicas still vote by the usual rules.
             start_ms -= 2 * config.election_timeout_ms
         self._config_fetch_timeout_ms = config.fetch_timeout_ms
+        self.log_adapter = RaftLogAdapter(partition_log, producers, producer_snapshot_dir)
         self.group = RaftGroup(
-            group_id, node_id, voters, observers, log=RaftLogAdapter(partition_log), quorum_state=quorum_state,
+            group_id, node_id, voters, observers, log=self.log_adapter, quorum_state=quorum_state,
             config=config, rng=random.Random(), now_ms=start_ms,
         )
         self._process()
@@ -466,6 +528,15 @@ class Replica:
                     await asyncio.shield(task)
                 except Exception:
                     pass
+        adapter = self.log_adapter
+        if adapter.producers is not None and adapter.snapshot_dir is not None and self.failure is None:
+            # Taken after the group stopped, so no append or truncation races the write; a
+            # restart then replays only what follows it.
+            try:
+                offset, data = adapter.producers.snapshot_bytes(self.storage.end_offset)
+                await asyncio.to_thread(ProducerStateManager.write_snapshot, adapter.snapshot_dir, offset, data)
+            except Exception:
+                log.exception("%s: producer state snapshot failed", self.group_id)
         try:
             await asyncio.to_thread(self.storage.close)
         except Exception:

@@ -16,7 +16,8 @@ import grpc
 from tidelog.node.config import topic_name_error
 from tidelog.node.controller import ADMIN_TIMEOUT_S, NotController
 from tidelog.node.metadata import MetadataImage
-from tidelog.node.partitions import Appended, Partition, PartitionClosed, StorageFailed
+from tidelog.node.partitions import Partition, PartitionClosed, StorageFailed
+from tidelog.node.producer_state import CheckResult, Verdict
 from tidelog.node.replica import NotLeader, ReplicaClosed
 from tidelog.node.storage import OffsetOutOfRangeError
 from tidelog.proto import api_pb2, api_pb2_grpc
@@ -93,7 +94,7 @@ class BrokerService(api_pb2_grpc.BrokerServicer):
         acks = request.acks
         timeout_ms = request.timeout_ms if request.timeout_ms > 0 else DEFAULT_PRODUCE_TIMEOUT_MS
         results: list[api_pb2.ProducePartitionResult] = []
-        waits: list[tuple[api_pb2.ProducePartitionResult, Appended]] = []
+        waits: list[tuple[api_pb2.ProducePartitionResult, Awaitable[Any]]] = []
         for data in request.partitions:
             result = api_pb2.ProducePartitionResult(
                 topic=data.topic, partition=data.partition, base_offset=-1, log_append_time_ms=-1,
@@ -105,8 +106,11 @@ class BrokerService(api_pb2_grpc.BrokerServicer):
                 if node.shutting_down:
                     raise _Rejected(ErrorCode.NOT_LEADER_OR_FOLLOWER, "node is shutting down")
                 partition = _locate(node, image, data.topic, data.partition)
-                batches = self._validate(node.topic_configs(image.topics[data.topic]), data.records)
-                appended = partition.append(batches)
+                batches, headers = self._validate(node.topic_configs(image.topics[data.topic]), data.records)
+                appended = partition.append(batches, headers)
+                if isinstance(appended, CheckResult):
+                    if appended.verdict is Verdict.REJECT:
+                        raise _Rejected(appended.error, appended.message)
             except _Rejected as exc:
                 result.error, result.error_message = exc.code, exc.message
             except (NotLeader, PartitionClosed, StorageFailed) as exc:
@@ -118,7 +122,12 @@ class BrokerService(api_pb2_grpc.BrokerServicer):
                 result.base_offset = appended.base_offset
                 result.log_start_offset = partition.log_start_offset
                 if acks == -1:
-                    waits.append((result, appended))
+                    if isinstance(appended, CheckResult):
+                        # A retry of a batch already in the log: success with its original
+                        # offsets, for acks=all only once that original is committed.
+                        waits.append((result, partition.wait_committed(appended.last_offset)))
+                    else:
+                        waits.append((result, asyncio.shield(appended.committed)))
             if result.error in (ErrorCode.NOT_LEADER_OR_FOLLOWER, ErrorCode.NONE):
                 result.leader.CopyFrom(_leader_hint(node, image, data.topic, data.partition))
         if waits:
@@ -129,9 +138,10 @@ class BrokerService(api_pb2_grpc.BrokerServicer):
         return api_pb2.ProduceResponse(partitions=results)
 
     @staticmethod
-    async def _await_commit(result: api_pb2.ProducePartitionResult, appended: Appended, timeout: float) -> None:
+    async def _await_commit(result: api_pb2.ProducePartitionResult, committed: Awaitable[Any], timeout: float
+                            ) -> None:
         try:
-            await asyncio.wait_for(asyncio.shield(appended.committed), timeout)
+            await asyncio.wait_for(committed, timeout)
         except TimeoutError:
             result.error = ErrorCode.REQUEST_TIMED_OUT
             result.error_message = f"not committed within {int(timeout * 1000)} ms; the records may still commit"
@@ -140,7 +150,7 @@ class BrokerService(api_pb2_grpc.BrokerServicer):
             result.error_message = f"leadership lost before commit ({exc}); the records may or may not be committed"
 
     @staticmethod
-    def _validate(configs: Mapping[str, str], records: bytes) -> bytes:
+    def _validate(configs: Mapping[str, str], records: bytes) -> tuple[bytes, list[codec.BatchHeader]]:
         if not records:
             raise _Rejected(ErrorCode.CORRUPT_MESSAGE, "no record batches in the request")
         try:
@@ -156,7 +166,7 @@ class BrokerService(api_pb2_grpc.BrokerServicer):
                                 f"a batch of {header.size} bytes exceeds max.message.bytes={limit}")
             if header.record_count < 1:
                 raise _Rejected(ErrorCode.CORRUPT_MESSAGE, "a record batch holds no records")
-        return records  # bytes: proposed and written without another copy
+        return records, headers  # bytes: proposed and written without another copy
 
     # --- InitProducerId -------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ import time
 import grpc
 from support.nodes import LocalCluster
 from tidelog.proto import api_pb2, api_pb2_grpc
+from tidelog.proto import records as codec
 from tidelog.proto.common_pb2 import ErrorCode
 
 DEADLINE_S = 60.0
@@ -42,3 +43,118 @@ def test_producer_ids_are_unique_across_nodes_and_restarts(cluster3: LocalCluste
     cluster3.wait_ready()
     after = [_init_producer_id(node.address).producer_id for node in cluster3.nodes]
     assert len(set(seen + after)) == len(seen) + len(after)
+
+
+def _create(address: str, topic: str, replication_factor: int) -> None:
+    with grpc.insecure_channel(address) as channel:
+        response = api_pb2_grpc.AdminStub(channel).CreateTopics(api_pb2.CreateTopicsRequest(topics=[
+            api_pb2.NewTopic(name=topic, num_partitions=1, replication_factor=replication_factor)]), timeout=60)
+        assert response.topics[0].error == ErrorCode.NONE, response
+
+
+def _batch(producer_id: int, epoch: int, sequence: int, *values: bytes) -> bytes:
+    return codec.encode_batch([codec.Record(i, 1_700_000_000_000 + i, None, v) for i, v in enumerate(values)],
+                              producer_id=producer_id, producer_epoch=epoch, base_sequence=sequence)
+
+
+def _produce(cluster: LocalCluster, topic: str, records: bytes) -> api_pb2.ProducePartitionResult:
+    """acks=all to the partition leader, following leader hints; retries only 'no leader yet'."""
+    deadline = time.monotonic() + DEADLINE_S
+    addresses = [n.address for n in cluster.running_nodes()]
+    index = 0
+    while True:
+        address = addresses[index % len(addresses)]
+        try:
+            with grpc.insecure_channel(address) as channel:
+                response = api_pb2_grpc.BrokerStub(channel).Produce(api_pb2.ProduceRequest(
+                    acks=-1, timeout_ms=10000, partitions=[api_pb2.ProducePartitionData(
+                        topic=topic, partition=0, records=records)]), timeout=15)
+            result = response.partitions[0]
+        except grpc.RpcError:
+            result = None
+        if result is not None and result.error != ErrorCode.NOT_LEADER_OR_FOLLOWER:
+            return result
+        assert time.monotonic() < deadline, result
+        if result is not None and result.leader.leader_id >= 0 and result.leader.port:
+            hinted = f"{result.leader.host}:{result.leader.port}"
+            if hinted in addresses:
+                index = addresses.index(hinted)
+                continue
+        index += 1
+        time.sleep(0.05)
+
+
+def _read_all(cluster: LocalCluster, topic: str) -> list[codec.Record]:
+    """Every committed record, from whichever node leads the partition."""
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        for node in cluster.running_nodes():
+            with grpc.insecure_channel(node.address) as channel:
+                stub = api_pb2_grpc.BrokerStub(channel)
+                out: list[codec.Record] = []
+                offset = 0
+                while True:
+                    result = stub.Fetch(api_pb2.FetchRequest(max_wait_ms=0, max_bytes=1 << 20, partitions=[
+                        api_pb2.FetchPartition(topic=topic, partition=0, fetch_offset=offset,
+                                               current_leader_epoch=-1)]), timeout=30).partitions[0]
+                    if result.error != ErrorCode.NONE:
+                        break
+                    records = [r for r in codec.decode_records(result.records) if r.offset >= offset]
+                    if not records:
+                        return out
+                    out.extend(records)
+                    offset = records[-1].offset + 1
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_leader_answers_retries_once_rejects_gaps_and_fences_old_epochs(cluster3: LocalCluster) -> None:
+    _create(cluster3.nodes[0].address, "idem", 3)
+    pid = _init_producer_id(cluster3.nodes[0].address).producer_id
+    first = _produce(cluster3, "idem", _batch(pid, 0, 0, b"a", b"b"))
+    assert first.error == ErrorCode.NONE, first
+    retry = _produce(cluster3, "idem", _batch(pid, 0, 0, b"a", b"b"))
+    assert (retry.error, retry.base_offset) == (ErrorCode.NONE, first.base_offset), retry
+    gap = _produce(cluster3, "idem", _batch(pid, 0, 5, b"x"))
+    assert gap.error == ErrorCode.OUT_OF_ORDER_SEQUENCE_NUMBER, gap
+    unknown = _produce(cluster3, "idem", _batch(pid + 1, 0, 3, b"x"))
+    assert unknown.error == ErrorCode.UNKNOWN_PRODUCER_ID, unknown
+    bumped = _produce(cluster3, "idem", _batch(pid, 1, 0, b"c"))
+    assert bumped.error == ErrorCode.NONE, bumped
+    fenced = _produce(cluster3, "idem", _batch(pid, 0, 2, b"zombie"))
+    assert fenced.error == ErrorCode.INVALID_PRODUCER_EPOCH, fenced
+    assert [r.value for r in _read_all(cluster3, "idem")] == [b"a", b"b", b"c"]
+
+    # Full-cluster restart: the state comes back (snapshot on clean close, then the log tail).
+    cluster3.stop_all()
+    for node in cluster3.nodes:
+        node.start(wait=False)
+    cluster3.wait_ready()
+    again = _produce(cluster3, "idem", _batch(pid, 1, 0, b"c"))
+    assert (again.error, again.base_offset) == (ErrorCode.NONE, bumped.base_offset), again
+    nxt = _produce(cluster3, "idem", _batch(pid, 1, 1, b"d"))
+    assert nxt.error == ErrorCode.NONE, nxt
+    assert _produce(cluster3, "idem", _batch(pid, 1, 3, b"gap")).error == ErrorCode.OUT_OF_ORDER_SEQUENCE_NUMBER
+    assert [r.value for r in _read_all(cluster3, "idem")] == [b"a", b"b", b"c", b"d"]
+
+    # The new leader after a SIGKILL of the old one built the same state as a follower.
+    cluster3.node(nxt.leader.leader_id).kill()
+    retried = _produce(cluster3, "idem", _batch(pid, 1, 1, b"d"))
+    assert (retried.error, retried.base_offset) == (ErrorCode.NONE, nxt.base_offset), retried
+    assert retried.leader.leader_id != nxt.leader.leader_id
+    assert _produce(cluster3, "idem", _batch(pid, 1, 2, b"e")).error == ErrorCode.NONE
+    assert [r.value for r in _read_all(cluster3, "idem")] == [b"a", b"b", b"c", b"d", b"e"]
+
+
+def test_state_survives_sigkill_of_every_node(cluster: LocalCluster) -> None:
+    # No clean-close snapshot: the state is rebuilt from the log alone.
+    _create(cluster.nodes[0].address, "crash", 1)
+    pid = _init_producer_id(cluster.nodes[0].address).producer_id
+    first = _produce(cluster, "crash", _batch(pid, 0, 0, b"a"))
+    assert first.error == ErrorCode.NONE, first
+    cluster.nodes[0].kill()
+    cluster.nodes[0].start()
+    retry = _produce(cluster, "crash", _batch(pid, 0, 0, b"a"))
+    assert (retry.error, retry.base_offset) == (ErrorCode.NONE, first.base_offset), retry
+    assert _produce(cluster, "crash", _batch(pid, 0, 2, b"c")).error == ErrorCode.OUT_OF_ORDER_SEQUENCE_NUMBER
+    assert [r.value for r in _read_all(cluster, "crash")] == [b"a"]
