@@ -39,7 +39,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,7 +176,7 @@ def peer_address_supported() -> bool:
     """Whether the node takes ``--peer-address`` (the hook network partitions need)."""
     try:
         out = subprocess.run([sys.executable, "-m", "tidelog.node.main", "--help"],
-                             capture_output=True, text=True, timeout=30).stdout
+                             capture_output=True, text=True, timeout=30, check=False).stdout
     except (OSError, subprocess.TimeoutExpired):
         return False
     return "--peer-address" in out
@@ -648,7 +647,8 @@ def source_version() -> str | None:
     editable install runs whatever the working tree holds when a process starts."""
     try:
         out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
-                             text=True, timeout=10, cwd=Path(__file__).resolve().parent)
+                             text=True, timeout=10, cwd=Path(__file__).resolve().parent,
+                             check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None

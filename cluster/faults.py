@@ -401,7 +401,7 @@ class ProxyNet:
                 asyncio.open_connection(LOOPBACK, link.target_port), timeout=5)
             await asyncio.gather(self._pump(link, reader, upstream),
                                  self._pump(link, up_reader, writer))
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             pass
         finally:
             link.connections.discard(task)

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from tidelog.cluster.chaos import ChaosConfig, RunReport
 from tidelog.cluster.checker import AnomalyKind, check
 from tidelog.cluster.faults import (
