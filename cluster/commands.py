@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tidelog.client import cli as client_cli
 from tidelog.cluster import launcher
+from tidelog.cluster.chaos import register_chaos
 from tidelog.node import main as node_main
 from tidelog.node.config import DEFAULT_PORT
 
@@ -57,6 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
     # `cluster info` asks a running cluster over the client API, so the client room defines it.
     client_cli.register_cluster_info(cluster_commands)
+    register_chaos(cluster_commands)
 
 
 def _help(parser: argparse.ArgumentParser) -> int:
