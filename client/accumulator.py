@@ -56,6 +56,7 @@ class ProducerBatch:
     retry_at: float = 0.0
     encoded: bytes | None = None
     last_error: BaseException | None = None
+    producer_id: int = -1  # the idempotent producer id ``encoded`` carries; -1 when none
 
     @property
     def record_count(self) -> int:

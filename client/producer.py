@@ -192,6 +192,10 @@ class _Pulse:
         return self._event
 
 
+# Sequences wrap from INT32_MAX to 0 (Kafka's DefaultRecordBatch.incrementSequence).
+_INT32_MAX_MASK = 0x7FFFFFFF
+
+
 class AsyncProducer:
     """Produce records to tidelog from asyncio code.
 
@@ -203,7 +207,9 @@ class AsyncProducer:
     buffer_memory=33554432 (32 MiB), max_block_ms=60000, max_request_size=1048576,
     request_timeout_ms=30000, delivery_timeout_ms=120000, retry_backoff_ms=100 (doubling up to
     retry_backoff_max_ms=1000), max_in_flight_requests_per_connection=5,
-    metadata_max_age_ms=300000.
+    metadata_max_age_ms=300000, enable_idempotence (on unless acks is 0 or 1; True with acks
+    0/1 is a ValueError): every batch carries a producer id and a per-partition sequence so
+    retries never write a record twice (DESIGN.md §8).
     """
 
     def __init__(
@@ -225,8 +231,25 @@ class AsyncProducer:
         metadata_max_age_ms: float = 300000,
         key_serializer: Serializer | None = None,
         value_serializer: Serializer | None = None,
+        enable_idempotence: bool | None = None,
     ) -> None:
         self.acks = parse_acks(acks)
+        # DESIGN.md §8: idempotence is on by default and needs acks=all. As Kafka (3.2+) does, a
+        # default-on idempotence quietly steps aside for an explicit acks=0/1, while an explicit
+        # enable_idempotence=True with them is a configuration error.
+        self._idempotence_explicit = enable_idempotence is not None
+        if enable_idempotence is None:
+            enable_idempotence = self.acks == -1
+        elif enable_idempotence and self.acks != -1:
+            raise ValueError(
+                f"enable_idempotence=True requires acks='all', got acks={acks!r}; set acks='all' or "
+                f"enable_idempotence=False"
+            )
+        self.idempotent = bool(enable_idempotence)
+        self._producer_id = -1
+        self._producer_epoch = 0
+        # The next base sequence per partition for the current producer id.
+        self._sequences: dict[TopicPartition, int] = {}
         self.compression = Compression.parse(compression)
         if self.compression not in (Compression.NONE, Compression.GZIP, Compression.LZ4):
             raise ValueError(f"compression {compression!r} is not supported; use none, gzip or lz4")
@@ -496,12 +519,56 @@ class AsyncProducer:
     def _node_ready(self, node_id: int) -> bool:
         return self._in_flight.get(node_id, 0) < self.max_in_flight
 
+    async def _init_producer_id(self) -> bool:
+        """Ask the cluster for a producer id (DESIGN.md §8); False if none could be had now."""
+
+        async def ask(address: str) -> api_pb2.InitProducerIdResponse | None:
+            try:
+                return await self.connections.broker(address).InitProducerId(
+                    api_pb2.InitProducerIdRequest(), timeout=self.request_timeout_ms / 1000.0
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    return None
+                raise
+
+        try:
+            answer = await self.metadata.call_any(ask, what="InitProducerId")
+        except TidelogError as exc:
+            log.debug("InitProducerId failed: %s", exc)
+            return False
+        if answer is None:
+            if self._idempotence_explicit:
+                log.warning("the cluster does not support idempotent producers (no InitProducerId)")
+                return False
+            # Only a default: a server without idempotence gets the plain producer.
+            log.warning("the cluster does not support idempotent producers; sending without idempotence")
+            self.idempotent = False
+            return True
+        if answer.error != ErrorCode.NONE:
+            log.debug("InitProducerId answered %s: %s", answer.error, answer.error_message)
+            return False
+        self._producer_id, self._producer_epoch = answer.producer_id, answer.producer_epoch
+        self._sequences.clear()
+        return True
+
     async def _run_sender(self) -> None:
         assert self._wake is not None and self._loop is not None
         while not self._stopping:
             self._wake.clear()
+            if self.idempotent and self._producer_id < 0 and not self.accumulator.is_empty():
+                # Nothing is encoded before the id is known: every batch carries it.
+                if not await self._init_producer_id():
+                    for batch in self.accumulator.expire(time.monotonic()):
+                        self._fail_handles([batch], batch.last_error if isinstance(batch.last_error, TidelogError)
+                                           else TidelogError(ErrorCode.REQUEST_TIMED_OUT,
+                                                             f"no producer id for {batch.tp} within "
+                                                             f"delivery_timeout_ms"))
+                    await wait_event(self._wake, self.retry_backoff)
+                    continue
             now = time.monotonic()
             for batch in self.accumulator.expire(now):
+                self._forget_producer_id([batch])
                 self._fail_handles(
                     [batch],
                     batch.last_error
@@ -557,8 +624,19 @@ class AsyncProducer:
             run_size = 0
             for batch in run:
                 if batch.encoded is None:
-                    # PendingRecord has the fields of a Record that encode_batch reads.
-                    batch.encoded = encode_batch(batch.records, compression=self.compression)  # type: ignore[arg-type]
+                    if self.idempotent:
+                        # Numbered once, when first encoded: a retry resends these exact bytes.
+                        sequence = self._sequences.get(batch.tp, 0)
+                        self._sequences[batch.tp] = (sequence + len(batch.records)) & _INT32_MAX_MASK
+                        batch.producer_id = self._producer_id
+                        batch.encoded = encode_batch(
+                            batch.records,  # type: ignore[arg-type]
+                            compression=self.compression, producer_id=self._producer_id,
+                            producer_epoch=self._producer_epoch, base_sequence=sequence,
+                        )
+                    else:
+                        # PendingRecord has the fields of a Record that encode_batch reads.
+                        batch.encoded = encode_batch(batch.records, compression=self.compression)  # type: ignore[arg-type]
                 run_size += len(batch.encoded)
             if current and size + run_size > self.max_request_size:
                 chunks.append(current)
@@ -676,18 +754,29 @@ class AsyncProducer:
         backoff *= random.uniform(0.8, 1.2)
         retry_at = time.monotonic() + backoff
         if not error.retriable or self._closed:
+            self._forget_producer_id(run)
             self.accumulator.complete(run)
             self._fail_handles(run, error)
             return
         # Deadlines grow along the run (batches were created in order): fail the expired prefix.
         expired = [b for b in run if retry_at >= b.deadline]
         if expired:
+            self._forget_producer_id(expired)
             self.accumulator.complete(expired)
             self._fail_handles(expired, error)
         rest = run[len(expired):]
         if rest:
             log.debug("retrying %s after %s (attempt %d)", head.tp, error, head.attempts + 1)
             self.accumulator.reenqueue(rest, retry_at)
+
+    def _forget_producer_id(self, failed: list[ProducerBatch]) -> None:
+        """Failed batches that used a sequence leave a gap (or an unknown outcome) in their
+        partition's numbering: batches not yet numbered start over under a new producer id from
+        sequence 0 (DESIGN.md §8), so no acknowledged record is reordered. That also covers
+        OUT_OF_ORDER_SEQUENCE_NUMBER and UNKNOWN_PRODUCER_ID, which fail the batch: with one run in
+        flight per partition nothing earlier of the partition is outstanding then."""
+        if self._producer_id >= 0 and any(b.producer_id == self._producer_id for b in failed):
+            self._producer_id = -1
 
     def _fail_handles(self, batches: list[ProducerBatch], error: BaseException) -> None:
         for batch in batches:

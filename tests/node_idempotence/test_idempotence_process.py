@@ -3,9 +3,13 @@ idempotence checks (DESIGN.md §8)."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import grpc
+import pytest
+from tidelog.client import Producer
+from tidelog.client.producer import AsyncProducer
 from support.nodes import LocalCluster
 from tidelog.proto import api_pb2, api_pb2_grpc
 from tidelog.proto import records as codec
@@ -84,7 +88,7 @@ def _produce(cluster: LocalCluster, topic: str, records: bytes) -> api_pb2.Produ
         time.sleep(0.05)
 
 
-def _read_all(cluster: LocalCluster, topic: str) -> list[codec.Record]:
+def _read_all(cluster: LocalCluster, topic: str, partition: int = 0) -> list[codec.Record]:
     """Every committed record, from whichever node leads the partition."""
     deadline = time.monotonic() + DEADLINE_S
     while True:
@@ -95,7 +99,7 @@ def _read_all(cluster: LocalCluster, topic: str) -> list[codec.Record]:
                 offset = 0
                 while True:
                     result = stub.Fetch(api_pb2.FetchRequest(max_wait_ms=0, max_bytes=1 << 20, partitions=[
-                        api_pb2.FetchPartition(topic=topic, partition=0, fetch_offset=offset,
+                        api_pb2.FetchPartition(topic=topic, partition=partition, fetch_offset=offset,
                                                current_leader_epoch=-1)]), timeout=30).partitions[0]
                     if result.error != ErrorCode.NONE:
                         break
@@ -158,3 +162,71 @@ def test_state_survives_sigkill_of_every_node(cluster: LocalCluster) -> None:
     assert (retry.error, retry.base_offset) == (ErrorCode.NONE, first.base_offset), retry
     assert _produce(cluster, "crash", _batch(pid, 0, 2, b"c")).error == ErrorCode.OUT_OF_ORDER_SEQUENCE_NUMBER
     assert [r.value for r in _read_all(cluster, "crash")] == [b"a"]
+
+
+def test_a_producer_retrying_across_sigkill_of_the_leader_writes_each_record_once_in_order(
+        cluster3: LocalCluster) -> None:
+    _create(cluster3.nodes[0].address, "killed", 3)
+    _create(cluster3.nodes[0].address, "killed2", 3)
+    topics = ["killed", "killed2"]
+    sent: dict[str, list[bytes]] = {t: [] for t in topics}
+    acknowledged: dict[str, set[bytes]] = {t: set() for t in topics}
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def produce() -> None:
+        with Producer(cluster3.bootstrap, linger_ms=2, retry_backoff_ms=20, request_timeout_ms=3000) as producer:
+            i = 0
+            while not stop.is_set():
+                futures = []
+                for _ in range(20):
+                    topic = topics[i % 2]
+                    value = b"v%06d" % i
+                    sent[topic].append(value)
+                    futures.append((topic, value, producer.send(topic, value)))
+                    i += 1
+                for topic, value, future in futures:
+                    try:
+                        future.result(60)
+                        acknowledged[topic].add(value)
+                    except BaseException as exc:  # counted: an unacknowledged record may be absent
+                        errors.append(exc)
+
+    thread = threading.Thread(target=produce)
+    thread.start()
+    try:
+        deadline = time.monotonic() + DEADLINE_S
+        while len(acknowledged["killed"]) < 200:
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.05)
+        leader = _produce(cluster3, "killed", codec.encode_batch([codec.Record(0, 0, None, b"probe")])).leader
+        victim = cluster3.node(leader.leader_id)
+        victim.kill()
+        before = len(acknowledged["killed"])
+        while len(acknowledged["killed"]) < before + 300:
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.05)
+        victim.start()
+        before = len(acknowledged["killed"])
+        while len(acknowledged["killed"]) < before + 200:
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join(120)
+    for topic in topics:
+        values = [r.value for r in _read_all(cluster3, topic) if r.value != b"probe"]
+        assert len(values) == len(set(values)), f"{topic}: duplicates"
+        assert acknowledged[topic] <= set(values), f"{topic}: acknowledged records missing"
+        order = {v: i for i, v in enumerate(sent[topic])}
+        positions = [order[v] for v in values]
+        assert positions == sorted(positions), f"{topic}: reordered"
+
+
+def test_explicit_idempotence_with_acks_0_or_1_is_a_clear_error() -> None:
+    for acks in (0, 1, "1"):
+        with pytest.raises(ValueError, match="enable_idempotence=True requires acks='all'"):
+            AsyncProducer("127.0.0.1:1", acks=acks, enable_idempotence=True)
+        assert not AsyncProducer("127.0.0.1:1", acks=acks).idempotent  # the default steps aside
+    assert AsyncProducer("127.0.0.1:1").idempotent
+    assert not AsyncProducer("127.0.0.1:1", enable_idempotence=False).idempotent
