@@ -556,16 +556,16 @@ class AsyncProducer:
         assert self._wake is not None and self._loop is not None
         while not self._stopping:
             self._wake.clear()
-            if self.idempotent and self._producer_id < 0 and not self.accumulator.is_empty():
-                # Nothing is encoded before the id is known: every batch carries it.
-                if not await self._init_producer_id():
-                    for batch in self.accumulator.expire(time.monotonic()):
-                        self._fail_handles([batch], batch.last_error if isinstance(batch.last_error, TidelogError)
-                                           else TidelogError(ErrorCode.REQUEST_TIMED_OUT,
-                                                             f"no producer id for {batch.tp} within "
-                                                             f"delivery_timeout_ms"))
-                    await wait_event(self._wake, self.retry_backoff)
-                    continue
+            # Nothing is encoded before the id is known: every batch carries it.
+            if (self.idempotent and self._producer_id < 0 and not self.accumulator.is_empty()
+                    and not await self._init_producer_id()):
+                for batch in self.accumulator.expire(time.monotonic()):
+                    self._fail_handles([batch], batch.last_error if isinstance(batch.last_error, TidelogError)
+                                       else TidelogError(ErrorCode.REQUEST_TIMED_OUT,
+                                                         f"no producer id for {batch.tp} within "
+                                                         f"delivery_timeout_ms"))
+                await wait_event(self._wake, self.retry_backoff)
+                continue
             now = time.monotonic()
             for batch in self.accumulator.expire(now):
                 self._forget_producer_id([batch])

@@ -77,7 +77,7 @@ class RaftLogAdapter:
     has exactly the old leader's producer state (DESIGN.md §8).
     """
 
-    __slots__ = ("log", "producers", "snapshot_dir", "_pending")
+    __slots__ = ("_pending", "log", "producers", "snapshot_dir")
 
     def __init__(self, partition_log: PartitionLog, producers: ProducerStateManager | None = None,
                  snapshot_dir: Path | None = None) -> None:

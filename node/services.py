@@ -108,9 +108,8 @@ class BrokerService(api_pb2_grpc.BrokerServicer):
                 partition = _locate(node, image, data.topic, data.partition)
                 batches, headers = self._validate(node.topic_configs(image.topics[data.topic]), data.records)
                 appended = partition.append(batches, headers)
-                if isinstance(appended, CheckResult):
-                    if appended.verdict is Verdict.REJECT:
-                        raise _Rejected(appended.error, appended.message)
+                if isinstance(appended, CheckResult) and appended.verdict is Verdict.REJECT:
+                    raise _Rejected(appended.error, appended.message)
             except _Rejected as exc:
                 result.error, result.error_message = exc.code, exc.message
             except (NotLeader, PartitionClosed, StorageFailed) as exc:

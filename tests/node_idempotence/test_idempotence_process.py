@@ -8,12 +8,13 @@ import time
 
 import grpc
 import pytest
+from support.nodes import LocalCluster
 from tidelog.client import Producer
 from tidelog.client.producer import AsyncProducer
-from support.nodes import LocalCluster
 from tidelog.proto import api_pb2, api_pb2_grpc
 from tidelog.proto import records as codec
 from tidelog.proto.common_pb2 import ErrorCode
+from tidelog.proto.errors import TidelogError
 
 DEADLINE_S = 60.0
 
@@ -172,7 +173,7 @@ def test_a_producer_retrying_across_sigkill_of_the_leader_writes_each_record_onc
     sent: dict[str, list[bytes]] = {t: [] for t in topics}
     acknowledged: dict[str, set[bytes]] = {t: set() for t in topics}
     stop = threading.Event()
-    errors: list[BaseException] = []
+    errors: list[TidelogError] = []
 
     def produce() -> None:
         with Producer(cluster3.bootstrap, linger_ms=2, retry_backoff_ms=20, request_timeout_ms=3000) as producer:
@@ -189,7 +190,7 @@ def test_a_producer_retrying_across_sigkill_of_the_leader_writes_each_record_onc
                     try:
                         future.result(60)
                         acknowledged[topic].add(value)
-                    except BaseException as exc:  # counted: an unacknowledged record may be absent
+                    except TidelogError as exc:  # an unacknowledged record may be absent
                         errors.append(exc)
 
     thread = threading.Thread(target=produce)
