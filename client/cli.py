@@ -297,6 +297,8 @@ def _register_perf(subparsers: argparse._SubParsersAction) -> None:  # type: ign
         parser.add_argument("--compression", default="lz4", choices=("none", "gzip", "lz4"))
         parser.add_argument("--batch-size", type=int, default=131072, help="(default %(default)s)")
         parser.add_argument("--linger-ms", type=float, default=5, help="(default %(default)s)")
+        parser.add_argument("--idempotence", default="default", choices=("default", "on", "off"),
+                            help="idempotent producer: on unless --acks is 0 or 1 (default), or force it")
 
     produce = commands.add_parser(
         "produce", help="produce records as fast as allowed and report records/s, MB/s, latency",
@@ -814,6 +816,7 @@ def _perf_producer(args: argparse.Namespace) -> Producer:
         batch_size=args.batch_size,
         linger_ms=args.linger_ms,
         max_block_ms=args.timeout * 1000,
+        enable_idempotence={"default": None, "on": True, "off": False}[args.idempotence],
     )
 
 

@@ -32,3 +32,11 @@ def test_cluster_info_is_reachable_through_the_tidelog_command(cluster) -> None:
     ).stdout
     info = json.loads(out)
     assert [node["id"] for node in info["nodes"]] == [1]
+
+
+def test_perf_produce_can_force_idempotence_on_or_off() -> None:
+    from tidelog.cluster.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["perf", "produce", "t"]).idempotence == "default"
+    assert parser.parse_args(["perf", "produce", "t", "--idempotence", "off"]).idempotence == "off"
