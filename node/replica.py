@@ -105,8 +105,10 @@ class RaftLogAdapter:
 
     @property
     def last_epoch(self) -> int:
+        # An emptied log (retention, reset) still ended its prefix in start_epoch; answering
+        # NO_EPOCH there would let this replica vote for a candidate missing committed entries.
         if self.log.end_offset <= self.log.log_start_offset:
-            return NO_EPOCH
+            return max(self.log.start_epoch, NO_EPOCH)
         return max(self.log.latest_epoch, NO_EPOCH)
 
     def append(self, batches: bytes, epoch: int) -> tuple[int, int]:
@@ -150,17 +152,20 @@ class RaftLogAdapter:
     def end_offset_for_epoch(self, epoch: int) -> tuple[int, int]:
         # The core's convention (replication/log.py): (NO_EPOCH, start) when the log holds no
         # epoch <= ``epoch``; storage answers differently for that case, so compute it here.
-        entries = self.log.epoch_entries
-        found = None
-        for index, entry in enumerate(entries):
-            if entry.epoch <= epoch:
-                found = index
-            else:
-                break
-        if found is None or self.log.end_offset <= self.log.log_start_offset:
-            return NO_EPOCH, self.log.log_start_offset
-        end = entries[found + 1].start_offset if found + 1 < len(entries) else self.log.end_offset
-        return entries[found].epoch, end
+        # start_epoch counts as present from the log start, as in MemoryLog (replication/log.py).
+        starts: list[tuple[int, int]] = []
+        if self.log.start_epoch != NO_EPOCH:
+            starts.append((self.log.start_epoch, self.log.log_start_offset))
+        if self.log.end_offset > self.log.log_start_offset:
+            for entry in self.log.epoch_entries:
+                if not starts or starts[-1][0] != entry.epoch:
+                    starts.append((entry.epoch, max(entry.start_offset, self.log.log_start_offset)))
+        for index in range(len(starts) - 1, -1, -1):
+            found_epoch = starts[index][0]
+            if found_epoch <= epoch:
+                end = starts[index + 1][1] if index + 1 < len(starts) else self.log.end_offset
+                return found_epoch, end
+        return NO_EPOCH, self.log.log_start_offset
 
     def flush(self) -> int:
         return self.log.flush()
