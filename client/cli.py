@@ -328,22 +328,17 @@ def _register_perf(subparsers: argparse._SubParsersAction) -> None:  # type: ign
 # --- topic ------------------------------------------------------------------------------------
 
 
-def topic_create(args: argparse.Namespace) -> int:
-    configs = _key_values(args.config, "config")
-    failures = 0
+def _each_topic(args: argparse.Namespace, verb: str, action: Callable[[AdminClient, str], object]) -> int:
+    """Run ``action(admin, name)`` for every named topic, report each, and fail if any failed."""
     rows = []
     with _admin(args) as admin:
         for name in args.names:
             try:
-                admin.create_topics(
-                    [NewTopic(name, args.partitions, args.replication_factor, configs)],
-                    validate_only=args.dry_run,
-                )
+                action(admin, name)
                 rows.append({"topic": name, "status": "OK", "error": None})
             except ClusterUnreachableError:
                 raise
             except TidelogError as exc:
-                failures += 1
                 rows.append({"topic": name, "status": exc.name, "error": exc.message})
     if args.output == "json":
         _json(rows)
@@ -351,12 +346,19 @@ def topic_create(args: argparse.Namespace) -> int:
         _print_table(["TOPIC", "STATUS"], [
             (r["topic"], "OK" if r["error"] is None else f"{r['status']}: {r['error']}") for r in rows
         ])
-    if failures:
-        first = next(r for r in rows if r["error"] is not None)
+    failed = [r for r in rows if r["error"] is not None]
+    if failed:
+        first = failed[0]
         code = getattr(ErrorCode, first["status"], None)
-        return _fail(f"{failures} of {len(rows)} topic(s) not created: {first['status']}: {first['error']}",
+        return _fail(f"{len(failed)} of {len(rows)} topic(s) not {verb}: {first['status']}: {first['error']}",
                      _HINTS.get(code) if code is not None else None)
     return 0
+
+
+def topic_create(args: argparse.Namespace) -> int:
+    configs = _key_values(args.config, "config")
+    return _each_topic(args, "created", lambda admin, name: admin.create_topics(
+        [NewTopic(name, args.partitions, args.replication_factor, configs)], validate_only=args.dry_run))
 
 
 def topic_list(args: argparse.Namespace) -> int:
@@ -455,29 +457,7 @@ def topic_describe(args: argparse.Namespace) -> int:
 
 
 def topic_delete(args: argparse.Namespace) -> int:
-    rows = []
-    failures = 0
-    with _admin(args) as admin:
-        for name in args.names:
-            try:
-                admin.delete_topics([name])
-                rows.append({"topic": name, "status": "OK", "error": None})
-            except ClusterUnreachableError:
-                raise
-            except TidelogError as exc:
-                failures += 1
-                rows.append({"topic": name, "status": exc.name, "error": exc.message})
-    if args.output == "json":
-        _json(rows)
-    else:
-        _print_table(["TOPIC", "STATUS"], [
-            (r["topic"], "OK" if r["error"] is None else f"{r['status']}: {r['error']}") for r in rows
-        ])
-    if failures:
-        first = next(r for r in rows if r["error"] is not None)
-        return _fail(f"{failures} of {len(rows)} topic(s) not deleted: {first['status']}: {first['error']}",
-                     _HINTS.get(getattr(ErrorCode, first["status"], -999)))
-    return 0
+    return _each_topic(args, "deleted", lambda admin, name: admin.delete_topics([name]))
 
 
 def topic_alter_config(args: argparse.Namespace) -> int:
