@@ -621,3 +621,354 @@ class Admin:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class GroupsStub:
+    """Consumer groups (DESIGN.md §7). The coordinator of group G is the leader of partition
+    hash(G) mod N of `__consumer_offsets`; FindCoordinator may be sent to any node, every other
+    call to the coordinator (others answer NOT_COORDINATOR, a coordinator still replaying its
+    partition COORDINATOR_LOAD_IN_PROGRESS; both are retriable after a new FindCoordinator).
+    Writes are answered once their records are committed to `__consumer_offsets`.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.FindCoordinator = channel.unary_unary(
+                '/tidelog.Groups/FindCoordinator',
+                request_serializer=tidelog_dot_proto_dot_api__pb2.FindCoordinatorRequest.SerializeToString,
+                response_deserializer=tidelog_dot_proto_dot_api__pb2.FindCoordinatorResponse.FromString,
+                _registered_method=True)
+        self.ConsumerGroupHeartbeat = channel.unary_unary(
+                '/tidelog.Groups/ConsumerGroupHeartbeat',
+                request_serializer=tidelog_dot_proto_dot_api__pb2.ConsumerGroupHeartbeatRequest.SerializeToString,
+                response_deserializer=tidelog_dot_proto_dot_api__pb2.ConsumerGroupHeartbeatResponse.FromString,
+                _registered_method=True)
+        self.OffsetCommit = channel.unary_unary(
+                '/tidelog.Groups/OffsetCommit',
+                request_serializer=tidelog_dot_proto_dot_api__pb2.OffsetCommitRequest.SerializeToString,
+                response_deserializer=tidelog_dot_proto_dot_api__pb2.OffsetCommitResponse.FromString,
+                _registered_method=True)
+        self.OffsetFetch = channel.unary_unary(
+                '/tidelog.Groups/OffsetFetch',
+                request_serializer=tidelog_dot_proto_dot_api__pb2.OffsetFetchRequest.SerializeToString,
+                response_deserializer=tidelog_dot_proto_dot_api__pb2.OffsetFetchResponse.FromString,
+                _registered_method=True)
+        self.ListGroups = channel.unary_unary(
+                '/tidelog.Groups/ListGroups',
+                request_serializer=tidelog_dot_proto_dot_api__pb2.ListGroupsRequest.SerializeToString,
+                response_deserializer=tidelog_dot_proto_dot_api__pb2.ListGroupsResponse.FromString,
+                _registered_method=True)
+        self.DescribeGroup = channel.unary_unary(
+                '/tidelog.Groups/DescribeGroup',
+                request_serializer=tidelog_dot_proto_dot_api__pb2.DescribeGroupRequest.SerializeToString,
+                response_deserializer=tidelog_dot_proto_dot_api__pb2.DescribeGroupResponse.FromString,
+                _registered_method=True)
+        self.DeleteGroup = channel.unary_unary(
+                '/tidelog.Groups/DeleteGroup',
+                request_serializer=tidelog_dot_proto_dot_api__pb2.DeleteGroupRequest.SerializeToString,
+                response_deserializer=tidelog_dot_proto_dot_api__pb2.DeleteGroupResponse.FromString,
+                _registered_method=True)
+
+
+class GroupsServicer:
+    """Consumer groups (DESIGN.md §7). The coordinator of group G is the leader of partition
+    hash(G) mod N of `__consumer_offsets`; FindCoordinator may be sent to any node, every other
+    call to the coordinator (others answer NOT_COORDINATOR, a coordinator still replaying its
+    partition COORDINATOR_LOAD_IN_PROGRESS; both are retriable after a new FindCoordinator).
+    Writes are answered once their records are committed to `__consumer_offsets`.
+    """
+
+    def FindCoordinator(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ConsumerGroupHeartbeat(self, request, context):
+        """KIP-848's ConsumerGroupHeartbeat: join (member_epoch 0), heartbeat, leave (-1, or -2 for a
+        static member that will be back); returns the member's epoch and its current assignment.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OffsetCommit(self, request, context):
+        """Fenced by member epoch. An empty member_id with member_epoch -1 is an admin commit (used by
+        reset-offsets), refused with NON_EMPTY_GROUP while the group has members.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OffsetFetch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListGroups(self, request, context):
+        """The groups whose coordinator is the answering node; an admin client asks every node.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DescribeGroup(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteGroup(self, request, context):
+        """Only an empty group (NON_EMPTY_GROUP otherwise); tombstones its offsets and metadata.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_GroupsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'FindCoordinator': grpc.unary_unary_rpc_method_handler(
+                    servicer.FindCoordinator,
+                    request_deserializer=tidelog_dot_proto_dot_api__pb2.FindCoordinatorRequest.FromString,
+                    response_serializer=tidelog_dot_proto_dot_api__pb2.FindCoordinatorResponse.SerializeToString,
+            ),
+            'ConsumerGroupHeartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConsumerGroupHeartbeat,
+                    request_deserializer=tidelog_dot_proto_dot_api__pb2.ConsumerGroupHeartbeatRequest.FromString,
+                    response_serializer=tidelog_dot_proto_dot_api__pb2.ConsumerGroupHeartbeatResponse.SerializeToString,
+            ),
+            'OffsetCommit': grpc.unary_unary_rpc_method_handler(
+                    servicer.OffsetCommit,
+                    request_deserializer=tidelog_dot_proto_dot_api__pb2.OffsetCommitRequest.FromString,
+                    response_serializer=tidelog_dot_proto_dot_api__pb2.OffsetCommitResponse.SerializeToString,
+            ),
+            'OffsetFetch': grpc.unary_unary_rpc_method_handler(
+                    servicer.OffsetFetch,
+                    request_deserializer=tidelog_dot_proto_dot_api__pb2.OffsetFetchRequest.FromString,
+                    response_serializer=tidelog_dot_proto_dot_api__pb2.OffsetFetchResponse.SerializeToString,
+            ),
+            'ListGroups': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListGroups,
+                    request_deserializer=tidelog_dot_proto_dot_api__pb2.ListGroupsRequest.FromString,
+                    response_serializer=tidelog_dot_proto_dot_api__pb2.ListGroupsResponse.SerializeToString,
+            ),
+            'DescribeGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeGroup,
+                    request_deserializer=tidelog_dot_proto_dot_api__pb2.DescribeGroupRequest.FromString,
+                    response_serializer=tidelog_dot_proto_dot_api__pb2.DescribeGroupResponse.SerializeToString,
+            ),
+            'DeleteGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteGroup,
+                    request_deserializer=tidelog_dot_proto_dot_api__pb2.DeleteGroupRequest.FromString,
+                    response_serializer=tidelog_dot_proto_dot_api__pb2.DeleteGroupResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'tidelog.Groups', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('tidelog.Groups', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Groups:
+    """Consumer groups (DESIGN.md §7). The coordinator of group G is the leader of partition
+    hash(G) mod N of `__consumer_offsets`; FindCoordinator may be sent to any node, every other
+    call to the coordinator (others answer NOT_COORDINATOR, a coordinator still replaying its
+    partition COORDINATOR_LOAD_IN_PROGRESS; both are retriable after a new FindCoordinator).
+    Writes are answered once their records are committed to `__consumer_offsets`.
+    """
+
+    @staticmethod
+    def FindCoordinator(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tidelog.Groups/FindCoordinator',
+            tidelog_dot_proto_dot_api__pb2.FindCoordinatorRequest.SerializeToString,
+            tidelog_dot_proto_dot_api__pb2.FindCoordinatorResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConsumerGroupHeartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tidelog.Groups/ConsumerGroupHeartbeat',
+            tidelog_dot_proto_dot_api__pb2.ConsumerGroupHeartbeatRequest.SerializeToString,
+            tidelog_dot_proto_dot_api__pb2.ConsumerGroupHeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OffsetCommit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tidelog.Groups/OffsetCommit',
+            tidelog_dot_proto_dot_api__pb2.OffsetCommitRequest.SerializeToString,
+            tidelog_dot_proto_dot_api__pb2.OffsetCommitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OffsetFetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tidelog.Groups/OffsetFetch',
+            tidelog_dot_proto_dot_api__pb2.OffsetFetchRequest.SerializeToString,
+            tidelog_dot_proto_dot_api__pb2.OffsetFetchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListGroups(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tidelog.Groups/ListGroups',
+            tidelog_dot_proto_dot_api__pb2.ListGroupsRequest.SerializeToString,
+            tidelog_dot_proto_dot_api__pb2.ListGroupsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tidelog.Groups/DescribeGroup',
+            tidelog_dot_proto_dot_api__pb2.DescribeGroupRequest.SerializeToString,
+            tidelog_dot_proto_dot_api__pb2.DescribeGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tidelog.Groups/DeleteGroup',
+            tidelog_dot_proto_dot_api__pb2.DeleteGroupRequest.SerializeToString,
+            tidelog_dot_proto_dot_api__pb2.DeleteGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
