@@ -2,14 +2,13 @@
 
 Planning needs each partition's log start and end offsets and, for a time-based reset, the first
 offset at or after a timestamp (ListOffsets by timestamp). The caller fetches those from the
-partition leaders, `plan_reset_offsets` turns them into new offsets, and the plan is executed with
-`GroupCoordinator.reset_offsets`, which refuses while the group has members. Without
-`--execute` the plan is only printed.
+partition leaders, `plan_reset_offsets` turns them into new offsets, and the admin client executes
+the plan as an admin OffsetCommit (empty member id, epoch -1), which the coordinator refuses with
+NON_EMPTY_GROUP while the group has members. Without `--execute` the plan is only printed.
 
 Kafka's rules: `--to-offset` and `--shift-by` are clamped into [log start, log end]; a time with
 no record at or after it resets to the log end; `--to-current` keeps the committed offset (the log
-end when there is none). This module imports nothing from the node, so the client or CLI may
-use it as it is (or move it under tidelog.proto if the import direction requires).
+end when there is none). Pure: no I/O, no clock (callers pass `now_ms`).
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Mapping
 
-from tidelog.node.group_records import TopicPartition
+from tidelog.client.types import TopicPartition
 
 
 class ResetScenario(enum.Enum):
