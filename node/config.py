@@ -197,6 +197,15 @@ NODE_KEYS: tuple[NodeKey, ...] = (
             "peer goes (fault-injection proxies use it), e.g. peer_addresses = { \"2\" = \"127.0.0.1:19501\" }"),
     NodeKey("topic_defaults", {}, "a table of topic config defaults for this cluster, e.g. "
             "topic_defaults = { \"segment.bytes\" = \"1048576\" }"),
+    NodeKey("offsets_topic_num_partitions", 16,
+            f"partitions of {CONSUMER_OFFSETS_TOPIC}, created on the first consumer-group request "
+            "(do not change it once the topic exists: it decides which partition holds each group)"),
+    NodeKey("offsets_topic_replication_factor", 3,
+            f"replication factor of {CONSUMER_OFFSETS_TOPIC} (capped at the number of nodes the cluster "
+            "knows; the topic is not created while fewer are alive)"),
+    NodeKey("group_consumer_session_timeout_ms", 45000,
+            "a group member that has not heartbeated for this long is removed and its partitions move on"),
+    NodeKey("group_consumer_heartbeat_interval_ms", 5000, "how often group members are told to heartbeat"),
 )
 
 
@@ -220,6 +229,10 @@ class NodeConfig:
     replica_fetch_max_wait_ms: int = 2000
     topic_defaults: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     peer_addresses: Mapping[int, Address] = field(default_factory=lambda: MappingProxyType({}))
+    offsets_topic_num_partitions: int = 16
+    offsets_topic_replication_factor: int = 3
+    group_consumer_session_timeout_ms: int = 45000
+    group_consumer_heartbeat_interval_ms: int = 5000
 
     @property
     def advertised_address(self) -> Address:
@@ -310,6 +323,14 @@ def build_config(values: Mapping[str, Any]) -> NodeConfig:
             "retention_check_interval_ms", values.get("retention_check_interval_ms", 300000), 1),
         topic_defaults=MappingProxyType(topic_defaults),
         peer_addresses=MappingProxyType(peer_addresses),
+        offsets_topic_num_partitions=_int(
+            "offsets_topic_num_partitions", values.get("offsets_topic_num_partitions", 16), 1),
+        offsets_topic_replication_factor=_int(
+            "offsets_topic_replication_factor", values.get("offsets_topic_replication_factor", 3), 1),
+        group_consumer_session_timeout_ms=_int(
+            "group_consumer_session_timeout_ms", values.get("group_consumer_session_timeout_ms", 45000), 1),
+        group_consumer_heartbeat_interval_ms=_int(
+            "group_consumer_heartbeat_interval_ms", values.get("group_consumer_heartbeat_interval_ms", 5000), 1),
     )
     own = next((v for v in config.controller_voters if v.node_id == config.node_id), None)
     if own is not None:

@@ -16,8 +16,10 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
+from types import MappingProxyType
 
 from tidelog.node.config import (
+    CONSUMER_OFFSETS_TOPIC,
     METADATA_TOPIC,
     TOPIC_CONFIG_DEFAULTS,
     ConfigError,
@@ -58,6 +60,10 @@ ADMIN_TIMEOUT_S = 10.0
 
 # Producer ids a controller reserves per metadata record (Kafka's ProducerIdsBlock is 1000 too).
 PRODUCER_ID_BLOCK_SIZE = 1000
+# Kafka's settings for its offsets topic: compacted, with small segments so that compaction (and
+# so a new coordinator's replay) keeps up.
+OFFSETS_TOPIC_CONFIGS: Mapping[str, str] = MappingProxyType({"cleanup.policy": "compact",
+                                                              "segment.bytes": "104857600"})
 
 
 class NotController(Exception):
@@ -259,6 +265,17 @@ class Controller:
             self._producer_ids = (next_id + 1, end)
             return next_id
 
+    def offsets_topic_replication_factor(self) -> int:
+        """min(offsets_topic_replication_factor, the nodes the cluster knows).
+
+        Known nodes are the registered ones and the controller voters, so a cluster whose
+        first group request arrives before every voter has registered still gets the full
+        factor (creation then waits, with a retriable error, until enough nodes are alive),
+        not an offsets topic with fewer replicas for ever.
+        """
+        known = set(self.image.nodes) | {v.node_id for v in self.config.voters}
+        return max(1, min(self.config.offsets_topic_replication_factor, len(known)))
+
     def live_node_ids(self) -> list[int]:
         return sorted(n for n in self.image.nodes if self._alive(n))
 
@@ -301,14 +318,22 @@ class Controller:
                                            f"topic {name!r} collides with {collision!r} ('.' and '_' "
                                            "are interchangeable in metric names)"))
                     continue
-                num_partitions = self.config.default_partitions if new.num_partitions == -1 else new.num_partitions
+                live = self.live_node_ids()
+                default_partitions = self.config.default_partitions
+                default_factor = min(self.config.default_replication_factor, len(live))
+                requested_configs = dict(new.configs)
+                if name == CONSUMER_OFFSETS_TOPIC:
+                    # Created by the first group request on any node (GroupHost): the cluster's
+                    # offsets-topic settings, unless an operator creating it says otherwise.
+                    default_partitions = self.config.offsets_topic_num_partitions
+                    default_factor = self.offsets_topic_replication_factor()
+                    requested_configs = {**OFFSETS_TOPIC_CONFIGS, **requested_configs}
+                num_partitions = default_partitions if new.num_partitions == -1 else new.num_partitions
                 if num_partitions <= 0:
                     results.append(_result(name, ErrorCode.INVALID_PARTITIONS,
                                            f"num_partitions must be positive or -1, got {new.num_partitions}"))
                     continue
-                live = self.live_node_ids()
-                factor = (min(self.config.default_replication_factor, len(live))
-                          if new.replication_factor == -1 else new.replication_factor)
+                factor = default_factor if new.replication_factor == -1 else new.replication_factor
                 if factor <= 0 or factor > len(live):
                     results.append(_result(
                         name, ErrorCode.INVALID_REPLICATION_FACTOR,
@@ -316,7 +341,7 @@ class Controller:
                         f"{len(live)} live node(s)"))
                     continue
                 try:
-                    configs = self._validate_configs(dict(new.configs))
+                    configs = self._validate_configs(requested_configs)
                 except ConfigError as exc:
                     results.append(_result(name, ErrorCode.INVALID_CONFIG, str(exc)))
                     continue

@@ -24,13 +24,16 @@ from types import MappingProxyType
 from typing import IO
 
 import grpc
-from tidelog.node.config import NodeConfig
+from tidelog.node.config import CONSUMER_OFFSETS_TOPIC, NodeConfig
 from tidelog.node.controller import (
     METADATA_GROUP_ID,
     Controller,
     MetadataQuorum,
     NotController,
 )
+from tidelog.node.group_coordinator import GroupCoordinatorConfig
+from tidelog.node.group_host import GroupHost, OffsetsPartition
+from tidelog.node.group_service import GroupsService
 from tidelog.node.metadata import MetadataImage, RegisterNode, TopicImage
 from tidelog.node.partitions import PartitionManager, _write_atomically, group_id_for
 from tidelog.node.services import AdminService, BrokerService
@@ -84,7 +87,11 @@ class Node:
         self.partitions = PartitionManager(
             config.data_dir, config.node_id, config.flush, config.flush_interval_ms,
             lambda: config.topic_config_defaults, config.retention_check_interval_ms, self.transport.send,
-            config.election_timeout_ms, self.transport.leaders_changed, config.replica_fetch_max_wait_ms)
+            config.election_timeout_ms, self._leaders_changed, config.replica_fetch_max_wait_ms)
+        self.groups = GroupHost(
+            self._offsets_partitions, self._offsets_partition_count,
+            GroupCoordinatorConfig(session_timeout_ms=config.group_consumer_session_timeout_ms,
+                                   heartbeat_interval_ms=config.group_consumer_heartbeat_interval_ms))
         self.quorum = MetadataQuorum(config, self.transport.send, self._on_image, self._on_controller_change)
         self.controller = Controller(config, self.quorum, self.transport.alive)
         self._server: grpc.aio.Server | None = None
@@ -163,6 +170,18 @@ class Node:
         return channel
 
     # --- wiring -----------------------------------------------------------------------------
+
+    def _leaders_changed(self) -> None:
+        self.transport.leaders_changed()
+        self.groups.leaders_changed()
+
+    def _offsets_partitions(self) -> dict[int, OffsetsPartition]:
+        return {index: partition for (topic, index), partition in self.partitions.partitions.items()
+                if topic == CONSUMER_OFFSETS_TOPIC}
+
+    def _offsets_partition_count(self) -> int | None:
+        topic = self.image.topics.get(CONSUMER_OFFSETS_TOPIC)
+        return len(topic.partitions) if topic is not None and topic.partitions else None
 
     def _deliver(self, message: Message) -> None:
         if message.group_id == METADATA_GROUP_ID:
@@ -281,6 +300,7 @@ class Node:
         server = grpc.aio.server(options=options)
         api_pb2_grpc.add_BrokerServicer_to_server(BrokerService(self), server)
         api_pb2_grpc.add_AdminServicer_to_server(AdminService(self), server)
+        api_pb2_grpc.add_GroupsServicer_to_server(GroupsService(self), server)
         self._replication_service = ReplicationService(self.transport, self.register)
         replication_pb2_grpc.add_ReplicationServicer_to_server(self._replication_service, server)
         try:
@@ -292,6 +312,7 @@ class Node:
         self._update_peers(self.image)
         await self.quorum.start()
         self.partitions.start()
+        self.groups.start()
         await server.start()
         self._server = server
         self._tasks.append(asyncio.get_running_loop().create_task(self._keep_registered()))
@@ -328,6 +349,7 @@ class Node:
             self._replication_service.cancel_streams()
         if self._server is not None:
             await self._server.stop(0.5)
+        await self.groups.close()
         # Leaders resign so the other replicas elect at once instead of after a timeout.
         await self.partitions.close_all()
         await self.quorum.close()

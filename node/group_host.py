@@ -1,0 +1,486 @@
+"""Hosting group coordinators: one `GroupCoordinator` per `__consumer_offsets` partition led here.
+
+`GroupCoordinator` (node/group_coordinator.py) is sans-IO; this module gives it the log, the
+clock and the leadership it lacks (DESIGN.md §7):
+
+* **Placement.** Group G lives in partition `coordinator_partition(G, N)` of
+  `__consumer_offsets` (Kafka's `abs(G.hashCode()) % N`); its coordinator is that partition's
+  leader. A call for a partition this node does not lead is NOT_COORDINATOR.
+* **Loading.** When this node becomes leader of a partition (in a new Raft epoch), a fresh
+  coordinator replays the partition's local log from its start to its end — everything there
+  will commit, because a Raft leader never truncates its own log — and then `on_loaded(now)`.
+  Meanwhile calls get COORDINATOR_LOAD_IN_PROGRESS.
+* **Apply on append, answer after commit.** A write call applies its records to the coordinator
+  at once; the records are appended to the partition as ONE record batch (no `await` between
+  the call and the append, so appends are in call order), and the answer waits until the high
+  watermark passes that batch. A call without records (and every read) waits until everything
+  appended before it is committed.
+* **Failure.** If an append fails or the partition's leadership (or its epoch) changes, the
+  coordinator is dropped: its state may hold records that will never commit. Calls waiting on
+  it get NOT_COORDINATOR and clients find the coordinator again; if this node still (or again)
+  leads the partition, a new coordinator is loaded from the log.
+* **Timers.** The coordinator's `next_deadline()` arms one loop timer per hosted partition;
+  `tick(now)` removes expired members and its records are appended like a write's.
+
+The host reads leadership from `OffsetsPartition` objects (the node's `Partition`, or a fake in
+tests) and is told to `refresh()` when leaderships change; it also re-checks periodically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from tidelog.node.group_coordinator import (
+    CoordinatorNotLoadedError,
+    GroupCoordinator,
+    GroupCoordinatorConfig,
+    GroupListing,
+    Result,
+)
+from tidelog.node.group_records import CorruptGroupRecordError, GroupRecord, coordinator_partition
+from tidelog.proto import records as codec
+from tidelog.proto.common_pb2 import ErrorCode
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Bytes read from the log per step of a replay; the loop runs other work between steps.
+REPLAY_CHUNK_BYTES = 1 << 20
+# Kafka's offsets.commit.timeout.ms: how long an answer waits for its records to commit.
+DEFAULT_COMMIT_TIMEOUT_MS = 5000
+# Leadership is re-checked this often even without a notification (a missed one must not leave
+# a partition without its coordinator).
+REFRESH_INTERVAL_S = 0.5
+# A load that failed (an undecodable log, a coordinator bug) is retried after this long.
+RELOAD_BACKOFF_S = 2.0
+
+
+class CoordinatorUnavailable(Exception):
+    """The call cannot be served here (now); `code` is the retriable ErrorCode to answer."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class LogReader(Protocol):
+    def read(self, offset: int, max_bytes: int) -> bytes: ...
+
+
+class AppendedBatch(Protocol):
+    @property
+    def last_offset(self) -> int: ...
+
+
+class OffsetsPartition(Protocol):
+    """What the host needs of a `__consumer_offsets` replica (tidelog.node.partitions.Partition)."""
+
+    log: Any  # LogReader
+
+    @property
+    def is_leader(self) -> bool: ...
+
+    @property
+    def leader_epoch(self) -> int: ...
+
+    @property
+    def high_watermark(self) -> int: ...
+
+    @property
+    def end_offset(self) -> int: ...
+
+    @property
+    def log_start_offset(self) -> int: ...
+
+    @property
+    def closed(self) -> bool: ...
+
+    def append(self, batches: bytes) -> Any: ...  # an AppendedBatch; raises if not leader
+
+    def wait_change(self) -> asyncio.Future[None]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class HostedPartitionState:
+    """One hosted partition as `describe()` shows it (tests and debugging)."""
+
+    partition: int
+    epoch: int
+    loaded: bool
+    last_appended: int
+
+
+class _Hosted:
+    """A partition this node leads, and the coordinator built for its current epoch."""
+
+    __slots__ = ("index", "partition", "epoch", "coordinator", "last_appended", "dropped", "load_task",
+                 "timer", "timer_at")
+
+    def __init__(self, index: int, partition: OffsetsPartition, epoch: int) -> None:
+        self.index = index
+        self.partition = partition
+        self.epoch = epoch
+        self.coordinator: GroupCoordinator | None = None  # None while loading
+        # The last offset appended on behalf of this coordinator (or replayed into it): every
+        # answer waits until the high watermark has passed it.
+        self.last_appended = -1
+        self.dropped = False
+        self.load_task: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at: int | None = None
+
+    def current(self) -> bool:
+        """Still the coordinator of a partition this node leads in the epoch it loaded?"""
+        p = self.partition
+        return not self.dropped and not p.closed and p.is_leader and p.leader_epoch == self.epoch
+
+
+def wall_ms() -> int:
+    # Commit timestamps go into the log, so the coordinator's clock is the wall clock.
+    return int(time.time() * 1000)
+
+
+def encode_group_batch(records: tuple[GroupRecord, ...], timestamp_ms: int) -> bytes:
+    """The records of one coordinator call as one RecordBatch v2 (uncompressed: a commit is a
+    few dozen bytes, and lz4's frame overhead would not pay for itself)."""
+    return codec.encode_batch([codec.Record(offset=i, timestamp=timestamp_ms, key=r.key, value=r.value)
+                               for i, r in enumerate(records)])
+
+
+class GroupHost:
+    """The coordinators of the `__consumer_offsets` partitions this node leads."""
+
+    def __init__(
+        self,
+        partitions: Callable[[], Mapping[int, OffsetsPartition]],
+        num_partitions: Callable[[], int | None],
+        config: GroupCoordinatorConfig,
+        *,
+        now_ms: Callable[[], int] = wall_ms,
+        commit_timeout_ms: int = DEFAULT_COMMIT_TIMEOUT_MS,
+    ) -> None:
+        """`partitions()`: this node's local replicas of `__consumer_offsets` by partition
+        index; `num_partitions()`: the topic's partition count in the metadata image (None
+        while the topic does not exist)."""
+        self._partitions = partitions
+        self._num_partitions = num_partitions
+        self.config = config
+        self._now_ms = now_ms
+        self._commit_timeout_s = commit_timeout_ms / 1000
+        self._hosted: dict[int, _Hosted] = {}
+        self._refresh_scheduled = False
+        self._closed = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._refresher: asyncio.Task[None] | None = None
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._refresher = asyncio.get_running_loop().create_task(self._refresh_periodically())
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._refresher is not None:
+            self._refresher.cancel()
+        for hosted in list(self._hosted.values()):
+            self._drop(hosted, "node shutting down")
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _refresh_periodically(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(REFRESH_INTERVAL_S)
+            try:
+                self.refresh()
+            except Exception:
+                log.exception("group coordinator refresh failed")
+
+    def leaders_changed(self) -> None:
+        """Some partition's leadership changed: refresh once, soon (coalesces mass elections)."""
+        if self._refresh_scheduled or self._closed:
+            return
+        self._refresh_scheduled = True
+        asyncio.get_running_loop().call_soon(self._scheduled_refresh)
+
+    def _scheduled_refresh(self) -> None:
+        self._refresh_scheduled = False
+        try:
+            self.refresh()
+        except Exception:
+            log.exception("group coordinator refresh failed")
+
+    def refresh(self) -> None:
+        """Drop coordinators whose leadership is gone; start loading where this node now leads."""
+        if self._closed:
+            return
+        local = self._partitions()
+        for index, hosted in list(self._hosted.items()):
+            if local.get(index) is not hosted.partition or not hosted.current():
+                self._drop(hosted, "leadership changed")
+        for index, partition in local.items():
+            if index in self._hosted or partition.closed or not partition.is_leader:
+                continue
+            hosted = _Hosted(index, partition, partition.leader_epoch)
+            self._hosted[index] = hosted
+            self._start_load(hosted)
+
+    def _drop(self, hosted: _Hosted, why: str) -> None:
+        if hosted.dropped:
+            return
+        hosted.dropped = True
+        if self._hosted.get(hosted.index) is hosted:
+            del self._hosted[hosted.index]
+        if hosted.timer is not None:
+            hosted.timer.cancel()
+            hosted.timer = None
+        if hosted.load_task is not None and not hosted.load_task.done():
+            hosted.load_task.cancel()
+        log.info("group coordinator for __consumer_offsets-%d (epoch %d) dropped: %s", hosted.index,
+                 hosted.epoch, why)
+
+    def _reload(self, hosted: _Hosted, why: str) -> None:
+        """Throw the coordinator away and replay the log again (same leadership): its state may
+        hold records that were applied but never appended."""
+        self._drop(hosted, why)
+        self.refresh()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- loading ----------------------------------------------------------------------------
+
+    def _start_load(self, hosted: _Hosted) -> None:
+        hosted.load_task = asyncio.get_running_loop().create_task(self._load(hosted))
+        self._tasks.add(hosted.load_task)
+        hosted.load_task.add_done_callback(self._tasks.discard)
+
+    async def _load(self, hosted: _Hosted) -> None:
+        started = time.monotonic()
+        coordinator = GroupCoordinator(self.config)
+        partition = hosted.partition
+        try:
+            offset = partition.log_start_offset
+            records = skipped = 0
+            while offset < partition.end_offset:
+                if not hosted.current():
+                    return
+                data = partition.log.read(offset, REPLAY_CHUNK_BYTES)
+                if not data:
+                    break
+                for batch in codec.decode_batches(data):
+                    if batch.next_offset <= offset:
+                        continue
+                    if not batch.is_control:
+                        for record in batch.records():
+                            if record.key is None:
+                                skipped += 1
+                                continue
+                            try:
+                                coordinator.replay(record.key, record.value)
+                                records += 1
+                            except CorruptGroupRecordError as exc:
+                                # Not ours (nothing else writes here); skipping keeps every
+                                # other group of the partition available.
+                                skipped += 1
+                                log.error("__consumer_offsets-%d: undecodable record at offset %d skipped: %s",
+                                          hosted.index, record.offset, exc)
+                    offset = batch.next_offset
+                # Let requests (answered LOAD_IN_PROGRESS) and replication run between chunks.
+                await asyncio.sleep(0)
+            if not hosted.current():
+                return
+            hosted.last_appended = partition.end_offset - 1
+            coordinator.on_loaded(self._now_ms())
+            hosted.coordinator = coordinator
+            log.info("group coordinator for __consumer_offsets-%d loaded in epoch %d: %d records, %d groups, "
+                     "%d skipped, %.0f ms", hosted.index, hosted.epoch, records, len(coordinator.group_ids()),
+                     skipped + coordinator.skipped_records, (time.monotonic() - started) * 1000)
+            self._schedule_timer(hosted)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("loading __consumer_offsets-%d failed; retrying in %.0f s", hosted.index,
+                          RELOAD_BACKOFF_S)
+            await asyncio.sleep(RELOAD_BACKOFF_S)
+            if hosted.current():
+                self._reload(hosted, "load failed")
+
+    # --- routing ----------------------------------------------------------------------------
+
+    def partition_for(self, group_id: str) -> int:
+        """The `__consumer_offsets` partition of ``group_id``; COORDINATOR_NOT_AVAILABLE while
+        the topic does not exist."""
+        count = self._num_partitions()
+        if not count:
+            raise CoordinatorUnavailable(ErrorCode.COORDINATOR_NOT_AVAILABLE,
+                                         "__consumer_offsets does not exist yet; find the coordinator again")
+        return coordinator_partition(group_id, count)
+
+    def _route(self, group_id: str) -> tuple[_Hosted, GroupCoordinator]:
+        index = self.partition_for(group_id)
+        hosted = self._hosted.get(index)
+        if hosted is None or not hosted.current():
+            if hosted is not None:
+                self._drop(hosted, "leadership changed")
+                self.leaders_changed()
+            raise CoordinatorUnavailable(
+                ErrorCode.NOT_COORDINATOR,
+                f"this node does not lead __consumer_offsets-{index}, which holds group {group_id!r}")
+        if hosted.coordinator is None:
+            raise CoordinatorUnavailable(ErrorCode.COORDINATOR_LOAD_IN_PROGRESS,
+                                         f"__consumer_offsets-{index} is still being loaded")
+        return hosted, hosted.coordinator
+
+    # --- calls ------------------------------------------------------------------------------
+
+    async def write(self, group_id: str, call: Callable[[GroupCoordinator, int], Result[T]]) -> T:
+        """Run a write call on the group's coordinator; its answer once its records commit."""
+        hosted, coordinator = self._route(group_id)
+        now = self._now_ms()
+        try:
+            result = call(coordinator, now)
+        except CoordinatorNotLoadedError as exc:
+            raise CoordinatorUnavailable(ErrorCode.COORDINATOR_LOAD_IN_PROGRESS, str(exc)) from None
+        except Exception as exc:
+            # A coordinator bug (bad input is checked before the call): its state may be half
+            # changed, so rebuild it from the log rather than serve from it.
+            log.exception("group coordinator call for %r failed", group_id)
+            self._reload(hosted, f"call failed: {exc!r}")
+            raise CoordinatorUnavailable(ErrorCode.UNKNOWN_SERVER_ERROR, f"coordinator error: {exc!r}") from None
+        if result.records:
+            self._append(hosted, result.records, now)
+        self._schedule_timer(hosted)
+        await self._wait_committed(hosted, hosted.last_appended)
+        return result.response
+
+    async def read(self, group_id: str, call: Callable[[GroupCoordinator], T]) -> T:
+        """Run a read call; answered once everything appended before it is committed."""
+        hosted, coordinator = self._route(group_id)
+        try:
+            response = call(coordinator)
+        except Exception as exc:
+            log.exception("group coordinator read for %r failed", group_id)
+            raise CoordinatorUnavailable(ErrorCode.UNKNOWN_SERVER_ERROR, f"coordinator error: {exc!r}") from None
+        await self._wait_committed(hosted, hosted.last_appended)
+        return response
+
+    async def list_groups(self) -> tuple[list[GroupListing], bool]:
+        """Every group of every loaded coordinator here, and whether some partition this node
+        leads is still loading (Kafka then answers COORDINATOR_LOAD_IN_PROGRESS)."""
+        listings: list[GroupListing] = []
+        waits = []
+        loading = False
+        for hosted in list(self._hosted.values()):
+            if not hosted.current():
+                continue
+            if hosted.coordinator is None:
+                loading = True
+                continue
+            listings.extend(hosted.coordinator.list_groups())
+            waits.append(self._wait_committed(hosted, hosted.last_appended))
+        results = await asyncio.gather(*waits, return_exceptions=True)
+        if any(isinstance(r, CoordinatorUnavailable) for r in results):
+            loading = True
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, CoordinatorUnavailable):
+                raise r
+        return sorted(listings, key=lambda g: g.group_id), loading
+
+    def _append(self, hosted: _Hosted, records: tuple[GroupRecord, ...], now: int) -> None:
+        """Append one call's records as one batch, before any other call can run."""
+        try:
+            appended = hosted.partition.append(encode_group_batch(records, now))
+        except Exception as exc:
+            # Leadership gone (NotLeader, closed) or the batch refused (too large): the records
+            # are applied in memory but not in the log, so this coordinator must go.
+            code = ErrorCode.NOT_COORDINATOR
+            message = f"append to __consumer_offsets-{hosted.index} failed: {exc}"
+            if type(exc).__name__ == "RecordTooLargeError":
+                code = ErrorCode.INVALID_REQUEST
+                message = f"the call's records exceed __consumer_offsets' max.message.bytes: {exc}"
+            self._reload(hosted, message)
+            raise CoordinatorUnavailable(code, message) from None
+        hosted.last_appended = appended.last_offset
+
+    async def _wait_committed(self, hosted: _Hosted, last_offset: int) -> None:
+        """Until the high watermark passes ``last_offset`` in the epoch that appended it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._commit_timeout_s
+        partition = hosted.partition
+        while True:
+            if not hosted.current():
+                if not hosted.dropped:
+                    self._drop(hosted, "leadership changed")
+                    self.leaders_changed()
+                raise CoordinatorUnavailable(
+                    ErrorCode.NOT_COORDINATOR,
+                    f"this node stopped leading __consumer_offsets-{hosted.index} before the answer committed")
+            if partition.high_watermark > last_offset:
+                return
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise CoordinatorUnavailable(
+                    ErrorCode.REQUEST_TIMED_OUT,
+                    f"__consumer_offsets-{hosted.index} did not commit within "
+                    f"{self._commit_timeout_s * 1000:.0f} ms; the change may still commit")
+            try:
+                await asyncio.wait_for(asyncio.shield(partition.wait_change()), remaining)
+            except TimeoutError:
+                pass
+
+    # --- timers -----------------------------------------------------------------------------
+
+    def _schedule_timer(self, hosted: _Hosted) -> None:
+        coordinator = hosted.coordinator
+        if coordinator is None or hosted.dropped:
+            return
+        deadline = coordinator.next_deadline()
+        if deadline is None:
+            return
+        if hosted.timer is not None and hosted.timer_at is not None and hosted.timer_at <= deadline:
+            return  # an earlier timer fires first and re-arms for the rest
+        if hosted.timer is not None:
+            hosted.timer.cancel()
+        hosted.timer_at = deadline
+        delay = max(0, deadline - self._now_ms()) / 1000
+        hosted.timer = asyncio.get_running_loop().call_later(delay, self._on_timer, hosted)
+
+    def _on_timer(self, hosted: _Hosted) -> None:
+        hosted.timer = None
+        hosted.timer_at = None
+        coordinator = hosted.coordinator
+        if coordinator is None or not hosted.current():
+            return
+        now = self._now_ms()
+        try:
+            result = coordinator.tick(now)
+        except Exception as exc:
+            log.exception("group coordinator tick failed")
+            self._reload(hosted, f"tick failed: {exc!r}")
+            return
+        for expired in result.response:
+            log.info("group %s: member %s removed (%s timeout)", expired.group_id, expired.member_id,
+                     expired.reason)
+        if result.records:
+            try:
+                self._append(hosted, result.records, now)
+            except CoordinatorUnavailable:
+                return
+        self._schedule_timer(hosted)
+
+    # --- introspection ----------------------------------------------------------------------
+
+    def describe(self) -> list[HostedPartitionState]:
+        return [HostedPartitionState(h.index, h.epoch, h.coordinator is not None, h.last_appended)
+                for _, h in sorted(self._hosted.items())]
