@@ -102,6 +102,7 @@ class Connections:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._brokers: dict[str, api_pb2_grpc.BrokerStub] = {}
         self._admins: dict[str, api_pb2_grpc.AdminStub] = {}
+        self._groups: dict[str, api_pb2_grpc.GroupsStub] = {}
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
@@ -122,11 +123,18 @@ class Connections:
             stub = self._admins[address] = api_pb2_grpc.AdminStub(self._channel(address))
         return stub
 
+    def groups(self, address: str) -> api_pb2_grpc.GroupsStub:
+        stub = self._groups.get(address)
+        if stub is None:
+            stub = self._groups[address] = api_pb2_grpc.GroupsStub(self._channel(address))
+        return stub
+
     async def close(self) -> None:
         channels = list(self._channels.values())
         self._channels.clear()
         self._brokers.clear()
         self._admins.clear()
+        self._groups.clear()
         for channel in channels:
             await channel.close(grace=None)
 

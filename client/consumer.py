@@ -1,7 +1,19 @@
 """The consumer: `AsyncConsumer` (the asyncio core) and `Consumer` (its sync facade).
 
-Without a consumer group (that arrives with the group issue) a consumer reads the partitions it
-is assigned, or every partition of the topics it subscribes to, from positions it keeps itself.
+Without a ``group_id`` a consumer reads the partitions it is assigned, or every partition of the
+topics it subscribes to, from positions it keeps itself. With a ``group_id``, `subscribe` makes
+it a member of that consumer group (tidelog.client.group): the group's coordinator assigns it
+partitions, it starts each from the group's committed offset (``auto_offset_reset`` where there
+is none), and it commits its positions (`commit`, or every ``auto_commit_interval_ms`` from
+`poll`, before giving a partition up, and on `close`). `assign` with a ``group_id`` reads
+exactly the partitions given and commits to the group without joining it (a commit the
+coordinator refuses while the group has live members).
+
+on_assign/on_revoke run on the consumer's event loop (for `Consumer`, its I/O thread), may be
+coroutine functions for `AsyncConsumer`, and receive a set of TopicPartitions. on_revoke runs
+while the revoked partitions still count as assigned (so `commit()` there includes them), after
+their fetching stopped and, under auto-commit, after their positions were committed; it is also
+called, without a commit, for partitions lost to fencing or an expired session.
 
 Fetching is pipelined: one Fetch per leader node is in flight at a time, sent again as soon as
 the previous answer is decoded, for every partition holding fewer than two undelivered answers;
@@ -15,6 +27,7 @@ waits (within its timeout) through a failover.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 from collections import deque
@@ -31,6 +44,7 @@ from tidelog.client.connection import (
     describe_rpc_error,
     is_retriable_rpc_error,
 )
+from tidelog.client.group import GroupCoordinatorClient, GroupMembership, call_callback
 from tidelog.client.types import ConsumerRecord, OffsetAndTimestamp, TopicPartition
 from tidelog.proto import api_pb2
 from tidelog.proto.common_pb2 import ErrorCode
@@ -78,6 +92,7 @@ class _PartitionState:
     log_start_offset: int = -1
     buffered: deque[_CompletedFetch] = field(default_factory=deque)
     error: BaseException | None = None
+    revoked: bool = False  # being given up: never fetched or delivered again
 
     def seek(self, offset: int | None) -> None:
         self.position = offset
@@ -106,6 +121,13 @@ class AsyncConsumer:
     fetch_max_bytes=52428800, max_partition_fetch_bytes=1048576, max_poll_records=500,
     request_timeout_ms=30000, default_api_timeout_ms=60000, retry_backoff_ms=100,
     metadata_max_age_ms=300000; consumer_timeout_ms=None (iteration never stops by itself).
+    Groups: group_id=None, enable_auto_commit=True, auto_commit_interval_ms=5000,
+    group_instance_id=None (static membership), group_remote_assignor=None (the group's
+    default: "uniform"; or "range"), max_poll_interval_ms=300000 (sent as the rebalance
+    timeout), session_timeout_ms=None. The session timeout itself is the coordinator's
+    (node config group_consumer_session_timeout_ms, KIP-848); the client's value (default
+    45000, the coordinator's default) is how long it keeps its partitions without a heartbeat
+    answer before treating them as lost, so set it to the cluster's value.
     """
 
     def __init__(
@@ -126,7 +148,19 @@ class AsyncConsumer:
         consumer_timeout_ms: float | None = None,
         key_deserializer: Callable[[bytes | None], Any] | None = None,
         value_deserializer: Callable[[bytes | None], Any] | None = None,
+        group_id: str | None = None,
+        enable_auto_commit: bool = True,
+        auto_commit_interval_ms: float = 5000,
+        session_timeout_ms: int | None = None,
+        group_instance_id: str | None = None,
+        group_remote_assignor: str | None = None,
+        max_poll_interval_ms: int = 300000,
+        client_id: str = "tidelog-consumer",
     ) -> None:
+        if group_id is not None and not group_id:
+            raise ValueError("group_id must not be empty (None means no group)")
+        if group_id is None and group_instance_id is not None:
+            raise ValueError("group_instance_id needs a group_id")
         if auto_offset_reset not in _RESET_POLICIES:
             raise ValueError(
                 f"invalid auto_offset_reset {auto_offset_reset!r}: use earliest, latest or none"
@@ -159,6 +193,34 @@ class AsyncConsumer:
         self._iter_buffer: deque[ConsumerRecord] = deque()
         self._closed = False
         self._listening = False
+        self.group_id = group_id
+        self.enable_auto_commit = enable_auto_commit
+        self.auto_commit_interval = auto_commit_interval_ms / 1000.0
+        self._next_auto_commit = time.monotonic() + self.auto_commit_interval
+        self._auto_commit_task: asyncio.Task[None] | None = None
+        self._group_options = {
+            "instance_id": group_instance_id,
+            "server_assignor": group_remote_assignor,
+            "rebalance_timeout_ms": int(max_poll_interval_ms),
+            "session_timeout_ms": int(session_timeout_ms if session_timeout_ms is not None else 45000),
+            "client_id": client_id,
+        }
+        self._coordinator: GroupCoordinatorClient | None = None
+        if group_id is not None:
+            self._coordinator = GroupCoordinatorClient(
+                group_id,
+                self.connections,
+                self.metadata,
+                request_timeout=self.request_timeout,
+                retry_backoff=self.retry_backoff,
+            )
+        self._membership: GroupMembership | None = None
+        self._on_assign: Callable[[set[TopicPartition]], Any] | None = None
+        self._on_revoke: Callable[[set[TopicPartition]], Any] | None = None
+        self._committed: dict[TopicPartition, int] = {}  # what this consumer last committed
+        # Bumped whenever partitions are taken away, so the sync facade drops what it buffered.
+        self.revocations = 0
+        self._leaving: asyncio.Task[None] | None = None
         if topics:
             self.subscribe(topics)
 
@@ -170,10 +232,12 @@ class AsyncConsumer:
         if not self._listening:
             self.metadata.add_listener(self._on_metadata)
             self._listening = True
+        if self._membership is not None:
+            self._membership.start()
         return self._pulse
 
     def _on_metadata(self) -> None:
-        if self._subscription:
+        if self._subscription and self._membership is None:
             self._update_subscribed_assignment()
         # A fetch still waiting on a node that no longer leads one of its partitions (a paused or
         # partitioned node answers nothing until the request times out) is abandoned, so the
@@ -191,23 +255,64 @@ class AsyncConsumer:
         for tp in wanted:
             if not isinstance(tp, TopicPartition):
                 raise TypeError(f"assign() takes TopicPartition objects, not {type(tp).__name__}")
+        if self._membership is not None and self._membership.topics:
+            raise RuntimeError(
+                f"this consumer is subscribed as a member of group {self.group_id!r}: "
+                f"unsubscribe() before assign()"
+            )
         self._subscription = ()
         self._set_assignment(wanted)
         self.metadata.add_topics(tp.topic for tp in wanted)
 
-    def subscribe(self, topics: Iterable[str]) -> None:
-        """Read every partition of ``topics`` (no group yet: each consumer reads them all)."""
+    def subscribe(
+        self,
+        topics: Iterable[str],
+        on_assign: Callable[[set[TopicPartition]], Any] | None = None,
+        on_revoke: Callable[[set[TopicPartition]], Any] | None = None,
+    ) -> None:
+        """With a ``group_id``: join the group and read the partitions of ``topics`` it assigns
+        this consumer. Without: read every partition of ``topics`` (on_assign/on_revoke are not
+        called then: nothing is ever revoked)."""
         if isinstance(topics, str):
             topics = [topics]
         self._subscription = tuple(dict.fromkeys(topics))
         self.metadata.add_topics(self._subscription)
-        self._update_subscribed_assignment()
+        if self._coordinator is None:
+            self._update_subscribed_assignment()
+            return
+        if self._membership is None:
+            self._set_assignment([])  # partitions from assign(): the group decides from now on
+            options = self._group_options
+            self._membership = GroupMembership(
+                self._coordinator,
+                self,
+                instance_id=options["instance_id"],
+                server_assignor=options["server_assignor"],
+                rebalance_timeout_ms=options["rebalance_timeout_ms"],
+                session_timeout_ms=options["session_timeout_ms"],
+                client_id=options["client_id"],
+            )
+        self._on_assign, self._on_revoke = on_assign, on_revoke
+        self._membership.subscribe(self._subscription)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # started by the first poll
+        self._ensure_loop_state()
 
     def unsubscribe(self) -> None:
+        """Stop reading; a group member leaves its group (in the background)."""
         self._subscription = ()
+        membership, self._membership = self._membership, None
+        if membership is not None:
+            # Leaving gives the partitions up (commit, on_revoke) and needs the loop.
+            self._leaving = asyncio.get_running_loop().create_task(membership.leave(self.request_timeout))
+            return
         self._set_assignment([])
 
     def _update_subscribed_assignment(self) -> None:
+        if self._membership is not None:
+            return  # the group assigns
         snapshot = self.metadata.snapshot
         wanted = [
             TopicPartition(topic, p)
@@ -388,7 +493,9 @@ class AsyncConsumer:
 
     def resume(self, *partitions: TopicPartition) -> None:
         for tp in partitions:
-            self._state(tp).paused = False
+            state = self._state(tp)
+            if not state.revoked:
+                state.paused = False
         if self._pulse is not None:
             self._pulse.fire()
 
@@ -553,6 +660,7 @@ class AsyncConsumer:
         for tp, state in self._assignment.items():
             if (
                 state.paused
+                or state.revoked
                 or state.fetch_offset is None
                 or state.in_flight
                 or state.error is not None
@@ -740,7 +848,7 @@ class AsyncConsumer:
         self._rotation += 1
         for tp in tps[start:] + tps[:start]:
             state = self._assignment[tp]
-            if state.paused:
+            if state.paused or state.revoked:
                 continue
             while state.buffered and len(out) < max_records:
                 completed = state.buffered[0]
@@ -769,6 +877,139 @@ class AsyncConsumer:
             pass
         self._update_subscribed_assignment()
 
+    # --- groups: the membership's host, and committing -----------------------------------------
+
+    def _require_group(self, what: str) -> GroupCoordinatorClient:
+        if self._coordinator is None:
+            raise ValueError(f"{what} needs a consumer group: create the consumer with group_id=...")
+        return self._coordinator
+
+    def _member(self) -> tuple[str, int]:
+        if self._membership is not None:
+            return self._membership.member()
+        return "", -1
+
+    def _positions(self) -> dict[TopicPartition, int]:
+        return {tp: s.position for tp, s in self._assignment.items() if s.position is not None}
+
+    async def revoke_partitions(self, partitions: frozenset[TopicPartition], lost: bool) -> None:
+        """The membership takes ``partitions`` away (see tidelog.client.group)."""
+        revoking = [tp for tp in partitions if tp in self._assignment]
+        for tp in revoking:
+            state = self._assignment[tp]
+            state.revoked = True
+            state.buffered.clear()
+            self._cancel_fetch_for(tp)
+            self._drop_iterated(tp)
+        self.revocations += 1
+        if revoking and not lost and self.enable_auto_commit and self._coordinator is not None:
+            positions = {
+                tp: pos for tp, pos in self._positions().items()
+                if tp in partitions and self._committed.get(tp) != pos
+            }
+            try:
+                await self._commit(positions, self.request_timeout)
+            except TidelogError as exc:
+                log.warning("group %s: committing the positions of revoked partitions failed: %s",
+                            self.group_id, exc)
+        await call_callback(self._on_revoke, partitions, "on_revoke")
+        for tp in partitions:
+            self._assignment.pop(tp, None)
+            self._committed.pop(tp, None)
+        if self._pulse is not None:
+            self._pulse.fire()
+
+    async def assign_partitions(self, partitions: frozenset[TopicPartition]) -> None:
+        """The membership hands ``partitions`` over: start each from its committed offset."""
+        coordinator = self._require_group("assigning partitions")
+        committed = await coordinator.fetch_committed(partitions, self._member, self.api_timeout)
+        for tp in sorted(partitions):
+            state = _PartitionState()
+            offset = committed.get(tp)
+            if offset is not None:
+                state.seek(offset)
+                self._committed[tp] = offset
+            self._assignment[tp] = state
+        self.metadata.add_topics(tp.topic for tp in partitions)
+        await call_callback(self._on_assign, partitions, "on_assign")
+        if self._pulse is not None:
+            self._pulse.fire()
+
+    async def _commit(self, offsets: Mapping[TopicPartition, int], timeout: float) -> None:
+        coordinator = self._require_group("commit()")
+        if not offsets:
+            return
+        await coordinator.commit(offsets, self._member, timeout)
+        for tp, offset in offsets.items():
+            if tp in self._assignment:
+                self._committed[tp] = offset
+
+    async def commit(
+        self, offsets: Mapping[TopicPartition, int] | None = None, timeout: float | None = None
+    ) -> None:
+        """Commit ``offsets`` (each the offset of the next record to read), by default the
+        positions of every assigned partition, and wait until the coordinator has them."""
+        self._require_group("commit()")
+        wanted = self._positions() if offsets is None else dict(offsets)
+        for tp, offset in wanted.items():
+            if not isinstance(tp, TopicPartition) or offset < 0:
+                raise ValueError(f"invalid commit {tp!r}: {offset!r}")
+        await self._commit(wanted, self.api_timeout if timeout is None else timeout)
+
+    def commit_async(
+        self,
+        offsets: Mapping[TopicPartition, int] | None = None,
+        callback: Callable[[dict[TopicPartition, int], BaseException | None], Any] | None = None,
+    ) -> asyncio.Future[None]:
+        """Start a commit (of the current positions by default) without waiting for it; the
+        returned future, and ``callback(offsets, error)``, say how it went."""
+        self._require_group("commit_async()")
+        wanted = self._positions() if offsets is None else dict(offsets)
+        task = asyncio.get_running_loop().create_task(self._commit(wanted, self.api_timeout))
+
+        def done(finished: asyncio.Task[None]) -> None:
+            error = None if finished.cancelled() else finished.exception()
+            if error is not None and callback is None:
+                log.warning("group %s: asynchronous commit failed: %s", self.group_id, error)
+            if callback is not None:
+                callback(wanted, error)
+
+        task.add_done_callback(done)
+        return task
+
+    async def committed(
+        self, partitions: Iterable[TopicPartition], timeout: float | None = None
+    ) -> dict[TopicPartition, int | None]:
+        """The group's committed offset of each partition (None where nothing is committed)."""
+        coordinator = self._require_group("committed()")
+        return await coordinator.fetch_committed(
+            list(partitions), self._member, self.api_timeout if timeout is None else timeout
+        )
+
+    def _maybe_auto_commit(self) -> None:
+        """Kafka's auto-commit: from poll, commit the positions of what earlier polls returned
+        (records the application has had), at most every auto_commit_interval_ms."""
+        if not self.enable_auto_commit or self._coordinator is None:
+            return
+        now = time.monotonic()
+        if now < self._next_auto_commit:
+            return
+        if self._auto_commit_task is not None and not self._auto_commit_task.done():
+            return
+        self._next_auto_commit = now + self.auto_commit_interval
+        changed = {
+            tp: pos for tp, pos in self._positions().items()
+            if self._committed.get(tp) != pos and not self._assignment[tp].revoked
+        }
+        if changed:
+            self._auto_commit_task = self.commit_async(changed)
+
+    def group_member(self) -> tuple[str, int] | None:
+        """(member id, member epoch) while this consumer is a member of its group."""
+        if self._membership is None or not self._membership.member_id:
+            return None
+        return self._membership.member_id, self._membership.member_epoch
+
     # --- polling -------------------------------------------------------------------------------
 
     async def poll(
@@ -780,7 +1021,10 @@ class AsyncConsumer:
         pulse = self._ensure_loop_state()
         limit = max_records or self.max_poll_records
         deadline = time.monotonic() + timeout_ms / 1000.0
-        if (self._subscription and not self._assignment) or (
+        if self._membership is not None and self._membership.fatal_error is not None:
+            raise self._membership.fatal_error
+        self._maybe_auto_commit()
+        if (self._subscription and not self._assignment and self._membership is None) or (
             self._assignment and self.metadata.maybe_expired()
         ):
             self.metadata.request_update()
@@ -827,9 +1071,27 @@ class AsyncConsumer:
         await self.close()
 
     async def close(self) -> None:
+        """Close; a group member commits (under auto-commit), runs on_revoke and leaves its
+        group at once, so its partitions move on without waiting for the session timeout."""
         if self._closed:
             return
-        self._closed = True
+        try:
+            if self._membership is not None:
+                await self._membership.leave(self.request_timeout)
+            elif self._coordinator is not None and self.enable_auto_commit and self._assignment:
+                try:
+                    await self._commit(
+                        {tp: p for tp, p in self._positions().items() if self._committed.get(tp) != p},
+                        self.request_timeout,
+                    )
+                except TidelogError as exc:
+                    log.warning("group %s: commit on close failed: %s", self.group_id, exc)
+            if self._leaving is not None:
+                await asyncio.gather(self._leaving, return_exceptions=True)
+            if self._auto_commit_task is not None:
+                await asyncio.gather(self._auto_commit_task, return_exceptions=True)
+        finally:
+            self._closed = True
         tasks = list(self._fetches.values())
         if self._reset_task is not None:
             tasks.append(self._reset_task)
@@ -851,12 +1113,16 @@ class Consumer:
             raise
         self._closed = False
         self._iter_buffer: deque[ConsumerRecord] = deque()
+        self._revocations_seen = 0
 
     @staticmethod
     async def _create(bootstrap: Any, options: dict[str, Any]) -> AsyncConsumer:
         return AsyncConsumer(bootstrap, **options)
 
     def _call(self, fn: Callable[[], Any]) -> Any:
+        if self._thread.in_loop_thread():
+            return fn()  # from an on_assign/on_revoke callback: non-blocking calls are fine
+
         async def run() -> Any:
             return fn()
 
@@ -872,9 +1138,60 @@ class Consumer:
         partitions = list(partitions)
         self._call(lambda: self._core.assign(partitions))
 
-    def subscribe(self, topics: Iterable[str]) -> None:
+    def subscribe(
+        self,
+        topics: Iterable[str],
+        on_assign: Callable[[set[TopicPartition]], Any] | None = None,
+        on_revoke: Callable[[set[TopicPartition]], Any] | None = None,
+    ) -> None:
+        """See `AsyncConsumer.subscribe`. The callbacks run on the consumer's I/O thread: they
+        may call this consumer's non-blocking methods (assignment, pause, seek, commit_async)
+        but not the blocking ones (poll, commit, committed, position...)."""
         topics = [topics] if isinstance(topics, str) else list(topics)
-        self._call(lambda: self._core.subscribe(topics))
+        self._call(lambda: self._core.subscribe(topics, on_assign, on_revoke))
+
+    def commit(self, offsets: Mapping[TopicPartition, int] | None = None, timeout: float | None = None) -> None:
+        """Commit ``offsets`` (default: every assigned partition's position) and wait."""
+        offsets = None if offsets is None else dict(offsets)
+        self._thread.run(self._core.commit(offsets, timeout))
+
+    def commit_async(
+        self,
+        offsets: Mapping[TopicPartition, int] | None = None,
+        callback: Callable[[dict[TopicPartition, int], BaseException | None], Any] | None = None,
+    ) -> concurrent.futures.Future[None]:
+        """Start a commit and return at once; the future (and ``callback(offsets, error)``,
+        run on the I/O thread) tells how it went."""
+        offsets = None if offsets is None else dict(offsets)
+        result: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def start() -> None:
+            try:
+                task = self._core.commit_async(offsets, callback)
+            except BaseException as exc:  # reported through the future
+                result.set_exception(exc)
+                return
+
+            def settle(finished: asyncio.Future[None]) -> None:
+                if finished.cancelled():
+                    result.cancel()
+                elif finished.exception() is not None:
+                    result.set_exception(finished.exception())  # type: ignore[arg-type]
+                else:
+                    result.set_result(None)
+
+            task.add_done_callback(settle)
+
+        self._thread.call_soon(start)
+        return result
+
+    def committed(
+        self, partitions: Iterable[TopicPartition], timeout: float | None = None
+    ) -> dict[TopicPartition, int | None]:
+        return self._thread.run(self._core.committed(list(partitions), timeout))
+
+    def group_member(self) -> tuple[str, int] | None:
+        return self._call(self._core.group_member)
 
     def unsubscribe(self) -> None:
         self._call(self._core.unsubscribe)
@@ -895,6 +1212,14 @@ class Consumer:
         # Records are buffered on this side: one trip to the loop per poll, not per record.
         timeout = self._core.consumer_timeout
         deadline = None if timeout is None else time.monotonic() + timeout
+        if self._revocations_seen != self._core.revocations and self._iter_buffer:
+            # Partitions were taken away since these records were buffered: never hand out a
+            # record of a partition this consumer no longer owns.
+            self._revocations_seen = self._core.revocations
+            owned = self._call(
+                lambda: {tp for tp, st in self._core._assignment.items() if not st.revoked}
+            )
+            self._iter_buffer = deque(r for r in self._iter_buffer if r.topic_partition in owned)
         while not self._iter_buffer:
             wait = 1.0 if deadline is None else max(0.0, deadline - time.monotonic())
             self._iter_buffer.extend(self.poll(wait * 1000))

@@ -1,0 +1,254 @@
+"""Group membership of the consumer, against a fake cluster whose Groups service is the real
+GroupCoordinator (tests/support/fake_groups.py). KIP-848's client rules, one per test: revoke
+before assign, commit before giving a partition up, rejoin after a fence, re-find a moved
+coordinator, leave at once on close."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from support.fake_groups import FakeGroupCluster
+from tidelog.client import Consumer, TidelogError, TopicPartition
+from tidelog.proto.common_pb2 import ErrorCode
+
+TOPIC = "events"
+
+
+@pytest.fixture
+def groups() -> Iterator[FakeGroupCluster]:
+    cluster = FakeGroupCluster(nodes=2, session_timeout_ms=30_000, heartbeat_interval_ms=100)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+def tps(n: int, topic: str = TOPIC) -> set[TopicPartition]:
+    return {TopicPartition(topic, p) for p in range(n)}
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 15.0, poll: Callable[[], Any] | None = None) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        if poll is not None:
+            poll()
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.02)
+
+
+def member(groups: FakeGroupCluster, **options: Any) -> Consumer:
+    options.setdefault("group_id", "g")
+    options.setdefault("auto_offset_reset", "earliest")
+    options.setdefault("fetch_max_wait_ms", 50)
+    return Consumer(groups.bootstrap, **options)
+
+
+def test_two_members_split_the_partitions_and_none_is_left_out(groups: FakeGroupCluster) -> None:
+    groups.create_topic(TOPIC, 6)
+    with member(groups) as a, member(groups) as b:
+        a.subscribe([TOPIC])
+        b.subscribe([TOPIC])
+
+        def settled() -> bool:
+            sa, sb = a.assignment(), b.assignment()
+            return bool(sa) and bool(sb) and not (sa & sb) and sa | sb == tps(6)
+
+        wait_until(settled, poll=lambda: (a.poll(10), b.poll(10)))
+        owners = groups.owners("g")
+        assert set(owners) == tps(6)
+        assert len(set(owners.values())) == 2
+
+
+def test_records_flow_from_the_committed_offset_and_the_position_is_committed(groups: FakeGroupCluster) -> None:
+    groups.create_topic(TOPIC, 1)
+    tp = TopicPartition(TOPIC, 0)
+    groups.append(tp, [b"r0", b"r1", b"r2", b"r3"])
+    with member(groups, enable_auto_commit=False) as consumer:
+        consumer.subscribe([TOPIC])
+        got = []
+        wait_until(lambda: len(got) >= 4, poll=lambda: got.extend(consumer.poll(50)))
+        assert [r.value for r in got] == [b"r0", b"r1", b"r2", b"r3"]
+        assert groups.committed("g") == {}
+        consumer.commit()
+        assert groups.committed("g") == {tp: 4}
+        assert consumer.committed([tp]) == {tp: 4}
+        consumer.commit({tp: 2})
+        assert consumer.committed([tp]) == {tp: 2}
+    # A new member starts where the group committed, not at auto_offset_reset.
+    with member(groups, enable_auto_commit=False) as again:
+        again.subscribe([TOPIC])
+        got = []
+        wait_until(lambda: len(got) >= 2, poll=lambda: got.extend(again.poll(50)))
+        assert [r.offset for r in got] == [2, 3]
+
+
+def test_revocation_commits_and_calls_on_revoke_before_the_new_owner_starts(groups: FakeGroupCluster) -> None:
+    """KIP-848: a partition goes to its new owner only after the old one revoked it; the old
+    owner commits its position first, so the new one continues exactly where it stopped."""
+    groups.create_topic(TOPIC, 2)
+    for p in range(2):
+        groups.append(TopicPartition(TOPIC, p), [f"{p}-{i}".encode() for i in range(5)])
+    events: list[tuple[str, str, frozenset[TopicPartition]]] = []
+    lock = threading.Lock()
+
+    def record(who: str, what: str) -> Callable[[set[TopicPartition]], None]:
+        def callback(partitions: set[TopicPartition]) -> None:
+            with lock:
+                events.append((who, what, frozenset(partitions)))
+        return callback
+
+    seen: dict[str, list[tuple[TopicPartition, int]]] = {"a": [], "b": []}
+    with member(groups, auto_commit_interval_ms=60_000) as a:
+        a.subscribe([TOPIC], on_assign=record("a", "assign"), on_revoke=record("a", "revoke"))
+        wait_until(lambda: len(seen["a"]) >= 10,
+                   poll=lambda: seen["a"].extend((r.topic_partition, r.offset) for r in a.poll(50)))
+        with member(groups) as b:
+            b.subscribe([TOPIC], on_assign=record("b", "assign"), on_revoke=record("b", "revoke"))
+            wait_until(lambda: b.assignment() and len(a.assignment()) == 1,
+                       poll=lambda: (a.poll(10), seen["b"].extend((r.topic_partition, r.offset) for r in b.poll(10))))
+            moved = b.assignment()
+            assert len(moved) == 1
+            # a committed the moved partition's position (5) while revoking it ...
+            assert groups.committed("g")[next(iter(moved))] == 5
+            revoke_at = events.index(("a", "revoke", frozenset(moved)))
+            assign_at = events.index(("b", "assign", frozenset(moved)))
+            assert revoke_at < assign_at
+            # ... so b reads nothing a already had.
+            for tp in moved:
+                groups.append(tp, [b"new"])
+            wait_until(lambda: seen["b"], poll=lambda: seen["b"].extend(
+                (r.topic_partition, r.offset) for r in b.poll(50)))
+            assert seen["b"] == [(next(iter(moved)), 5)]
+
+
+def test_close_commits_and_leaves_at_once(groups: FakeGroupCluster) -> None:
+    groups.create_topic(TOPIC, 4)
+    for p in range(4):
+        groups.append(TopicPartition(TOPIC, p), [b"x", b"y"])
+    b = member(groups)
+    try:
+        b.subscribe([TOPIC])
+        with member(groups, auto_commit_interval_ms=60_000) as a:
+            a.subscribe([TOPIC])
+            got: list[Any] = []
+            wait_until(lambda: len(a.assignment()) == 2 and len(b.assignment()) == 2,
+                       poll=lambda: got.extend(a.poll(10)))
+            mine = a.assignment()
+            wait_until(lambda: {r.topic_partition for r in got if r.offset == 1} >= mine,
+                       poll=lambda: got.extend(a.poll(50)))
+        # The session timeout is 30 s: b owning everything well before means a left.
+        closed_at = time.monotonic()
+        wait_until(lambda: b.assignment() == tps(4), timeout=10, poll=lambda: b.poll(10))
+        assert time.monotonic() - closed_at < 10
+        assert {tp: groups.committed("g")[tp] for tp in mine} == {tp: 2 for tp in mine}
+    finally:
+        b.close()
+    assert groups.owners("g") == {}
+
+
+def test_a_fenced_member_loses_its_partitions_without_committing_and_rejoins(groups: FakeGroupCluster) -> None:
+    groups.create_topic(TOPIC, 2)
+    revoked: list[set[TopicPartition]] = []
+    with member(groups, auto_commit_interval_ms=60_000) as consumer:
+        consumer.subscribe([TOPIC], on_revoke=revoked.append)
+        wait_until(lambda: consumer.assignment() == tps(2), poll=lambda: consumer.poll(10))
+        first_member = consumer.group_member()
+        commits = groups.calls["OffsetCommit"]
+        groups.script("ConsumerGroupHeartbeat", [ErrorCode.FENCED_MEMBER_EPOCH])
+        wait_until(lambda: revoked, poll=lambda: consumer.poll(10))
+        assert revoked[0] == tps(2)
+        assert groups.calls["OffsetCommit"] == commits  # lost partitions are not committed
+        wait_until(lambda: consumer.assignment() == tps(2), poll=lambda: consumer.poll(10))
+        assert consumer.group_member()[0] == first_member[0]  # rejoined with its member id
+
+
+def test_the_consumer_follows_a_coordinator_that_moved(groups: FakeGroupCluster) -> None:
+    """NOT_COORDINATOR makes the member find the coordinator again; the new one replayed the
+    log, so membership and committed offsets survive."""
+    groups.create_topic(TOPIC, 2)
+    tp = TopicPartition(TOPIC, 0)
+    with member(groups, enable_auto_commit=False) as consumer:
+        consumer.subscribe([TOPIC])
+        wait_until(lambda: consumer.assignment() == tps(2), poll=lambda: consumer.poll(10))
+        consumer.commit({tp: 0})
+        finds = groups.calls["FindCoordinator"]
+        groups.move_coordinator(2)
+        groups.script("ConsumerGroupHeartbeat", [ErrorCode.COORDINATOR_LOAD_IN_PROGRESS])
+        groups.append(tp, [b"a", b"b", b"c"])
+        got: list[Any] = []
+        wait_until(lambda: len(got) >= 3, poll=lambda: got.extend(consumer.poll(50)))
+        consumer.commit()
+        assert groups.calls["FindCoordinator"] > finds
+        assert groups.committed("g")[tp] == 3
+        assert consumer.assignment() == tps(2)
+
+
+def test_auto_commit_commits_what_poll_returned(groups: FakeGroupCluster) -> None:
+    groups.create_topic(TOPIC, 1)
+    tp = TopicPartition(TOPIC, 0)
+    groups.append(tp, [b"a", b"b", b"c"])
+    with member(groups, auto_commit_interval_ms=100) as consumer:
+        consumer.subscribe([TOPIC])
+        got: list[Any] = []
+        wait_until(lambda: len(got) >= 3, poll=lambda: got.extend(consumer.poll(50)))
+        wait_until(lambda: groups.committed("g").get(tp) == 3, poll=lambda: consumer.poll(50))
+
+
+def test_a_member_cut_off_for_a_session_timeout_gives_its_partitions_up(groups: FakeGroupCluster) -> None:
+    """By then the coordinator has handed them to someone else: never two owners."""
+    groups.create_topic(TOPIC, 2)
+    revoked: list[set[TopicPartition]] = []
+    with member(groups, session_timeout_ms=1000) as consumer:
+        consumer.subscribe([TOPIC], on_revoke=revoked.append)
+        wait_until(lambda: consumer.assignment() == tps(2), poll=lambda: consumer.poll(10))
+        groups.script("ConsumerGroupHeartbeat", [ErrorCode.COORDINATOR_NOT_AVAILABLE] * 10_000)
+        wait_until(lambda: revoked, poll=lambda: consumer.poll(10))
+        assert consumer.assignment() == set()
+        groups.call(lambda: groups.group_scripts.clear())
+        wait_until(lambda: consumer.assignment() == tps(2), poll=lambda: consumer.poll(10))
+
+
+def test_commit_outside_the_membership_is_refused_while_the_group_has_members(groups: FakeGroupCluster) -> None:
+    groups.create_topic(TOPIC, 1)
+    tp = TopicPartition(TOPIC, 0)
+    with member(groups) as plain:
+        plain.assign([tp])
+        plain.commit({tp: 1})  # nobody is a member: allowed, as an admin commit
+        assert groups.committed("g") == {tp: 1}
+        with member(groups) as live:
+            live.subscribe([TOPIC])
+            wait_until(lambda: live.assignment(), poll=lambda: live.poll(10))
+            with pytest.raises(TidelogError) as failure:
+                plain.commit({tp: 0})
+            assert failure.value.code == ErrorCode.UNKNOWN_MEMBER_ID
+            with pytest.raises(RuntimeError):
+                live.assign([tp])  # a member cannot also pick partitions by hand
+
+
+def test_commit_async_reports_through_its_future(groups: FakeGroupCluster) -> None:
+    groups.create_topic(TOPIC, 1)
+    tp = TopicPartition(TOPIC, 0)
+    results: list[Any] = []
+    with member(groups, enable_auto_commit=False) as consumer:
+        consumer.assign([tp])
+        future = consumer.commit_async({tp: 7}, callback=lambda offsets, error: results.append((offsets, error)))
+        future.result(timeout=10)
+        assert results == [({tp: 7}, None)]
+        assert consumer.committed([tp, TopicPartition(TOPIC, 5)]) == {tp: 7, TopicPartition(TOPIC, 5): None}
+
+
+def test_without_a_group_subscribe_reads_every_partition(groups: FakeGroupCluster) -> None:
+    groups.create_topic(TOPIC, 3)
+    with Consumer(groups.bootstrap, topics=[TOPIC]) as consumer:
+        wait_until(lambda: consumer.assignment() == tps(3), poll=lambda: consumer.poll(10))
+        with pytest.raises(ValueError):
+            consumer.commit()
+    assert groups.calls["ConsumerGroupHeartbeat"] == 0
