@@ -16,9 +16,9 @@ What each fault does, to real node processes on loopback:
   Blocking a pair stops its bytes in both directions and holds new connections without
   connecting them, as a switch that drops packets would; unblocking lets the held bytes go on,
   as TCP retransmission would. Clients still reach every node directly.
-- clock: the node runs under libfaketime (LD_PRELOAD, when the library is installed: Debian's
-  ``libfaketime``), and a jump moves both its wall clock and its monotonic clock forward by
-  seconds to hours at once, so every timer of the node fires together, as after a VM stall or a
+- clock: the node runs under libfaketime (LD_PRELOAD of the build the PyPI package
+  ``libfaketime`` ships, or Debian's), and a jump moves both its wall clock and its monotonic
+  clock forward by seconds to hours at once, so every timer of the node fires together, as after a VM stall or a
   clock step. Forward only: libfaketime cannot move the monotonic clock back (a negative offset
   is ignored), and faking only the wall clock breaks its sleeps (EINVAL), so this is the one
   clock fault we can inject for real per process. Stepping the host clock instead would hit
@@ -70,8 +70,15 @@ FAKETIME_GLOB = "/usr/lib/*/faketime/libfaketime.so.1"
 
 
 def faketime_library() -> Path | None:
-    """The libfaketime shared library, if installed (Debian package ``libfaketime``)."""
+    """The libfaketime shared library: the one the PyPI package ``libfaketime`` ships (in the test
+    extra, so every machine that installs the tests has the same build), else Debian's."""
     import glob
+    import importlib.util
+    spec = importlib.util.find_spec("libfaketime")
+    if spec is not None and spec.origin is not None:
+        vendored = Path(spec.origin).parent / "vendor" / "libfaketime" / "src" / "libfaketime.so.1"
+        if vendored.is_file():
+            return vendored
     found = sorted(glob.glob(FAKETIME_GLOB))
     return Path(found[0]) if found else None
 

@@ -20,6 +20,7 @@ from tidelog.cluster.faults import (
     damage_segment,
     newest_segment,
     partition_pairs,
+    faketime_library,
 )
 from tidelog.cluster.history import FinalReadOp, Outcome, SendOp
 from tidelog.node.storage import PartitionLog
@@ -167,3 +168,37 @@ def test_allowed_anomalies_are_listed_but_do_not_fail(tmp_path: Path) -> None:
     assert lenient.valid and out["valid"]
     assert "duplicate" not in out["checker"]["anomalies"]
     assert len(out["allowed_anomalies"]["duplicate"]) == 1
+
+
+def test_faketime_library_moves_a_process_clock_forward(tmp_path: Path) -> None:
+    """The clock fault's mechanism (`NodeProc.jump_clock`): rewriting the timestamp file of a
+    process running under the library found (the test extra's build first) moves both its wall
+    and its monotonic clock forward by the jump, while the process runs."""
+    import os
+    import subprocess
+    import sys
+
+    library = faketime_library()
+    assert library is not None, "the test extra installs libfaketime; reinstall with '.[test]'"
+    clock_file = tmp_path / "faketime.rc"
+    clock_file.write_text("+0\n")
+    env = {**os.environ, "LD_PRELOAD": str(library), "FAKETIME_TIMESTAMP_FILE": str(clock_file),
+           "FAKETIME_NO_CACHE": "1"}
+    # Prints its clocks, then again after each line it reads from stdin.
+    probe = ("import sys, time\n"
+             "print(time.time(), time.monotonic(), flush=True)\n"
+             "for _ in sys.stdin:\n"
+             "    print(time.time(), time.monotonic(), flush=True)\n")
+    with subprocess.Popen([sys.executable, "-c", probe], env=env, stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True) as process:
+        try:
+            assert process.stdin is not None and process.stdout is not None
+            wall0, mono0 = map(float, process.stdout.readline().split())
+            clock_file.write_text("+3600\n")
+            process.stdin.write("\n")
+            process.stdin.flush()
+            wall1, mono1 = map(float, process.stdout.readline().split())
+        finally:
+            process.kill()
+    assert 3590 < wall1 - wall0 < 3660
+    assert 3590 < mono1 - mono0 < 3660
