@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from tidelog.node.config import topic_name_error
+from tidelog.node.config import CONSUMER_OFFSETS_TOPIC, topic_name_error
 from tidelog.node.controller import ADMIN_TIMEOUT_S, NotController
 from tidelog.node.metadata import MetadataImage
 from tidelog.node.partitions import Partition, PartitionClosed, StorageFailed
@@ -105,6 +105,11 @@ class BrokerService(api_pb2_grpc.BrokerServicer):
                     raise _Rejected(ErrorCode.INVALID_REQUIRED_ACKS, f"acks must be 0, 1 or -1 (all), got {acks}")
                 if node.shutting_down:
                     raise _Rejected(ErrorCode.NOT_LEADER_OR_FOLLOWER, "node is shutting down")
+                if data.topic == CONSUMER_OFFSETS_TOPIC:
+                    # Only the group coordinators write there: a foreign record would make their
+                    # in-memory state differ from what a replay of the partition builds.
+                    raise _Rejected(ErrorCode.INVALID_TOPIC_EXCEPTION,
+                                    f"cannot produce to the internal topic {CONSUMER_OFFSETS_TOPIC}")
                 partition = _locate(node, image, data.topic, data.partition)
                 batches, headers = self._validate(node.topic_configs(image.topics[data.topic]), data.records)
                 appended = partition.append(batches, headers)

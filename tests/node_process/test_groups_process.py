@@ -18,6 +18,7 @@ import pytest
 from support.nodes import LocalCluster, start_cluster
 from tidelog.node.group_records import coordinator_partition
 from tidelog.proto import api_pb2, api_pb2_grpc, common_pb2
+from tidelog.proto import records as codec
 from tidelog.proto.common_pb2 import ErrorCode
 
 SESSION_TIMEOUT_MS = 2000
@@ -271,6 +272,12 @@ def test_bad_requests_get_error_codes(groups_cluster: LocalCluster, client: Grou
     elsewhere = client.stub(other.node_id).OffsetFetch(api_pb2.OffsetFetchRequest(group_id="bad-requests"),
                                                        timeout=10)
     assert elsewhere.error == ErrorCode.NOT_COORDINATOR
+    # Only coordinators write to __consumer_offsets.
+    with grpc.insecure_channel(groups_cluster.nodes[0].address) as channel:
+        produced = api_pb2_grpc.BrokerStub(channel).Produce(api_pb2.ProduceRequest(acks=-1, partitions=[
+            api_pb2.ProducePartitionData(topic="__consumer_offsets", partition=0, records=codec.encode_batch(
+                [codec.Record(0, 0, b"\x00\x01junk", b"junk")]))]), timeout=10)
+    assert produced.partitions[0].error == ErrorCode.INVALID_TOPIC_EXCEPTION
     # The node is still fine.
     assert client.find("bad-requests") == node_id
 
