@@ -116,3 +116,53 @@ class ClusterDescription:
     controller_voters: tuple[int, ...]
     metadata_epoch: int
     metadata_offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class GroupListing:
+    group_id: str
+    state: str  # "empty", "assigning", "reconciling", "stable", "dead"
+    coordinator_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class GroupMemberDescription:
+    member_id: str
+    instance_id: str | None
+    member_epoch: int
+    state: str
+    subscribed_topics: tuple[str, ...]
+    assignment: tuple[TopicPartition, ...]
+    pending_revocation: tuple[TopicPartition, ...]
+    target_assignment: tuple[TopicPartition, ...]
+    client_id: str = ""
+    client_host: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class GroupOffset:
+    """One partition of a described group: its committed offset, the log end and the lag
+    (end - committed); None where the group has no commit or the end is unknown."""
+
+    topic: str
+    partition: int
+    committed: int | None
+    end: int | None
+    lag: int | None
+    member_id: str | None = None  # the member that owns the partition now, if any
+
+    @property
+    def topic_partition(self) -> TopicPartition:
+        return TopicPartition(self.topic, self.partition)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupDescription:
+    group_id: str
+    state: str
+    group_epoch: int
+    assignment_epoch: int
+    assignor: str
+    coordinator_id: int
+    members: tuple[GroupMemberDescription, ...]
+    offsets: tuple[GroupOffset, ...]
