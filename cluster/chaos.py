@@ -59,6 +59,7 @@ from tidelog.cluster.faults import (
 )
 from tidelog.cluster.history import (
     ConsumerEventKind,
+    CommitOp,
     ConsumerEventOp,
     FinalReadOp,
     HistoryWriter,
@@ -94,6 +95,7 @@ class ChaosConfig:
     partitions: int = 3
     producers: int = 3
     consumers: int = 2
+    group_members: int = 2  # members of one consumer group reading every topic
     rate: float = 100.0  # records per second per producer
     allow: frozenset[AnomalyKind] = frozenset()
     quiet_s: tuple[float, float] = (2.0, 6.0)  # gap between faults
@@ -554,6 +556,96 @@ class ConsumerWorker(threading.Thread):
                 self.stop_event.wait(0.5)
 
 
+class GroupConsumerWorker(threading.Thread):
+    """A member of consumer group ``group``: subscribes to every topic, records each rebalance
+    (the partitions gained or given up), polls, and commits what it polled after every poll; now
+    and then it leaves and a new member (a new name) joins in its place."""
+
+    def __init__(self, process: int, group: str, bootstrap: str,
+                 topics: Sequence[tuple[str, int]], history: HistoryWriter, rng: random.Random,
+                 stop: threading.Event, t0: float) -> None:
+        super().__init__(name=f"chaos-member-{process}", daemon=True)
+        self.process, self.group, self.bootstrap, self.topics = process, group, bootstrap, topics
+        self.history, self.rng, self.stop_event, self.t0 = history, rng, stop, t0
+        self.polled = 0
+        self.commits = 0
+        self.errors: list[str] = []
+        self.generation = 0
+
+    def _now(self) -> float:
+        return time.monotonic() - self.t0
+
+    def _error(self, exc: BaseException) -> None:
+        self.errors.append(repr(exc)[:200])
+        if len(self.errors) > 1000:
+            del self.errors[:500]
+
+    def _session(self) -> None:
+        self.generation += 1
+        name = f"m{self.process}.{self.generation}"
+
+        def rebalanced(partitions: set[TopicPartition]) -> None:
+            # Gained or given up, either way the next poll of these partitions may restart
+            # from the committed offset: a rebalance event, as the history format has it.
+            self.history.record(ConsumerEventOp(
+                ConsumerEventKind.REBALANCE, self.process, name,
+                tuple(sorted((tp.topic, tp.partition) for tp in partitions)), None,
+                group=self.group, time=self._now()))
+
+        consumer = Consumer(self.bootstrap, group_id=self.group, enable_auto_commit=False,
+                            auto_offset_reset="earliest", request_timeout_ms=5000,
+                            fetch_max_wait_ms=200, max_poll_records=200)
+        try:
+            consumer.subscribe([t for t, _ in self.topics], on_assign=rebalanced,
+                               on_revoke=rebalanced)
+            polls_left = self.rng.randint(100, 600)
+            while not self.stop_event.is_set() and polls_left > 0:
+                polls_left -= 1
+                try:
+                    records = consumer.poll(timeout_ms=300)
+                except TidelogError as exc:
+                    self._error(exc)
+                    self.stop_event.wait(0.2)
+                    continue
+                by_tp: dict[TopicPartition, list[tuple[int, str]]] = {}
+                for r in records:
+                    value = r.value.decode() if isinstance(r.value, bytes) else str(r.value)
+                    by_tp.setdefault(TopicPartition(r.topic, r.partition), []).append((r.offset, value))
+                now = self._now()
+                for tp, got in by_tp.items():
+                    self.history.record(PollOp(self.process, name, tp.topic, tp.partition,
+                                               tuple(got), group=self.group, time=now))
+                    self.polled += len(got)
+                owned = consumer.assignment()
+                offsets = {tp: got[-1][0] + 1 for tp, got in by_tp.items() if tp in owned}
+                if offsets:
+                    self._commit(consumer, name, offsets)
+        finally:
+            consumer.close()
+
+    def _commit(self, consumer: Consumer, name: str, offsets: dict[TopicPartition, int]) -> None:
+        outcome = Outcome.OK
+        try:
+            consumer.commit(offsets)
+        except Exception as exc:
+            # A commit without an answer may still take effect, so it is not ordered.
+            self._error(exc)
+            outcome = Outcome.UNKNOWN
+        self.commits += 1
+        now = self._now()
+        for tp, offset in sorted(offsets.items()):
+            self.history.record(CommitOp(self.group, tp.topic, tp.partition, offset, outcome,
+                                         process=self.process, consumer=name, time=now))
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                self._session()
+            except Exception as exc:  # a broken member is replaced by a new one
+                self._error(exc)
+                self.stop_event.wait(0.5)
+
+
 def wait_recovery(bootstrap: str, topics: Sequence[tuple[str, int]], history: HistoryWriter,
                   t0: float, timeout: float, numbers: Iterator[int]) -> tuple[bool, list[str]]:
     """A produce (acks=all) succeeds on every partition; each probe is a recorded send whose
@@ -731,9 +823,14 @@ def run_chaos(config: ChaosConfig) -> RunReport:
             workers.append(ProducerWorker(i + 1, cluster.bootstrap, topics, history,
                                           random.Random(rng.random()), config.rate, stop_workload,
                                           t0))
-        consumers = [ConsumerWorker(100 + i + 1, cluster.bootstrap, topics, history,
-                                    random.Random(rng.random()), stop_consumers, t0)
-                     for i in range(config.consumers)]
+        consumers: list[ConsumerWorker | GroupConsumerWorker] = [
+            ConsumerWorker(100 + i + 1, cluster.bootstrap, topics, history,
+                           random.Random(rng.random()), stop_consumers, t0)
+            for i in range(config.consumers)]
+        consumers += [GroupConsumerWorker(200 + i + 1, f"chaos-{run_id}-group", cluster.bootstrap,
+                                          topics, history, random.Random(rng.random()),
+                                          stop_consumers, t0)
+                      for i in range(config.group_members)]
         for worker in [*workers, *consumers]:
             worker.start()
 
@@ -845,7 +942,10 @@ def add_chaos_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topics", type=int, default=2)
     parser.add_argument("--partitions", type=int, default=3)
     parser.add_argument("--producers", type=int, default=3)
-    parser.add_argument("--consumers", type=int, default=2)
+    parser.add_argument("--consumers", type=int, default=2,
+                        help="consumers that assign every partition and seek (default 2)")
+    parser.add_argument("--group-members", type=int, default=2,
+                        help="members of one consumer group that commit what they poll (default 2)")
     parser.add_argument("--rate", type=float, default=100.0, help="records/s per producer (default 100)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary work dir")
     parser.add_argument("--output", choices=("text", "json"), default="text")
@@ -863,7 +963,7 @@ def config_from_args(args: argparse.Namespace) -> ChaosConfig:
     return ChaosConfig(duration_s=args.duration, seed=seed, faults=args.faults,
                        history=history, data_dir=args.data_dir, work_dir=work_dir,
                        topics=args.topics, partitions=args.partitions, producers=args.producers,
-                       consumers=args.consumers, rate=args.rate, allow=args.allow,
+                       consumers=args.consumers, group_members=args.group_members, rate=args.rate, allow=args.allow,
                        keep=args.keep or work_dir is not None)
 
 

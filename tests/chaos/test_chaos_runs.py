@@ -49,6 +49,7 @@ def test_short_schedule_of_every_fault_kind(tmp_path: Path) -> None:
     assert {f["kind"] for f in summary["faults"]} == {k.value for k in kinds}
     stats = summary["checker"]["stats"]
     assert stats["acknowledged"] > 100 and stats["partitions_final_read"] == 6
+    assert stats["commits_ok"] > 0, "the group members committed nothing"
 
 
 def test_cli_against_a_cluster_up_data_dir(tmp_path: Path) -> None:
