@@ -28,7 +28,9 @@ What the anomalies mean here (names as in jepsen.tests.kafka; see REFERENCE.md Â
   seek or assign that names an offset, the next record must be the first at or after it.
 - committed-offsets-backwards: a group's successive successful commits for one partition go
   down, with no seek (or assign to an offset) by a consumer of that group on that partition and
-  no reset-offsets op in between.
+  no reset-offsets op in between. Also when a member that gains a partition in a rebalance
+  starts reading it below an offset the group's commit had acknowledged before that rebalance
+  (the coordinator lost the commit), again unless a seek or reset came between.
 - unexpected: a value read that no send ever carried.
 - aborted-read: a value read whose send failed with `definite: true`. A plain failed send may
   still have been written (the error is indefinite for a Kafka-like log), so reading it is only
@@ -281,6 +283,10 @@ class _HistoryState:
         self.gaps: list[tuple[tuple[str, TopicPartition], _Position, int, int, Op, str]] = []
         self.last_commit: dict[tuple[str, TopicPartition], Sighting] = {}
         self.commit_drops: list[tuple[str, TopicPartition, Sighting, Sighting]] = []
+        # The group's last acknowledged commit when a member gained a partition: its first
+        # record from the partition must not be below it.
+        self.start_floor: dict[tuple[str, TopicPartition], Sighting] = {}
+        self.start_drops: list[tuple[str, TopicPartition, Sighting, Sighting]] = []
         # (op_number, group or None, consumer or None, partitions, op) of each commit reset.
         self.resets: list[tuple[int, str | None, str | None, tuple[TopicPartition, ...], Op]] = []
         self.polls = 0
@@ -378,6 +384,10 @@ class _HistoryState:
         position = self.positions.get(key)
         if position is not None:
             self._step(key, position, records[0], number, op)
+        elif op.group is not None:
+            floor = self.start_floor.pop(key, None)
+            if floor is not None and records[0][0] < floor[1].offset:  # type: ignore[union-attr]
+                self.start_drops.append((op.group, tp, floor, (number, op)))
         previous_offset = records[0][0]
         for i in range(1, len(records)):
             offset = records[i][0]
@@ -431,6 +441,13 @@ class _HistoryState:
                 owned.add(tp)
         if op.kind is ConsumerEventKind.SEEK or op.offset is not None:
             self.resets.append((number, op.group, op.consumer, op.partitions, op))
+        elif op.kind is ConsumerEventKind.REBALANCE and op.group is not None:
+            for tp in op.partitions:
+                commit = self.last_commit.get((op.group, tp))
+                if commit is None:
+                    self.start_floor.pop((op.consumer, tp), None)
+                else:
+                    self.start_floor[(op.consumer, tp)] = commit
 
     def _commit(self, number: int, op: CommitOp) -> None:
         self.commits += 1
@@ -686,7 +703,7 @@ class _HistoryState:
         return _observe(number, op, tp, offset, value)
 
     def _commit_order(self, out: list[Anomaly]) -> None:
-        if not self.commit_drops:
+        if not self.commit_drops and not self.start_drops:
             return
         reset_lines: dict[tuple[str, TopicPartition], list[int]] = defaultdict(list)
         for number, group, consumer, partitions, _ in self.resets:
@@ -695,15 +712,20 @@ class _HistoryState:
                 continue
             for tp in partitions:
                 reset_lines[(group, tp)].append(number)  # history order: already sorted
-        for group, tp, (number_before, before), (number_after, after) in self.commit_drops:
+        for group, tp, (number_before, before), (number_after, after) in [*self.commit_drops,
+                                                                           *self.start_drops]:
             lines = reset_lines.get((group, tp), [])
             if bisect_right(lines, number_before) < bisect_left(lines, number_after):
-                continue  # a seek or reset between the two commits allows going back
-            assert isinstance(before, CommitOp) and isinstance(after, CommitOp)
+                continue  # a seek or reset between the two allows going back
+            assert isinstance(before, CommitOp)
+            if isinstance(after, CommitOp):
+                what = f"committed {tp[0]}/{tp[1]} offset {after.offset} after {before.offset}"
+            else:
+                assert isinstance(after, PollOp)
+                what = (f"member {after.consumer} gained {tp[0]}/{tp[1]} and read from offset "
+                        f"{after.records[0][0]}, below the acknowledged commit {before.offset}")
             out.append(Anomaly(
-                AnomalyKind.COMMITTED_OFFSETS_BACKWARDS, tp[0], tp[1],
-                f"group {group} committed {tp[0]}/{tp[1]} offset {after.offset} after "
-                f"{before.offset}",
+                AnomalyKind.COMMITTED_OFFSETS_BACKWARDS, tp[0], tp[1], f"group {group} {what}",
                 (_observe(number_before, before), _observe(number_after, after)),
                 {"group": group},
             ))

@@ -352,6 +352,29 @@ PARTITIONS = 2
 ALL_TPS = [(topic, p) for topic in TOPICS for p in range(PARTITIONS)]
 
 
+def test_a_member_that_gains_a_partition_below_an_acknowledged_commit() -> None:
+    """The coordinator lost a commit: the partition's new owner starts below it."""
+    base = [send("a", 0, 0), send("b", 0, 1), send("c", 0, 2),
+            final(0, [(0, "a"), (1, "b"), (2, "c")]),
+            event("rebalance", "m1", [("t", 0)], group="g"),
+            poll("m1", 0, [(0, "a"), (1, "b")], group="g"),
+            commit("g", 0, 2, consumer="m1"),  # acknowledged: m1 read up to 1
+            event("rebalance", "m1", [("t", 0)], group="g"),  # m1 gives it up
+            event("rebalance", "m2", [("t", 0)], group="g")]  # m2 gains it
+    anomaly = only(check([*base, poll("m2", 0, [(1, "b"), (2, "c")], group="g")]),
+                   K.COMMITTED_OFFSETS_BACKWARDS)
+    before, after = anomaly.records
+    assert (before.source, before.offset) == (Source.COMMIT, 2)
+    assert (after.source, after.consumer) == (Source.POLL, "m2")
+    # Starting at the commit is the protocol; an admin reset in between allows going back.
+    assert_valid(check([*base, poll("m2", 0, [(2, "c")], group="g")]))
+    reset = ResetOffsetsOp("g", "t", 0, 0)
+    assert_valid(check([*base[:-1], reset, base[-1], poll("m2", 0, [(0, "a")], group="g")]))
+    # A commit whose answer never came orders nothing.
+    unknown = [*base[:6], commit("g", 0, 2, "unknown", consumer="m1"), *base[7:]]
+    assert_valid(check([*unknown, poll("m2", 0, [(0, "a")], group="g")]))
+
+
 def model_history(rnd: random.Random, steps: int) -> list[Op]:
     """A history a correct cluster could produce: unique values, control-batch gaps, failed and
     unknown sends that were sometimes written anyway, two consumers of group "g" that rebalance
@@ -371,7 +394,7 @@ def model_history(rnd: random.Random, steps: int) -> list[Op]:
         cut = rnd.randint(0, len(tps))
         for consumer, owned in (("g1", tps[:cut]), ("g2", tps[cut:])):
             positions[consumer] = {tp: committed.get(tp, 0) for tp in owned}
-            history.append(event("rebalance", consumer, sorted(owned), None,
+            history.append(event("rebalance", consumer, sorted(owned), None, group="g",
                                  process=process_of[consumer]))
 
     def assign_solo() -> None:
