@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -121,7 +122,7 @@ class _Hosted:
     """A partition this node leads, and the coordinator built for its current epoch."""
 
     __slots__ = ("index", "partition", "epoch", "coordinator", "last_appended", "dropped", "load_task",
-                 "timer", "timer_at")
+                 "timer", "timer_at", "waiters", "watcher")
 
     def __init__(self, index: int, partition: OffsetsPartition, epoch: int) -> None:
         self.index = index
@@ -135,6 +136,16 @@ class _Hosted:
         self.load_task: asyncio.Task[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.timer_at: int | None = None
+        # Answers waiting for the high watermark: (last offset, future, loop-time deadline), in
+        # append order, so both offsets and deadlines never decrease along the deque.
+        self.waiters: deque[tuple[int, asyncio.Future[None], float]] = deque()
+        self.watcher: asyncio.Task[None] | None = None
+
+    def fail_waiters(self, error: CoordinatorUnavailable) -> None:
+        while self.waiters:
+            _, future, _ = self.waiters.popleft()
+            if not future.done():
+                future.set_exception(error)
 
     def current(self) -> bool:
         """Still the coordinator of a partition this node leads in the epoch it loaded?"""
@@ -244,6 +255,9 @@ class GroupHost:
             hosted.timer = None
         if hosted.load_task is not None and not hosted.load_task.done():
             hosted.load_task.cancel()
+        hosted.fail_waiters(CoordinatorUnavailable(
+            ErrorCode.NOT_COORDINATOR,
+            f"this node stopped coordinating __consumer_offsets-{hosted.index} before the answer committed ({why})"))
         log.info("group coordinator for __consumer_offsets-%d (epoch %d) dropped: %s", hosted.index,
                  hosted.epoch, why)
 
@@ -415,29 +429,60 @@ class GroupHost:
 
     async def _wait_committed(self, hosted: _Hosted, last_offset: int) -> None:
         """Until the high watermark passes ``last_offset`` in the epoch that appended it."""
+        if not hosted.current():
+            self._lost(hosted)
+        if hosted.partition.high_watermark > last_offset:
+            return
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._commit_timeout_s
+        future: asyncio.Future[None] = loop.create_future()
+        hosted.waiters.append((last_offset, future, loop.time() + self._commit_timeout_s))
+        if hosted.watcher is None:
+            hosted.watcher = loop.create_task(self._watch(hosted))
+            self._tasks.add(hosted.watcher)
+            hosted.watcher.add_done_callback(self._tasks.discard)
+        await future
+
+    def _lost(self, hosted: _Hosted) -> None:
+        """The partition's leadership (or epoch) changed under the coordinator: drop it."""
+        if not hosted.dropped:
+            self._drop(hosted, "leadership changed")
+            self.leaders_changed()
+        raise CoordinatorUnavailable(
+            ErrorCode.NOT_COORDINATOR,
+            f"this node stopped leading __consumer_offsets-{hosted.index} before the answer committed")
+
+    async def _watch(self, hosted: _Hosted) -> None:
+        """Answer the waiters as the high watermark passes them (one task per partition, not
+        one wake-up per waiting call), fail them when leadership goes, time out the old ones."""
+        loop = asyncio.get_running_loop()
         partition = hosted.partition
-        while True:
-            if not hosted.current():
-                if not hosted.dropped:
-                    self._drop(hosted, "leadership changed")
-                    self.leaders_changed()
-                raise CoordinatorUnavailable(
-                    ErrorCode.NOT_COORDINATOR,
-                    f"this node stopped leading __consumer_offsets-{hosted.index} before the answer committed")
-            if partition.high_watermark > last_offset:
-                return
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise CoordinatorUnavailable(
-                    ErrorCode.REQUEST_TIMED_OUT,
-                    f"__consumer_offsets-{hosted.index} did not commit within "
-                    f"{self._commit_timeout_s * 1000:.0f} ms; the change may still commit")
-            try:
-                await asyncio.wait_for(asyncio.shield(partition.wait_change()), remaining)
-            except TimeoutError:
-                pass
+        waiters = hosted.waiters
+        try:
+            while waiters:
+                if not hosted.current():
+                    try:
+                        self._lost(hosted)
+                    except CoordinatorUnavailable as exc:
+                        hosted.fail_waiters(exc)
+                    return
+                high_watermark = partition.high_watermark
+                while waiters and waiters[0][0] < high_watermark:
+                    _, future, _ = waiters.popleft()
+                    if not future.done():
+                        future.set_result(None)
+                now = loop.time()
+                while waiters and waiters[0][2] <= now:
+                    _, future, _ = waiters.popleft()
+                    if not future.done():
+                        future.set_exception(CoordinatorUnavailable(
+                            ErrorCode.REQUEST_TIMED_OUT,
+                            f"__consumer_offsets-{hosted.index} did not commit within "
+                            f"{self._commit_timeout_s * 1000:.0f} ms; the change may still commit"))
+                if not waiters:
+                    return
+                await asyncio.wait((partition.wait_change(),), timeout=waiters[0][2] - now)
+        finally:
+            hosted.watcher = None
 
     # --- timers -----------------------------------------------------------------------------
 

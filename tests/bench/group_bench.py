@@ -1,0 +1,265 @@
+"""Consumer-group coordinator figures (issue 6): offset commits/s and group join time.
+
+    python tests/bench/group_bench.py [--nodes 3] [--seconds 10] [--in-flight 64] [--rate 1000]
+                                      [--groups 100] [--members 4] [--partitions 8]
+                                      [--heartbeat-interval-ms 1000] [--only commits|joins]
+
+Starts a --nodes cluster (tests/support/nodes.py) in a temporary directory; `__consumer_offsets`
+gets replication factor min(3, nodes). It talks raw gRPC, so the figures are the server's:
+
+* commits, closed loop: --in-flight OffsetCommit calls (one partition each) kept in flight
+  against one group's coordinator for --seconds; commits/s and latency p50/p99/max.
+* commits, open loop: one commit every 1/--rate s for --seconds whatever the answers do, so the
+  latency is the one a client sees at that load (the target: >= 1,000/s with p99 <= 20 ms on
+  3 nodes, RF 3).
+* joins: --groups groups x --members members subscribe to one --partitions topic at once; each
+  member heartbeats again at once when its assignment changed (to acknowledge a revocation or
+  take new partitions), else every heartbeat interval (node config, default here 1000 ms), as a
+  KIP-848 client does. Reported: time until every group is stable (DescribeGroup) with
+  disjoint member assignments covering every partition, and heartbeats sent.
+
+Prints figures and asserts nothing about speed (DESIGN.md §10). Not collected by pytest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+from tidelog.proto import api_pb2, api_pb2_grpc, common_pb2
+from tidelog.proto.common_pb2 import ErrorCode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from support.nodes import LocalCluster, start_cluster  # noqa: E402
+
+RETRIABLE = {ErrorCode.NOT_COORDINATOR, ErrorCode.COORDINATOR_LOAD_IN_PROGRESS, ErrorCode.COORDINATOR_NOT_AVAILABLE,
+             ErrorCode.REQUEST_TIMED_OUT}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def latency_line(latencies_s: list[float]) -> str:
+    ms = [v * 1000 for v in latencies_s]
+    if not ms:
+        return "no answers"
+    return (f"p50 {statistics.median(ms):.1f} ms, p99 {percentile(ms, 0.99):.1f} ms, "
+            f"max {max(ms):.1f} ms")
+
+
+class Cluster:
+    """Async stubs per node and coordinator lookup with retries."""
+
+    def __init__(self, local: LocalCluster) -> None:
+        self.local = local
+        self.channels = {n.node_id: grpc.aio.insecure_channel(n.address) for n in local.nodes}
+        self.coordinators: dict[str, int] = {}
+
+    def stub(self, node_id: int) -> api_pb2_grpc.GroupsStub:
+        return api_pb2_grpc.GroupsStub(self.channels[node_id])
+
+    async def close(self) -> None:
+        for channel in self.channels.values():
+            await channel.close()
+
+    async def find(self, group_id: str) -> int:
+        deadline = time.monotonic() + 60
+        while True:
+            for node_id in self.channels:
+                try:
+                    answer = await self.stub(node_id).FindCoordinator(
+                        api_pb2.FindCoordinatorRequest(group_id=group_id), timeout=10)
+                except grpc.RpcError:
+                    continue
+                if answer.error == ErrorCode.NONE:
+                    self.coordinators[group_id] = answer.node_id
+                    return answer.node_id
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no coordinator for {group_id}")
+            await asyncio.sleep(0.05)
+
+    async def call(self, group_id: str, method: str, request: Any) -> Any:
+        deadline = time.monotonic() + 60
+        while True:
+            node_id = self.coordinators.get(group_id) or await self.find(group_id)
+            try:
+                answer = await getattr(self.stub(node_id), method)(request, timeout=10)
+            except grpc.RpcError:
+                answer = None
+            if answer is not None and answer.error not in RETRIABLE:
+                return answer
+            self.coordinators.pop(group_id, None)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{method} for {group_id} kept failing: {answer}")
+            await asyncio.sleep(0.02)
+
+
+def create_topic(local: LocalCluster, name: str, partitions: int) -> None:
+    with grpc.insecure_channel(local.nodes[0].address) as channel:
+        answer = api_pb2_grpc.AdminStub(channel).CreateTopics(api_pb2.CreateTopicsRequest(
+            topics=[api_pb2.NewTopic(name=name, num_partitions=partitions, replication_factor=1)],
+            timeout_ms=30000), timeout=40)
+    if answer.topics[0].error not in (ErrorCode.NONE, ErrorCode.TOPIC_ALREADY_EXISTS):
+        raise RuntimeError(str(answer))
+
+
+def commit_request(group_id: str, topic: str, partition: int, offset: int) -> api_pb2.OffsetCommitRequest:
+    return api_pb2.OffsetCommitRequest(group_id=group_id, member_epoch=-1, partitions=[
+        api_pb2.OffsetCommitPartition(topic=topic, partition=partition, offset=offset, leader_epoch=-1)])
+
+
+async def commits(cluster: Cluster, args: argparse.Namespace) -> None:
+    group_id, topic = "bench-commits", "bench-offsets"
+    node_id = await cluster.find(group_id)
+    await cluster.call(group_id, "OffsetCommit", commit_request(group_id, topic, 0, 0))  # loaded, warm
+    stub = cluster.stub(node_id)
+    counter = 0
+    errors = 0
+
+    async def one(partition: int) -> float:
+        nonlocal counter, errors
+        counter += 1
+        started = time.perf_counter()
+        answer = await stub.OffsetCommit(commit_request(group_id, topic, partition, counter), timeout=10)
+        if answer.error != ErrorCode.NONE or answer.partitions[0].error != ErrorCode.NONE:
+            errors += 1
+        return time.perf_counter() - started
+
+    # Closed loop.
+    latencies: list[float] = []
+    stop_at = time.perf_counter() + args.seconds
+
+    async def worker(index: int) -> None:
+        while time.perf_counter() < stop_at:
+            latencies.append(await one(index % args.partitions))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(i) for i in range(args.in_flight)))
+    elapsed = time.perf_counter() - started
+    print(f"commits closed loop ({args.in_flight} in flight, coordinator node {node_id}): "
+          f"{len(latencies) / elapsed:,.0f} commits/s; {latency_line(latencies)}; errors {errors}", flush=True)
+
+    # Open loop at --rate.
+    errors = 0
+    latencies = []
+    tasks: list[asyncio.Task[float]] = []
+    interval = 1.0 / args.rate
+    started = time.perf_counter()
+    total = int(args.rate * args.seconds)
+    for i in range(total):
+        delay = started + i * interval - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(one(i % args.partitions)))
+    latencies = list(await asyncio.gather(*tasks))
+    elapsed = time.perf_counter() - started
+    print(f"commits open loop at {args.rate:,.0f}/s offered: {total / elapsed:,.0f} commits/s answered; "
+          f"{latency_line(latencies)}; errors {errors}", flush=True)
+
+
+async def joins(cluster: Cluster, args: argparse.Namespace) -> None:
+    topic = "bench-joins"
+    everything = {(topic, p) for p in range(args.partitions)}
+    groups = [f"bench-group-{i}" for i in range(args.groups)]
+    await asyncio.gather(*(cluster.find(g) for g in groups))
+    heartbeats = 0
+    stop = asyncio.Event()
+    views: dict[str, dict[str, set[tuple[str, int]]]] = {g: {} for g in groups}
+
+    async def member(group_id: str, index: int) -> None:
+        nonlocal heartbeats
+        member_id, epoch = "", 0
+        owned: set[tuple[str, int]] = set()
+        while not stop.is_set():
+            request = api_pb2.ConsumerGroupHeartbeatRequest(
+                group_id=group_id, member_id=member_id, member_epoch=epoch, rebalance_timeout_ms=30000,
+                has_subscription=True, subscribed_topics=[topic], has_owned_partitions=True,
+                owned_partitions=[common_pb2.TopicPartition(topic=t, partition=p) for t, p in sorted(owned)])
+            answer = await cluster.call(group_id, "ConsumerGroupHeartbeat", request)
+            heartbeats += 1
+            if answer.error != ErrorCode.NONE:
+                raise RuntimeError(f"{group_id} member {index}: {answer}")
+            member_id, epoch = answer.member_id, answer.member_epoch
+            changed = False
+            if answer.has_assignment:
+                new = {(tp.topic, tp.partition) for tp in answer.assignment}
+                changed = new != owned
+                owned = new
+            views[group_id][member_id] = owned
+            if not changed:
+                try:
+                    await asyncio.wait_for(stop.wait(), answer.heartbeat_interval_ms / 1000)
+                except TimeoutError:
+                    pass
+
+    def split_ok(group_id: str) -> bool:
+        owned = list(views[group_id].values())
+        union = set().union(*owned) if owned else set()
+        return len(owned) == args.members and union == everything and sum(len(o) for o in owned) == len(everything)
+
+    started = time.perf_counter()
+    tasks = [asyncio.ensure_future(member(g, i)) for g in groups for i in range(args.members)]
+    pending = set(groups)
+    while pending:
+        if any(t.done() and t.exception() for t in tasks):
+            raise next(t.exception() for t in tasks if t.done() and t.exception())  # type: ignore[misc]
+        for group_id in [g for g in pending if split_ok(g)]:
+            described = await cluster.call(group_id, "DescribeGroup", api_pb2.DescribeGroupRequest(group_id=group_id))
+            if described.state == "stable" and len(described.members) == args.members:
+                pending.discard(group_id)
+        if time.perf_counter() - started > 300:
+            raise RuntimeError(f"{len(pending)} groups not stable after 300 s")
+        await asyncio.sleep(0.05)
+    elapsed = time.perf_counter() - started
+    stop.set()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    print(f"joins: {args.groups} groups x {args.members} members on {args.partitions} partitions all stable "
+          f"in {elapsed:.2f} s ({heartbeats:,} heartbeats, heartbeat interval {args.heartbeat_interval_ms} ms)",
+          flush=True)
+
+
+async def main_async(local: LocalCluster, args: argparse.Namespace) -> None:
+    cluster = Cluster(local)
+    try:
+        if args.only in (None, "commits"):
+            await commits(cluster, args)
+        if args.only in (None, "joins"):
+            await joins(cluster, args)
+    finally:
+        await cluster.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--in-flight", type=int, default=64)
+    parser.add_argument("--rate", type=float, default=1000.0)
+    parser.add_argument("--groups", type=int, default=100)
+    parser.add_argument("--members", type=int, default=4)
+    parser.add_argument("--partitions", type=int, default=8)
+    parser.add_argument("--heartbeat-interval-ms", type=int, default=1000)
+    parser.add_argument("--only", choices=("commits", "joins"))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="group-bench-") as tmp:
+        local = start_cluster(Path(tmp), nodes=args.nodes,
+                              group_consumer_heartbeat_interval_ms=args.heartbeat_interval_ms)
+        try:
+            create_topic(local, "bench-offsets", args.partitions)
+            create_topic(local, "bench-joins", args.partitions)
+            asyncio.run(main_async(local, args))
+        finally:
+            local.stop_all()
+
+
+if __name__ == "__main__":
+    main()
