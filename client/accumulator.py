@@ -3,11 +3,25 @@
 Records go into an *open* batch per partition; a batch is *sealed* when the next record would
 not fit in ``batch_size``, when ``linger_ms`` has passed since its first record, or on
 flush/close. The sender drains sealed batches as *runs*: a partition's queued batches from the
-head, as many as fit in one request, sent together as one partition entry. At most one run per
-partition is in flight and a failed run is retried whole, first in line, so per-partition order
-survives retries without idempotence, while a busy partition still moves up to a request's worth
-of batches per round trip. While a partition has a run in flight its open batch keeps filling
-instead of being sealed on linger, so a slow partition gets fewer, larger batches.
+head, as many as fit in one request, sent together as one partition entry.
+
+How many batches of a partition may be in flight depends on ``max_in_flight_batches``:
+
+- None (a producer without idempotence): at most one run per partition, retried whole and first
+  in line, so per-partition order survives retries without sequence numbers, while a busy
+  partition still moves up to a request's worth of batches per round trip. While the run is in
+  flight the open batch keeps filling instead of being sealed on linger, so a slow partition
+  gets fewer, larger batches.
+- N (the idempotent producer, N <= 5, Kafka's rule): up to N batches per partition in flight,
+  in several runs. The broker orders them by sequence number and answers a retry of any of its
+  last 5 batches with the original offsets, so pipelining cannot reorder or duplicate. A run that
+  comes back with a retriable error returns to the queue in sequence (batch id) order, and the
+  partition *resyncs* as Kafka's producer does: nothing more is sent while any of its batches is
+  still in flight, then one run at a time until a run succeeds. A batch that was sent keeps its
+  run: a retry resends exactly the batches first sent together (or a part of them), never mixed
+  with others, because the broker refuses a request that mixes retries with new batches. Runs of
+  different producer ids are never in flight together for one partition, so batches renumbered
+  under a new id cannot overtake batches still being retried under the old one.
 
 The accumulator is shared between the application's threads (appends) and the client's event
 loop (draining, completion), so its state is guarded by one lock; waiting for buffer memory is a
@@ -56,7 +70,12 @@ class ProducerBatch:
     retry_at: float = 0.0
     encoded: bytes | None = None
     last_error: BaseException | None = None
-    producer_id: int = -1  # the idempotent producer id ``encoded`` carries; -1 when none
+    # The idempotent producer id whose sequence ``encoded`` carries; -1 when none yet, or when
+    # the batch must be numbered again (its sequence was never written, see `renumber`).
+    producer_id: int = -1
+    # The batch id of the first batch of the run this one was sent in (-1: not sent): a numbered
+    # batch is only ever resent with (part of) the same run.
+    run_tag: int = -1
 
     @property
     def record_count(self) -> int:
@@ -66,8 +85,14 @@ class ProducerBatch:
 @dataclass(slots=True)
 class _PartitionQueue:
     open: ProducerBatch | None = None
+    # Waiting to be sent, in batch id (= sequence) order; retried batches go back in order.
     sealed: deque[ProducerBatch] = field(default_factory=deque)
-    in_flight: bool = False
+    # Sent and not yet answered.
+    in_flight: list[ProducerBatch] = field(default_factory=list)
+    # A run came back with a retriable error: one run at a time until one succeeds.
+    resync: bool = False
+    # No more may be sent now (kept up to date so `add` needs no computation per record).
+    blocked: bool = False
 
 
 class AppendResult(NamedTuple):
@@ -113,7 +138,12 @@ class RecordAccumulator:
         delivery_timeout_ms: float,
         clock: Callable[[], float] = time.monotonic,
         on_memory_freed: Callable[[], None] | None = None,
+        max_in_flight_batches: int | None = None,
     ) -> None:
+        if max_in_flight_batches is not None and max_in_flight_batches < 1:
+            raise ValueError("max_in_flight_batches must be at least 1")
+        # None: one run per partition (no idempotence); N: up to N batches (module docstring).
+        self.max_in_flight_batches = max_in_flight_batches
         self.batch_size = batch_size
         self.linger = linger_ms / 1000.0
         self.buffer_memory = buffer_memory
@@ -157,7 +187,7 @@ class RecordAccumulator:
             batch = self._append_locked(tp, record_fields, size, handle)
             if batch is None:
                 return None
-            return (batch.sealed or len(batch.records) == 1) and not self._partitions[tp].in_flight
+            return (batch.sealed or len(batch.records) == 1) and not self._last_queue.blocked
 
     def append(
         self,
@@ -186,7 +216,7 @@ class RecordAccumulator:
     def _result_locked(self, batch: ProducerBatch) -> AppendResult:
         index = len(batch.records) - 1
         return AppendResult(
-            batch, index, (batch.sealed or index == 0) and not self._partitions[batch.tp].in_flight
+            batch, index, (batch.sealed or index == 0) and not self._partitions[batch.tp].blocked
         )
 
     def _append_locked(
@@ -258,17 +288,19 @@ class RecordAccumulator:
         leader_of: Callable[[TopicPartition], int | None],
         node_ready: Callable[[int], bool] = lambda node: True,
         max_bytes: int = 0,
+        producer_id: int = -1,
     ) -> Drain:
         """Take what to send now, grouped by leader node and marked in flight.
 
         Each entry of ``by_node[node]`` is one partition's *run*: its sealed batches from the head
-        of its queue, as many as fit in ``max_bytes`` (at least one; 0 = just one). A run travels
-        as one partition entry of one Produce request, so several batches of a partition are in
-        flight at once while order is still kept: the run is retried whole.
+        of its queue, as many as fit in ``max_bytes`` (at least one; 0 = just one) and in the
+        partition's in-flight allowance. A run travels as one partition entry of one Produce
+        request. ``producer_id`` is the id that batches not numbered yet will carry.
         """
         by_node: dict[int, list[list[ProducerBatch]]] = {}
         unknown: set[TopicPartition] = set()
         next_check: float | None = None
+        limit = self.max_in_flight_batches
 
         def later(moment: float) -> None:
             nonlocal next_check
@@ -277,7 +309,7 @@ class RecordAccumulator:
 
         with self._lock:
             for tp, queue in self._partitions.items():
-                if queue.in_flight:
+                if queue.blocked:
                     continue
                 if queue.open is not None:
                     linger_end = queue.open.created + self.linger
@@ -294,42 +326,113 @@ class RecordAccumulator:
                 if head.retry_at > now:
                     later(head.retry_at)
                     continue
+                if queue.in_flight:
+                    # Batches of an older producer id must be answered first (-1: numbered with
+                    # ``producer_id`` once sent).
+                    flying = queue.in_flight[-1].producer_id
+                    if (flying if flying >= 0 else producer_id) != (
+                            head.producer_id if head.producer_id >= 0 else producer_id):
+                        continue
                 leader = leader_of(tp)
                 if leader is None:
                     unknown.add(tp)
                     continue
                 if not node_ready(leader):
                     continue
-                run = [head]
-                size = head.size
-                for batch in itertools.islice(queue.sealed, 1, None):
-                    if size + batch.size > max_bytes:
-                        break
-                    run.append(batch)
-                    size += batch.size
-                queue.in_flight = True
+                run = self._take_run_locked(queue, head, max_bytes,
+                                            None if limit is None else limit - len(queue.in_flight))
+                queue.in_flight.extend(run)
+                self._update_blocked_locked(queue)
                 by_node.setdefault(leader, []).append(run)
         return Drain(by_node, unknown, next_check)
 
-    def complete(self, run: list[ProducerBatch]) -> None:
-        """The in-flight ``run`` (or a prefix of it) is finished: delivered or failed for good."""
-        with self._lock:
-            queue = self._partitions[run[0].tp]
+    @staticmethod
+    def _take_run_locked(queue: _PartitionQueue, head: ProducerBatch, max_bytes: int,
+                         budget: int | None) -> list[ProducerBatch]:
+        sealed = queue.sealed
+        sealed.popleft()
+        run = [head]
+        size = head.size
+        numbered = head.producer_id >= 0
+        while sealed and (budget is None or len(run) < budget):
+            batch = sealed[0]
+            if size + batch.size > max_bytes:
+                break
+            if numbered:
+                # A retry: only the batches first sent with it (the broker refuses a request
+                # that mixes batches it already has with new ones).
+                if batch.run_tag != head.run_tag or batch.producer_id != head.producer_id:
+                    break
+            elif batch.producer_id >= 0:
+                break
+            sealed.popleft()
+            run.append(batch)
+            size += batch.size
+        if not numbered:
             for batch in run:
-                assert queue.sealed and queue.sealed[0] is batch, "only the head run is in flight"
-                queue.sealed.popleft()
-                self._release_locked(batch)
-            queue.in_flight = False
+                batch.run_tag = head.batch_id
+        return run
 
-    def reenqueue(self, run: list[ProducerBatch], retry_at: float) -> None:
-        """The in-flight ``run`` failed retriably: it stays first in line, sent again later."""
+    def _update_blocked_locked(self, queue: _PartitionQueue) -> None:
+        limit = self.max_in_flight_batches
+        in_flight = queue.in_flight
+        queue.blocked = bool(in_flight) and (
+            limit is None or queue.resync or len(in_flight) >= limit
+        )
+
+    def complete(self, run: list[ProducerBatch]) -> None:
+        """The in-flight ``run`` (or a part of it) is finished: delivered or failed for good."""
         with self._lock:
             queue = self._partitions[run[0].tp]
-            assert queue.sealed and queue.sealed[0] is run[0]
-            queue.in_flight = False
+            self._remove_in_flight_locked(queue, run)
+            for batch in run:
+                self._release_locked(batch)
+            if not queue.in_flight:
+                queue.resync = False
+            self._update_blocked_locked(queue)
+
+    @staticmethod
+    def _remove_in_flight_locked(queue: _PartitionQueue, run: list[ProducerBatch]) -> None:
+        done = {id(batch) for batch in run}
+        before = len(queue.in_flight)
+        queue.in_flight = [batch for batch in queue.in_flight if id(batch) not in done]
+        assert before - len(queue.in_flight) == len(run), "only in-flight batches complete"
+
+    def reenqueue(self, run: list[ProducerBatch], retry_at: float, *, renumber: bool = False) -> None:
+        """The in-flight ``run`` failed retriably: back into the queue in sequence order, sent
+        again at ``retry_at``. With ``renumber`` its sequence was certainly not written (the
+        broker answered that its predecessor is missing, and that predecessor failed for good):
+        it and every later queued batch of the same producer id get numbered again."""
+        with self._lock:
+            queue = self._partitions[run[0].tp]
+            self._remove_in_flight_locked(queue, run)
+            stale = run[0].producer_id
             for batch in run:
                 batch.attempts += 1
-            run[0].retry_at = retry_at
+                batch.retry_at = retry_at
+            merged = sorted([*run, *queue.sealed], key=_batch_id)
+            if renumber and stale >= 0:
+                first = run[0].batch_id
+                for batch in merged:
+                    if batch.producer_id == stale and batch.batch_id >= first:
+                        batch.producer_id = -1
+                        batch.run_tag = -1
+            queue.sealed = deque(merged)
+            if self.max_in_flight_batches is not None:
+                queue.resync = True
+            self._update_blocked_locked(queue)
+
+    def has_earlier_outstanding(self, run: list[ProducerBatch]) -> bool:
+        """Whether a batch of the partition numbered under the same producer id before ``run``
+        (in flight now) is unanswered or waiting for a retry: then a sequence error for ``run``
+        only means that it overtook that batch."""
+        with self._lock:
+            queue = self._partitions[run[0].tp]
+            first, producer_id = run[0].batch_id, run[0].producer_id
+            for batch in itertools.chain(queue.in_flight, queue.sealed):
+                if batch.batch_id < first and batch.producer_id == producer_id:
+                    return True
+            return False
 
     def expire(self, now: float) -> list[ProducerBatch]:
         """Remove and return batches past their delivery timeout that are not in flight."""
@@ -352,9 +455,8 @@ class RecordAccumulator:
         aborted: list[ProducerBatch] = []
         with self._lock:
             for queue in self._partitions.values():
-                keep = [queue.sealed[0]] if queue.in_flight and queue.sealed else []
-                aborted.extend(b for b in queue.sealed if not keep or b is not keep[0])
-                queue.sealed = deque(keep)
+                aborted.extend(queue.sealed)
+                queue.sealed = deque()
                 if queue.open is not None:
                     aborted.append(queue.open)
                     queue.open = None
@@ -368,3 +470,7 @@ class RecordAccumulator:
         self._memory_freed.notify_all()
         if self._on_memory_freed is not None:
             self._on_memory_freed()
+
+
+def _batch_id(batch: ProducerBatch) -> int:
+    return batch.batch_id

@@ -3,11 +3,13 @@
 Shape (aiokafka's producer, DESIGN.md §8): `send` serializes the record, picks its partition
 (Kafka's murmur2 for keys, sticky for null keys) and appends it to the `RecordAccumulator`; one
 sender task drains batches that are full or whose linger expired, groups them by leader node and
-sends one Produce request per node (several requests may be in flight per node, but at most one
-run of batches per partition, which keeps per-partition order across retries). Retriable errors are
-retried with exponential backoff until ``delivery_timeout_ms``; NOT_LEADER_OR_FOLLOWER takes the
-answer's leader hint at once and refreshes metadata in the background. Every outcome reaches the
-record's future.
+sends one Produce request per node (up to ``max_in_flight_requests_per_connection`` per node).
+Per partition, the idempotent producer keeps up to 5 batches in flight, numbered once and resent
+byte for byte in sequence order after a retriable error (Kafka's producer; the accumulator's
+docstring has the rules); without idempotence one run of batches per partition is in flight,
+which keeps per-partition order across retries. Retriable errors are retried with exponential
+backoff until ``delivery_timeout_ms``; NOT_LEADER_OR_FOLLOWER takes the answer's leader hint at
+once and refreshes metadata in the background. Every outcome reaches the record's future.
 
 Defaults (listed in the class docstring) follow Kafka's producer except
 ``batch_size`` (128 KiB rather than 16 KiB: measured on this project, throughput keeps rising up
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import struct
 import functools
 import itertools
 import logging
@@ -26,6 +29,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import crc32c
 import grpc
 
 from tidelog.client._futures import RecordFuture, settle
@@ -49,7 +53,14 @@ from tidelog.client.types import RecordMetadata, TopicPartition
 from tidelog.proto import api_pb2
 from tidelog.proto.common_pb2 import ErrorCode
 from tidelog.proto.errors import TidelogError, is_retriable
-from tidelog.proto.records import BATCH_OVERHEAD, Compression, encode_batch
+from tidelog.proto.records import (
+    BASE_SEQUENCE_OFFSET,
+    BATCH_OVERHEAD,
+    CRC_OFFSET,
+    PRODUCER_ID_OFFSET,
+    Compression,
+    encode_batch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +205,23 @@ class _Pulse:
 
 # Sequences wrap from INT32_MAX to 0 (Kafka's DefaultRecordBatch.incrementSequence).
 _INT32_MAX_MASK = 0x7FFFFFFF
+# Kafka's limit: the broker remembers a producer's last 5 batches per partition, so a retry of any
+# batch still in flight is recognised as long as no more than 5 are.
+MAX_IN_FLIGHT_IDEMPOTENT = 5
+# Answers meaning "this sequence does not follow the last one the partition has".
+_SEQUENCE_ERRORS = frozenset({ErrorCode.OUT_OF_ORDER_SEQUENCE_NUMBER, ErrorCode.UNKNOWN_PRODUCER_ID})
+_PRODUCER_FIELDS = struct.Struct(">qhi")  # producerId, producerEpoch, baseSequence
+_CRC = struct.Struct(">I")
+
+
+def renumber_batch(encoded: bytes, producer_id: int, producer_epoch: int, base_sequence: int) -> bytes:
+    """``encoded`` with another producer id, epoch and base sequence (and its CRC redone): the
+    records, compressed or not, are unchanged."""
+    buf = bytearray(encoded)
+    _PRODUCER_FIELDS.pack_into(buf, PRODUCER_ID_OFFSET, producer_id, producer_epoch, base_sequence)
+    assert PRODUCER_ID_OFFSET + _PRODUCER_FIELDS.size == BASE_SEQUENCE_OFFSET + 4
+    _CRC.pack_into(buf, CRC_OFFSET, crc32c.crc32c(memoryview(buf)[CRC_OFFSET + 4:]))
+    return bytes(buf)
 
 
 class AsyncProducer:
@@ -207,9 +235,10 @@ class AsyncProducer:
     buffer_memory=33554432 (32 MiB), max_block_ms=60000, max_request_size=1048576,
     request_timeout_ms=30000, delivery_timeout_ms=120000, retry_backoff_ms=100 (doubling up to
     retry_backoff_max_ms=1000), max_in_flight_requests_per_connection=5,
-    metadata_max_age_ms=300000, enable_idempotence (on unless acks is 0 or 1; True with acks
-    0/1 is a ValueError): every batch carries a producer id and a per-partition sequence so
-    retries never write a record twice (DESIGN.md §8).
+    metadata_max_age_ms=300000, enable_idempotence (on unless acks is 0 or 1 or
+    max_in_flight_requests_per_connection is above 5; True with those is a ValueError, as in
+    Kafka): every batch carries a producer id and a per-partition sequence so retries never
+    write a record twice, and up to 5 batches per partition are in flight (DESIGN.md §8).
     """
 
     def __init__(
@@ -238,12 +267,23 @@ class AsyncProducer:
         # default-on idempotence quietly steps aside for an explicit acks=0/1, while an explicit
         # enable_idempotence=True with them is a configuration error.
         self._idempotence_explicit = enable_idempotence is not None
+        if max_in_flight_requests_per_connection < 1:
+            raise ValueError("max_in_flight_requests_per_connection must be at least 1")
         if enable_idempotence is None:
-            enable_idempotence = self.acks == -1
+            enable_idempotence = (
+                self.acks == -1 and max_in_flight_requests_per_connection <= MAX_IN_FLIGHT_IDEMPOTENT
+            )
         elif enable_idempotence and self.acks != -1:
             raise ValueError(
                 f"enable_idempotence=True requires acks='all', got acks={acks!r}; set acks='all' or "
                 f"enable_idempotence=False"
+            )
+        elif enable_idempotence and max_in_flight_requests_per_connection > MAX_IN_FLIGHT_IDEMPOTENT:
+            raise ValueError(
+                f"enable_idempotence=True requires max_in_flight_requests_per_connection <= "
+                f"{MAX_IN_FLIGHT_IDEMPOTENT} (the broker recognises retries of a producer's last "
+                f"{MAX_IN_FLIGHT_IDEMPOTENT} batches per partition), got "
+                f"{max_in_flight_requests_per_connection}; lower it or set enable_idempotence=False"
             )
         self.idempotent = bool(enable_idempotence)
         self._producer_id = -1
@@ -276,6 +316,7 @@ class AsyncProducer:
             buffer_memory=buffer_memory,
             delivery_timeout_ms=delivery_timeout_ms,
             on_memory_freed=self._on_memory_freed,
+            max_in_flight_batches=self._batches_in_flight_per_partition(),
         )
         self._partitioner = StickyPartitioner(batch_size)
         self._partitioner_lock = threading.Lock()
@@ -294,6 +335,10 @@ class AsyncProducer:
         self._closing = False
         self._stopping = False
         self._closed = False
+
+    def _batches_in_flight_per_partition(self) -> int | None:
+        # None: one run at a time, which keeps order without sequence numbers.
+        return min(self.max_in_flight, MAX_IN_FLIGHT_IDEMPOTENT) if self.idempotent else None
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -544,6 +589,7 @@ class AsyncProducer:
             # Only a default: a server without idempotence gets the plain producer.
             log.warning("the cluster does not support idempotent producers; sending without idempotence")
             self.idempotent = False
+            self.accumulator.max_in_flight_batches = self._batches_in_flight_per_partition()
             return True
         if answer.error != ErrorCode.NONE:
             log.debug("InitProducerId answered %s: %s", answer.error, answer.error_message)
@@ -583,7 +629,7 @@ class AsyncProducer:
                 )
             snapshot = self.metadata.snapshot
             drain = self.accumulator.drain(
-                now, snapshot.leader_id, self._node_ready, self.max_request_size
+                now, snapshot.leader_id, self._node_ready, self.max_request_size, self._producer_id
             )
             if drain.unknown_leader:
                 self.metadata.add_topics(tp.topic for tp in drain.unknown_leader)
@@ -623,20 +669,25 @@ class AsyncProducer:
         for run in runs:
             run_size = 0
             for batch in run:
-                if batch.encoded is None:
-                    if self.idempotent:
-                        # Numbered once, when first encoded: a retry resends these exact bytes.
-                        sequence = self._sequences.get(batch.tp, 0)
-                        self._sequences[batch.tp] = (sequence + len(batch.records)) & _INT32_MAX_MASK
-                        batch.producer_id = self._producer_id
+                if self.idempotent and batch.producer_id < 0:
+                    # Numbered once, when first sent: a retry resends these exact bytes. A batch
+                    # numbered before under an id it never got written with is numbered again.
+                    sequence = self._sequences.get(batch.tp, 0)
+                    self._sequences[batch.tp] = (sequence + len(batch.records)) & _INT32_MAX_MASK
+                    batch.producer_id = self._producer_id
+                    if batch.encoded is None:
                         batch.encoded = encode_batch(
                             batch.records,  # type: ignore[arg-type]
                             compression=self.compression, producer_id=self._producer_id,
                             producer_epoch=self._producer_epoch, base_sequence=sequence,
                         )
                     else:
-                        # PendingRecord has the fields of a Record that encode_batch reads.
-                        batch.encoded = encode_batch(batch.records, compression=self.compression)  # type: ignore[arg-type]
+                        batch.encoded = renumber_batch(
+                            batch.encoded, self._producer_id, self._producer_epoch, sequence
+                        )
+                elif batch.encoded is None:
+                    # PendingRecord has the fields of a Record that encode_batch reads.
+                    batch.encoded = encode_batch(batch.records, compression=self.compression)  # type: ignore[arg-type]
                 run_size += len(batch.encoded)
             if current and size + run_size > self.max_request_size:
                 chunks.append(current)
@@ -753,7 +804,19 @@ class AsyncProducer:
         backoff = min(self.retry_backoff * (2 ** head.attempts), self.retry_backoff_max)
         backoff *= random.uniform(0.8, 1.2)
         retry_at = time.monotonic() + backoff
-        if not error.retriable or self._closed:
+        retriable = error.retriable
+        renumber = False
+        if error.code in _SEQUENCE_ERRORS and self.idempotent and head.producer_id >= 0:
+            if self.accumulator.has_earlier_outstanding(run):
+                # It overtook an earlier batch of its id that is being retried (Kafka's producer
+                # retries it too rather than surface the error): resent after that one.
+                retriable = True
+            elif head.producer_id != self._producer_id:
+                # An earlier batch failed for good and its id was dropped: the broker has
+                # nothing of this one, so it is numbered again under the new id, at once.
+                retriable = renumber = True
+                retry_at = time.monotonic()
+        if not retriable or self._closed:
             self._forget_producer_id(run)
             self.accumulator.complete(run)
             self._fail_handles(run, error)
@@ -767,14 +830,14 @@ class AsyncProducer:
         rest = run[len(expired):]
         if rest:
             log.debug("retrying %s after %s (attempt %d)", head.tp, error, head.attempts + 1)
-            self.accumulator.reenqueue(rest, retry_at)
+            self.accumulator.reenqueue(rest, retry_at, renumber=renumber)
 
     def _forget_producer_id(self, failed: list[ProducerBatch]) -> None:
         """Failed batches that used a sequence leave a gap (or an unknown outcome) in their
-        partition's numbering: batches not yet numbered start over under a new producer id from
-        sequence 0 (DESIGN.md §8), so no acknowledged record is reordered. That also covers
-        OUT_OF_ORDER_SEQUENCE_NUMBER and UNKNOWN_PRODUCER_ID, which fail the batch: with one run in
-        flight per partition nothing earlier of the partition is outstanding then."""
+        partition's numbering: the producer takes a new id (DESIGN.md §8), and batches of the old
+        id still in flight or queued are retried under it until the broker answers them (a
+        success, a duplicate, or a sequence error, after which they are numbered again under the
+        new id from sequence 0), so no acknowledged record is reordered or written twice."""
         if self._producer_id >= 0 and any(b.producer_id == self._producer_id for b in failed):
             self._producer_id = -1
 

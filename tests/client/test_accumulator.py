@@ -218,3 +218,59 @@ def test_equal_topic_partition_objects_share_one_queue() -> None:
     third = add(acc, TopicPartition("t", 0), b"c")  # another object, equal to the first
     assert third.batch is first.batch and second.batch is not first.batch
     assert [r.value for r in third.batch.records] == [b"a", b"c"]
+
+
+def _numbered(run, producer_id: int) -> None:
+    # What the producer does to a run it sends idempotently: number it under its id.
+    for batch in run:
+        batch.producer_id = producer_id
+
+
+def test_idempotent_pipelining_resync_and_retries_keep_their_runs() -> None:
+    clock = Clock()
+    one = BATCH_OVERHEAD + RECORD_OVERHEAD + 1
+    acc = make(clock, linger_ms=0, batch_size=one, max_in_flight_batches=5)
+    for value in b"123456789":
+        add(acc, TP0, bytes([value]))  # nine full batches
+    first = acc.drain(clock(), leader_1, max_bytes=2 * one, producer_id=7).by_node[1][0]
+    _numbered(first, 7)
+    second = acc.drain(clock(), leader_1, max_bytes=2 * one, producer_id=7).by_node[1][0]
+    _numbered(second, 7)
+    third = acc.drain(clock(), leader_1, max_bytes=10 * one, producer_id=7).by_node[1][0]
+    _numbered(third, 7)
+    assert [len(first), len(second), len(third)] == [2, 2, 1]  # five batches in flight at most
+    assert acc.drain(clock(), leader_1, max_bytes=10 * one, producer_id=7).by_node == {}
+    acc.complete(first)
+    # The second run failed retriably; the third, sent after it, is refused and comes back too.
+    acc.reenqueue(second, retry_at=clock())
+    assert acc.drain(clock(), leader_1, max_bytes=10 * one, producer_id=7).by_node == {}  # resync
+    acc.reenqueue(third, retry_at=clock())
+    [again] = acc.drain(clock(), leader_1, max_bytes=10 * one, producer_id=7).by_node[1]
+    assert again == second  # resent as first sent: not merged with the third or with new batches
+    assert acc.drain(clock(), leader_1, max_bytes=10 * one, producer_id=7).by_node == {}  # one at a time
+    acc.complete(again)
+    [resent] = acc.drain(clock(), leader_1, max_bytes=10 * one, producer_id=7).by_node[1]
+    assert resent == third
+    [fresh] = acc.drain(clock(), leader_1, max_bytes=10 * one, producer_id=7).by_node[1]
+    assert [b.records[0].value for b in fresh] == [b"6", b"7", b"8", b"9"]  # pipelined again
+
+
+def test_batches_of_a_new_producer_id_wait_for_the_old_ids_and_renumbering_covers_later_ones() -> None:
+    clock = Clock()
+    one = BATCH_OVERHEAD + RECORD_OVERHEAD + 1
+    acc = make(clock, linger_ms=0, batch_size=one, max_in_flight_batches=5)
+    for value in b"1234":
+        add(acc, TP0, bytes([value]))
+    runs = [acc.drain(clock(), leader_1, producer_id=7).by_node[1][0] for _ in range(3)]
+    for run in runs:
+        _numbered(run, 7)
+    # The id changed (7 was dropped): "4" gets the new id, so it waits while 7's batches fly.
+    assert acc.drain(clock(), leader_1, producer_id=8).by_node == {}
+    acc.complete(runs[0])
+    assert acc.has_earlier_outstanding(runs[2])  # "2" of the same id is still unanswered
+    acc.reenqueue(runs[2], retry_at=clock())  # "3" overtook "2": retried as it is
+    assert [b.producer_id for b in runs[2]] == [7]
+    acc.reenqueue(runs[1], retry_at=clock(), renumber=True)  # "2" was never written under 7
+    assert [b.producer_id for b in runs[1] + runs[2]] == [-1, -1]  # nor the later "3"
+    [renumbered] = acc.drain(clock(), leader_1, max_bytes=10 * one, producer_id=8).by_node[1]
+    assert [b.records[0].value for b in renumbered] == [b"2", b"3", b"4"]  # now one new run
