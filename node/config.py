@@ -72,7 +72,7 @@ def format_voters(voters: tuple[Voter, ...]) -> str:
 class TopicConfigKey:
     name: str
     default: str
-    kind: str  # "int", "long", "enum"
+    kind: str  # "int", "long", "enum", "ratio" (a number in [0, 1])
     doc: str
     minimum: int | None = None
     choices: tuple[str, ...] = ()
@@ -95,6 +95,9 @@ _TOPIC_KEYS: tuple[TopicConfigKey, ...] = (
                    "bytes between two entries of the sparse offset index", minimum=0),
     TopicConfigKey("delete.retention.ms", "86400000", "long",
                    "how long compaction keeps tombstones", minimum=0),
+    TopicConfigKey("min.cleanable.dirty.ratio", "0.5", "ratio",
+                   "compact a partition once the not yet compacted part is at least this share of "
+                   "its compactable bytes (0 to 1)"),
 )
 TOPIC_CONFIG_KEYS: Mapping[str, TopicConfigKey] = MappingProxyType({k.name: k for k in _TOPIC_KEYS})
 TOPIC_CONFIG_DEFAULTS: Mapping[str, str] = MappingProxyType({k.name: k.default for k in _TOPIC_KEYS})
@@ -106,6 +109,14 @@ def validate_topic_config(name: str, value: str) -> str:
     if key is None:
         raise ConfigError(f"unknown topic config {name!r}; known: {', '.join(TOPIC_CONFIG_KEYS)}")
     value = str(value).strip()
+    if key.kind == "ratio":
+        try:
+            ratio = float(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {value!r}") from None
+        if not 0.0 <= ratio <= 1.0:
+            raise ConfigError(f"{name} must be between 0 and 1, got {value!r}")
+        return repr(ratio)
     if key.kind == "enum":
         normalised = value.replace(" ", "")
         if normalised not in key.choices:
@@ -191,6 +202,8 @@ NODE_KEYS: tuple[NodeKey, ...] = (
             "this (the metadata quorum keeps KRaft's 500 ms)"),
     NodeKey("retention_check_interval_ms", 300000,
             "how often segments past retention.ms / retention.bytes are deleted"),
+    NodeKey("log_cleaner_interval_ms", 15000,
+            "how often partitions of topics with cleanup.policy compact are checked for compaction"),
     NodeKey("shutdown_grace_ms", 5000, "on SIGTERM, how long in-flight requests may take to finish"),
     NodeKey("peer_addresses", {},
             "a table of node id to HOST:PORT overriding where this node's replication traffic to that "
@@ -225,6 +238,7 @@ class NodeConfig:
     fetch_max_wait_ms_limit: int = 30000
     shutdown_grace_ms: int = 5000
     retention_check_interval_ms: int = 300000
+    log_cleaner_interval_ms: int = 15000
     election_timeout_ms: int = 1000
     replica_fetch_max_wait_ms: int = 2000
     topic_defaults: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
@@ -321,6 +335,8 @@ def build_config(values: Mapping[str, Any]) -> NodeConfig:
             "replica_fetch_max_wait_ms", values.get("replica_fetch_max_wait_ms", 2000), 1),
         retention_check_interval_ms=_int(
             "retention_check_interval_ms", values.get("retention_check_interval_ms", 300000), 1),
+        log_cleaner_interval_ms=_int(
+            "log_cleaner_interval_ms", values.get("log_cleaner_interval_ms", 15000), 1),
         topic_defaults=MappingProxyType(topic_defaults),
         peer_addresses=MappingProxyType(peer_addresses),
         offsets_topic_num_partitions=_int(

@@ -22,6 +22,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from tidelog.node.compaction import (
+    CleanerConfig,
+    CleanStats,
+    discard_prepared,
+    finish_clean,
+    prepare_clean,
+    write_checkpoint,
+)
 from tidelog.node.config import METADATA_TOPIC, FlushPolicy
 from tidelog.node.metadata import MetadataImage
 from tidelog.node.producer_state import (
@@ -50,10 +58,7 @@ def open_log(directory: Path, topic_configs: Mapping[str, str]) -> PartitionLog:
 
 def log_config(topic_configs: Mapping[str, str]) -> LogConfig:
     """The storage LogConfig for a topic's effective configs (Kafka names → field names).
-
-    cleanup.policy=compact and delete.retention.ms are accepted and shown but not acted on
-    until compaction exists.
-    """
+    The compaction settings are `cleaner_config`'s."""
     return LogConfig(
         segment_bytes=max(int(topic_configs["segment.bytes"]), BATCH_OVERHEAD),
         segment_ms=int(topic_configs["segment.ms"]),
@@ -61,6 +66,24 @@ def log_config(topic_configs: Mapping[str, str]) -> LogConfig:
         retention_bytes=int(topic_configs["retention.bytes"]),
         retention_ms=int(topic_configs["retention.ms"]),
         max_message_bytes=max(int(topic_configs["max.message.bytes"]), BATCH_OVERHEAD),
+    )
+
+
+def is_compacted(topic_configs: Mapping[str, str]) -> bool:
+    return "compact" in topic_configs.get("cleanup.policy", "delete").split(",")
+
+
+def deletes_by_retention(topic_configs: Mapping[str, str]) -> bool:
+    # Kafka: a compact-only topic keeps its segments however old or large (retention.* ignored).
+    return "delete" in topic_configs.get("cleanup.policy", "delete").split(",")
+
+
+def cleaner_config(topic_configs: Mapping[str, str]) -> CleanerConfig:
+    return CleanerConfig(
+        delete_retention_ms=int(topic_configs.get("delete.retention.ms", "86400000")),
+        min_cleanable_dirty_ratio=float(topic_configs.get("min.cleanable.dirty.ratio", "0.5")),
+        segment_bytes=max(int(topic_configs["segment.bytes"]), BATCH_OVERHEAD),
+        index_interval_bytes=int(topic_configs["index.interval.bytes"]),
     )
 
 
@@ -223,13 +246,16 @@ class PartitionManager:
                  topic_config_defaults: Callable[[], Mapping[str, str]],
                  retention_check_interval_ms: int, send: Callable[[list[Message]], None],
                  election_timeout_ms: int, on_leaders_changed: Callable[[], None],
-                 fetch_max_wait_ms: int | None = None) -> None:
+                 fetch_max_wait_ms: int | None = None, log_cleaner_interval_ms: int = 15000) -> None:
         self.data_dir = data_dir
         self.node_id = node_id
         self.flush_policy = flush_policy
         self.flush_interval_ms = flush_interval_ms
         self._defaults = topic_config_defaults
         self.retention_check_interval_ms = retention_check_interval_ms
+        self.log_cleaner_interval_ms = log_cleaner_interval_ms
+        # Each hosted partition's effective topic configs, as of the last reconcile.
+        self._topic_configs: dict[tuple[str, int], Mapping[str, str]] = {}
         self._send = send
         self._election_timeout_ms = election_timeout_ms
         self._fetch_max_wait_ms = fetch_max_wait_ms
@@ -260,6 +286,7 @@ class PartitionManager:
         if self.flush_policy == FlushPolicy.INTERVAL:
             self._tasks.append(loop.create_task(self._flush_periodically()))
         self._tasks.append(loop.create_task(self._enforce_retention_periodically()))
+        self._tasks.append(loop.create_task(self._compact_periodically()))
 
     async def _flush_periodically(self) -> None:
         while True:
@@ -273,18 +300,57 @@ class PartitionManager:
     async def _enforce_retention_periodically(self) -> None:
         while True:
             await asyncio.sleep(self.retention_check_interval_ms / 1000)
-            for partition in list(self.partitions.values()):
+            for key, partition in list(self.partitions.items()):
                 if partition.closed or partition.failure is not None:
                     continue
                 try:
                     # Never delete what consumers cannot have read yet.
-                    partition.log.enforce_retention(max_offset=partition.high_watermark)
+                    if deletes_by_retention(self._topic_configs.get(key, {})):
+                        partition.log.enforce_retention(max_offset=partition.high_watermark)
                     producers = partition.replica.log_adapter.producers
                     if producers is not None:
                         producers.remove_before(partition.log.log_start_offset)
                         producers.expire(_wall_ms(), self._producer_id_expiration_ms)
                 except Exception:
                     log.exception("retention of %s-%d failed", partition.topic, partition.partition)
+
+    async def _compact_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.log_cleaner_interval_ms / 1000)
+            for key, partition in list(self.partitions.items()):
+                configs = self._topic_configs.get(key)
+                if configs is None or not is_compacted(configs):
+                    continue
+                try:
+                    await self.compact(partition, configs)
+                except Exception:
+                    log.exception("compaction of %s-%d failed", partition.topic, partition.partition)
+
+    async def compact(self, partition: Partition, configs: Mapping[str, str],
+                      force: bool = False) -> CleanStats | None:
+        """One compaction pass over a replica's log: the reading and rewriting in a worker
+        thread, the swap of each rewritten segment on the event loop (the log's owner), which
+        holds up appends and fetches for no more than that. Every replica compacts its own
+        log, as in Kafka; only committed offsets (below the high watermark) are touched."""
+        if partition.closed or partition.failure is not None:
+            return None
+        storage = partition.log
+        segments = storage.cleanable_segments(partition.high_watermark)
+        prepared = await asyncio.to_thread(prepare_clean, storage.directory, segments,
+                                           cleaner_config(configs), _wall_ms(), force=force)
+        if prepared is None:
+            return None
+        if partition.closed or partition.failure is not None:
+            discard_prepared(prepared)
+            return None
+        if not finish_clean(storage, prepared):
+            return None
+        await asyncio.to_thread(write_checkpoint, storage.directory, prepared.checkpoint)
+        if prepared.stats.records_removed:
+            log.info("compacted %s-%d: %d records removed, %d -> %d bytes", partition.topic,
+                     partition.partition, prepared.stats.records_removed, prepared.stats.bytes_before,
+                     prepared.stats.bytes_after)
+        return prepared.stats
 
     async def reconcile(self, image: MetadataImage) -> None:
         """Open the replicas the image assigns to this node; close and delete the others."""
@@ -295,6 +361,7 @@ class PartitionManager:
                 for assignment in topic.partitions:
                     if self.node_id in assignment.replicas:
                         wanted[(topic.name, assignment.partition)] = (topic.topic_id, assignment.replicas, configs)
+            self._topic_configs = {key: configs for key, (_, _, configs) in wanted.items()}
             changed = False
             for key, partition in list(self.partitions.items()):
                 if key not in wanted or wanted[key][0] != partition.topic_id:

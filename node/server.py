@@ -87,7 +87,8 @@ class Node:
         self.partitions = PartitionManager(
             config.data_dir, config.node_id, config.flush, config.flush_interval_ms,
             lambda: config.topic_config_defaults, config.retention_check_interval_ms, self.transport.send,
-            config.election_timeout_ms, self._leaders_changed, config.replica_fetch_max_wait_ms)
+            config.election_timeout_ms, self._leaders_changed, config.replica_fetch_max_wait_ms,
+            log_cleaner_interval_ms=config.log_cleaner_interval_ms)
         self.groups = GroupHost(
             self._offsets_partitions, self._offsets_partition_count,
             GroupCoordinatorConfig(session_timeout_ms=config.group_consumer_session_timeout_ms,

@@ -89,11 +89,11 @@ import sys
 import threading
 import time
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tidelog.node.fsutil import TEMP_SUFFIX, atomic_write, fsync_directory
+from tidelog.node.fsutil import TEMP_SUFFIX, atomic_write, fsync_directory, write_all
 from tidelog.proto.records import (
     BATCH_LENGTH_OFFSET,
     BATCH_OVERHEAD,
@@ -116,6 +116,11 @@ TIME_INDEX_SUFFIX = ".timeindex"
 LEADER_EPOCH_CHECKPOINT = "leader-epoch-checkpoint"
 RECOVERY_POINT = "recovery-point"
 CLEAN_SHUTDOWN = "clean-shutdown"
+# Compaction's segment replacement (Kafka's protocol): new files are written as ".cleaned",
+# renamed to ".swap" once durable (the commit point is the log file's rename), then renamed
+# over the old names; an open finishes a swap it finds and discards ".cleaned" leftovers.
+CLEANED_SUFFIX = ".cleaned"
+SWAP_SUFFIX = ".swap"
 
 OFFSET_INDEX_ENTRY = 8  # u32 relative offset, u32 position
 TIME_INDEX_ENTRY = 12  # i64 timestamp, u32 relative offset
@@ -259,6 +264,49 @@ class TimestampOffset:
 class EpochEntry:
     epoch: int
     start_offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class CleanableSegment:
+    """A segment compaction may rewrite (`PartitionLog.cleanable_segments`): whole, durable,
+    below the active segment and the offset limit given. Its file does not change until the
+    segment is swapped out, deleted by retention or dropped by a reset."""
+
+    base_offset: int
+    next_offset: int  # the base of the segment after it
+    size: int
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class CleanedSegment:
+    """The durable ``.cleaned`` files `write_cleaned_segment` wrote to replace ``replaces``
+    (consecutive segments, the first at ``base_offset``), with the index it built."""
+
+    base_offset: int
+    replaces: tuple[CleanableSegment, ...]
+    size: int
+    index_relative: array
+    index_positions: array
+    time_timestamps: array
+    time_relative: array
+    max_timestamp: int
+    max_timestamp_offset: int
+    bytes_since_index: int
+
+    @property
+    def next_offset(self) -> int:
+        return self.replaces[-1].next_offset
+
+
+class SwapStep(enum.Enum):
+    """The points of `PartitionLog.swap_cleaned` a test may stop at to simulate a crash."""
+
+    CHECKED = "checked"  # .cleaned files durable, nothing renamed
+    INDEX_SWAP = "index-swap"  # index files renamed to .swap, the log file not yet
+    COMMITTED = "committed"  # the log file renamed to .swap: the swap will happen
+    OLD_DELETED = "old-deleted"  # the replaced segments after the first are gone
+    INDEX_FINAL = "index-final"  # index files in place, the log file still .swap
 
 
 @dataclass(frozen=True, slots=True)
@@ -564,6 +612,7 @@ class PartitionLog:
         return os.open(self._path(segment_name(base_offset)), flags, 0o644)
 
     def _load(self) -> None:
+        self._finish_swaps()
         names = os.listdir(self.directory)
         own_state = (RECOVERY_POINT, LEADER_EPOCH_CHECKPOINT, CLEAN_SHUTDOWN)
         for name in names:
@@ -712,21 +761,24 @@ class PartitionLog:
                 segment.index_final_synced = False
                 segment.start_empty_index()
                 self._set_index_files_length(segment, 0, 0)
-                if segment.base_offset != expected:
+                if segment.base_offset < expected:
                     log.warning("%s: segment %s starts at %d but the log before it ends at %d",
                                 self.directory, segment_name(segment.base_offset),
                                 segment.base_offset, expected)
                     cut = (index, 0, True)
                     break
+                # A gap before this segment (a follower truncated into a compaction gap).
+                self._segments[index - 1].next_offset = expected = segment.base_offset
             position = start_position if index == first else 0
             segment.flushed_size = position
             tail = (_scan_valid(segment.fd, position, file_size,
                                 max(self.config.max_message_bytes, _SCAN_CHUNK))
                     if position < file_size else ())
             for batch_position, header in tail:
-                if (header.base_offset != expected
+                # Offsets may jump forward: a follower of a compacted leader copies its gaps.
+                if (header.base_offset < expected
                         or header.partition_leader_epoch < self.latest_epoch
-                        or header.last_offset_delta > _MAX_RELATIVE - (expected - segment.base_offset)):
+                        or header.last_offset - segment.base_offset > _MAX_RELATIVE):
                     break
                 segment.add_batch(batch_position, header.size, header.last_offset,
                                   header.max_timestamp, self.config.index_interval_bytes)
@@ -835,11 +887,12 @@ class PartitionLog:
                 if header.last_offset != expected_last:
                     break
                 expected_last = None
-            elif header.base_offset != expected:
+            elif header.base_offset < expected:
                 break
             expected = header.next_offset
             position = batch_position + header.size
-        if position != point.position or expected != point.offset:
+        # A truncation into a compaction gap leaves the log ending after its last batch.
+        if position != point.position or expected is None or expected > point.offset:
             raise CorruptLogError(
                 f"{self.directory}: flushed data of {segment_name(segment.base_offset)} is damaged "
                 f"between bytes {start} and {point.position} (below the recovery point, offset "
@@ -888,7 +941,7 @@ class PartitionLog:
         segment.bytes_since_index = 0
         expected = segment.base_offset
         for batch in _walk_headers(segment.fd, 0, end):
-            if batch.base_offset != expected:
+            if batch.base_offset < expected:  # gaps are compaction's; going back is damage
                 raise CorruptLogError(
                     f"{self.directory}: {segment_name(segment.base_offset)} has a batch at byte "
                     f"{batch.position} with offset {batch.base_offset}, expected {expected}"
@@ -896,7 +949,7 @@ class PartitionLog:
             segment.add_batch(batch.position, batch.size, batch.last_offset, batch.max_timestamp,
                               self.config.index_interval_bytes)
             expected = batch.last_offset + 1
-        if expected != segment.next_offset:
+        if expected > segment.next_offset:
             raise CorruptLogError(
                 f"{self.directory}: {segment_name(segment.base_offset)} holds offsets up to "
                 f"{expected - 1}, but the log expects it to end at {segment.next_offset - 1}"
@@ -1090,8 +1143,10 @@ class PartitionLog:
         return self._write(pieces, headers, base_offset, lasts, [epoch] * len(headers))
 
     def append_replicated(self, batches: bytes | bytearray | memoryview) -> AppendResult:
-        """Append batches a leader already stamped (a follower's path): they must start at
-        `end_offset`, be contiguous, and carry non-decreasing epochs no older than the log's."""
+        """Append batches a leader already stamped (a follower's path): their offsets must
+        start at or after `end_offset` and increase, and their epochs must not decrease nor be
+        older than the log's. Offsets may skip forward, as Kafka followers allow: a compacted
+        leader has gaps where its cleaner removed records, and its followers copy them."""
         self._check_usable()
         headers = scan_batches(batches)
         if not headers:
@@ -1099,17 +1154,17 @@ class PartitionLog:
         expected = self._end_offset
         latest = self.latest_epoch
         for header in headers:
-            if header.base_offset != expected:
+            if header.base_offset < expected:
                 raise InvalidAppendError(
-                    f"replicated batch at offset {header.base_offset}, expected {expected} "
-                    f"(the log ends at {self._end_offset})")
+                    f"replicated batch at offset {header.base_offset}, expected at least "
+                    f"{expected} (the log ends at {self._end_offset})")
             if header.partition_leader_epoch < latest:
                 raise InvalidAppendError(
                     f"replicated batch at offset {header.base_offset} has epoch "
                     f"{header.partition_leader_epoch}, older than {latest}")
             latest = header.partition_leader_epoch
             expected = header.next_offset
-        return self._write([batches], headers, self._end_offset,
+        return self._write([batches], headers, headers[0].base_offset,
                            [h.last_offset for h in headers],
                            [h.partition_leader_epoch for h in headers])
 
@@ -1223,8 +1278,17 @@ class PartitionLog:
         self._check_usable()
         if offset == self._end_offset and offset >= self._bases[0]:
             return b""
-        segment = self._segment_for(offset)
+        index = self._segment_index_for(offset)
+        segment = self._segments[index]
         start = self._position_of(segment, offset)
+        while start >= segment.size:
+            # The offset is in a gap compaction left at the end of this segment: the next
+            # surviving batch is in a later segment.
+            index += 1
+            if index == len(self._segments):
+                return b""
+            segment = self._segments[index]
+            start = self._position_of(segment, segment.base_offset)
         size = segment.size
         limit = start + max(max_bytes, 0)
         next_offset = segment.next_offset
@@ -1235,13 +1299,15 @@ class PartitionLog:
         segment.read_hint = (next_offset, end)
         return os.pread(segment.fd, end - start, start)
 
-    def _segment_for(self, offset: int) -> _Segment:
+    def _segment_index_for(self, offset: int) -> int:
         if not self._bases[0] <= offset < self._end_offset:
             raise OffsetOutOfRangeError(offset, self._bases[0], self._end_offset)
-        return self._segments[bisect.bisect_right(self._bases, offset) - 1]
+        return bisect.bisect_right(self._bases, offset) - 1
 
     def _position_of(self, segment: _Segment, offset: int) -> int:
-        """Byte position of the batch containing ``offset`` in ``segment``."""
+        """Byte position of the batch containing ``offset`` in ``segment`` or, when compaction
+        removed that offset, of the first batch after it; the segment's size when no batch of
+        the segment ends at or after ``offset``."""
         hint = segment.read_hint
         if hint is not None and hint[0] == offset:
             return hint[1]
@@ -1251,11 +1317,8 @@ class PartitionLog:
         start = segment.index_positions[entry] if entry >= 0 else 0
         for batch in _walk_headers(segment.fd, start, segment.size):
             if batch.last_offset >= offset:
-                if batch.base_offset > offset:
-                    break
                 return batch.position
-        raise CorruptLogError(f"{self.directory}: offset {offset} not found in "
-                              f"{segment_name(segment.base_offset)}")
+        return segment.size
 
     def _boundary_before(self, segment: _Segment, start: int, limit: int) -> tuple[int, int]:
         """(end position, next offset) of the last whole batch ending at or before ``limit``
@@ -1310,10 +1373,11 @@ class PartitionLog:
         for segment in list(self._segments):
             size, position = segment.size, 0
             for batch_position, header in _scan_valid(segment.fd, 0, size, max_batch):
-                if header.base_offset != expected:
+                if header.base_offset < expected:
                     raise CorruptLogError(
                         f"{self.directory}: {segment_name(segment.base_offset)} byte "
-                        f"{batch_position}: batch at offset {header.base_offset}, expected {expected}")
+                        f"{batch_position}: batch at offset {header.base_offset}, expected at "
+                        f"least {expected}")
                 expected = header.next_offset
                 position = batch_position + header.size
             if position < size:
@@ -1325,7 +1389,7 @@ class PartitionLog:
                 raise CorruptLogError(
                     f"{self.directory}: {segment_name(segment.base_offset)} byte {position} "
                     f"(offset {expected}): {reason}")
-        if expected != self._end_offset:
+        if expected > self._end_offset:
             raise CorruptLogError(f"{self.directory}: batches end at {expected}, "
                                   f"the log at {self._end_offset}")
 
@@ -1485,8 +1549,10 @@ class PartitionLog:
             else:
                 keep = self._segments[index]
                 position = self._position_of(keep, offset)
-                header = os.pread(keep.fd, LOG_OVERHEAD, position)
-                (new_end,) = _INT64.unpack_from(header, 0)
+                new_end = offset  # an offset in a compaction gap: everything from it goes
+                if position < keep.size:
+                    header = os.pread(keep.fd, LOG_OVERHEAD, position)
+                    new_end = min(new_end, _INT64.unpack_from(header, 0)[0])
             self._ensure_loaded(keep)
             assert keep.index_relative is not None and keep.index_positions is not None
             assert keep.time_timestamps is not None and keep.time_relative is not None
@@ -1650,6 +1716,127 @@ class PartitionLog:
                  self.directory, len(doomed), self._bases[0])
         return len(doomed)
 
+    # --- compaction support (the cleaner itself is tidelog.node.compaction) ---------------
+
+    def cleanable_segments(self, max_offset: int) -> list[CleanableSegment]:
+        """The oldest segments compaction may rewrite: never the active one, never one holding
+        offsets at or above ``max_offset`` (pass the high watermark), and only segments before
+        the recovery point's, which are durable and never rescanned at open (owner thread)."""
+        self._check_usable()
+        checkpoint = self._checkpoint
+        if checkpoint is None:
+            return []
+        found: list[CleanableSegment] = []
+        for segment in self._segments[:-1]:
+            if segment.base_offset >= checkpoint.segment or segment.next_offset > max_offset:
+                break
+            found.append(CleanableSegment(segment.base_offset, segment.next_offset, segment.size,
+                                          self._path(segment_name(segment.base_offset))))
+        return found
+
+    def swap_cleaned(self, cleaned: CleanedSegment,
+                     stop_at: Callable[[SwapStep], None] | None = None) -> bool:
+        """Replace the segments ``cleaned`` was made from with it (owner thread). Returns False,
+        discarding the cleaned files, when those segments are no longer all there unchanged
+        (retention or a reset got to them first).
+
+        A crash at any point leaves the old segments or the new one: the rename of the log
+        file to ``.swap`` commits, and an open finishes a committed swap (`_finish_swaps`).
+        ``stop_at`` is called at each `SwapStep` (tests raise from it to simulate a crash)."""
+        self._check_usable()
+        step = stop_at or (lambda _: None)
+        base = cleaned.base_offset
+        with self._flush_lock:
+            count = len(cleaned.replaces)
+            first = bisect.bisect_left(self._bases, base)
+            current = self._segments[first:first + count]
+            checkpoint = self._checkpoint
+            if (len(current) != count or first + count >= len(self._segments)
+                    or checkpoint is None or cleaned.next_offset > checkpoint.segment
+                    or any((s.base_offset, s.next_offset, s.size)
+                           != (r.base_offset, r.next_offset, r.size)
+                           for s, r in zip(current, cleaned.replaces))):
+                discard_cleaned(self.directory, base)
+                return False
+            step(SwapStep.CHECKED)
+            for suffix in (INDEX_SUFFIX, TIME_INDEX_SUFFIX, LOG_SUFFIX):
+                if suffix == LOG_SUFFIX:
+                    step(SwapStep.INDEX_SWAP)
+                name = segment_name(base, suffix)
+                os.replace(self._path(name + CLEANED_SUFFIX), self._path(name + SWAP_SUFFIX))
+            fsync_directory(self.directory)
+            step(SwapStep.COMMITTED)
+            fd = os.open(self._path(segment_name(base) + SWAP_SUFFIX), os.O_RDWR | os.O_APPEND)
+            fresh = _Segment(base, fd, cleaned.size)
+            fresh.next_offset = cleaned.next_offset
+            fresh.created_ms = self._clock()
+            fresh.index_relative, fresh.index_positions = cleaned.index_relative, cleaned.index_positions
+            fresh.time_timestamps, fresh.time_relative = cleaned.time_timestamps, cleaned.time_relative
+            fresh.index_written = len(cleaned.index_relative)
+            fresh.time_written = len(cleaned.time_timestamps)
+            fresh.index_final_synced = True
+            fresh.max_timestamp = cleaned.max_timestamp
+            fresh.max_timestamp_offset = cleaned.max_timestamp_offset
+            fresh.bytes_since_index = cleaned.bytes_since_index
+            with self._state_lock:
+                self._segments[first:first + count] = [fresh]
+                self._bases[first:first + count] = [base]
+                self._total_bytes = sum(s.size for s in self._segments)
+            for old in current:
+                os.close(old.fd)
+                old.fd = -1
+            for old in current[1:]:
+                for suffix in (LOG_SUFFIX, INDEX_SUFFIX, TIME_INDEX_SUFFIX):
+                    try:
+                        os.unlink(self._path(segment_name(old.base_offset, suffix)))
+                    except FileNotFoundError:
+                        pass
+            step(SwapStep.OLD_DELETED)
+            for suffix in (INDEX_SUFFIX, TIME_INDEX_SUFFIX, LOG_SUFFIX):
+                if suffix == LOG_SUFFIX:
+                    step(SwapStep.INDEX_FINAL)
+                name = segment_name(base, suffix)
+                os.replace(self._path(name + SWAP_SUFFIX), self._path(name))
+            fsync_directory(self.directory)
+        return True
+
+    def _finish_swaps(self) -> None:
+        """At open: drop uncommitted compaction output and finish committed swaps."""
+        names = os.listdir(self.directory)
+        for name in names:
+            if name[:20].isdigit() and (name.endswith(CLEANED_SUFFIX) or (
+                    name.endswith(SWAP_SUFFIX) and not name.endswith(LOG_SUFFIX + SWAP_SUFFIX)
+                    and segment_name(int(name[:20])) + SWAP_SUFFIX not in names)):
+                log.warning("%s: discarding unfinished compaction output %s", self.directory, name)
+                os.unlink(self._path(name))
+        for name in sorted(names):
+            if not (name[:20].isdigit() and name == segment_name(int(name[:20])) + SWAP_SUFFIX):
+                continue
+            base = int(name[:20])
+            fd = os.open(self._path(name), os.O_RDONLY)
+            try:
+                next_offset = base
+                for batch in _walk_headers(fd, 0, os.fstat(fd).st_size):
+                    next_offset = batch.last_offset + 1
+            finally:
+                os.close(fd)
+            log.warning("%s: finishing an interrupted compaction swap of offsets [%d, %d)",
+                        self.directory, base, next_offset)
+            for other in names:
+                if (other[:20].isdigit() and base < int(other[:20]) < next_offset
+                        and other in {segment_name(int(other[:20]), s)
+                                      for s in (LOG_SUFFIX, INDEX_SUFFIX, TIME_INDEX_SUFFIX)}):
+                    os.unlink(self._path(other))
+            for suffix in (INDEX_SUFFIX, TIME_INDEX_SUFFIX):
+                final = self._path(segment_name(base, suffix))
+                if os.path.exists(final + SWAP_SUFFIX):
+                    os.replace(final + SWAP_SUFFIX, final)
+                elif os.path.exists(final):
+                    # Already renamed, most likely; a rebuild on first use costs one header walk.
+                    os.unlink(final)
+            os.replace(self._path(name), self._path(segment_name(base)))
+        fsync_directory(self.directory)
+
     # --- closing -------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -1682,3 +1869,59 @@ class PartitionLog:
                 except OSError:
                     pass
                 segment.fd = -1
+
+
+def discard_cleaned(directory: str | os.PathLike[str], base_offset: int) -> None:
+    """Remove the ``.cleaned`` files of an abandoned compaction of the segment at ``base_offset``."""
+    for suffix in (LOG_SUFFIX, INDEX_SUFFIX, TIME_INDEX_SUFFIX):
+        try:
+            os.unlink(os.path.join(directory, segment_name(base_offset, suffix) + CLEANED_SUFFIX))
+        except FileNotFoundError:
+            pass
+
+
+def write_cleaned_segment(directory: str | os.PathLike[str], replaces: tuple[CleanableSegment, ...],
+                          batches: Iterable[bytes | bytearray | memoryview],
+                          index_interval_bytes: int) -> CleanedSegment:
+    """Write ``batches`` (whole, stamped batches in offset order, within the offsets of
+    ``replaces``) as the ``.cleaned`` files of a segment replacing ``replaces``, with its index
+    built as appends build it, all fsynced; `PartitionLog.swap_cleaned` puts it in place. Runs
+    in any thread: it touches no log state."""
+    base = replaces[0].base_offset
+    index = _Segment(base, -1, 0)
+    index.start_empty_index()
+    path = os.path.join(directory, segment_name(base) + CLEANED_SUFFIX)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        position = 0
+        for data in batches:
+            view = memoryview(data).cast("B")
+            base_offset, length = _BASE_AND_LENGTH.unpack_from(view, 0)
+            (delta,) = _INT32.unpack_from(view, LAST_OFFSET_DELTA_OFFSET)
+            (max_timestamp,) = _INT64.unpack_from(view, MAX_TIMESTAMP_OFFSET)
+            size = length + LOG_OVERHEAD
+            assert size == len(view) and base_offset >= index.next_offset, "batches out of order"
+            last_offset = base_offset + delta
+            assert last_offset < replaces[-1].next_offset, "batch beyond the replaced segments"
+            write_all(fd, view)
+            index.add_batch(position, size, last_offset, max_timestamp, index_interval_bytes)
+            index.next_offset = last_offset + 1
+            position += size
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    index.maybe_add_time_entry()  # a rolled segment's last time entry is its maximum
+    assert index.index_relative is not None and index.index_positions is not None
+    assert index.time_timestamps is not None and index.time_relative is not None
+    for suffix, data in ((INDEX_SUFFIX, _encode_offset_entries(index.index_relative, index.index_positions)),
+                         (TIME_INDEX_SUFFIX, _encode_time_entries(index.time_timestamps, index.time_relative))):
+        fd = os.open(os.path.join(directory, segment_name(base, suffix) + CLEANED_SUFFIX),
+                     os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return CleanedSegment(base, replaces, position, index.index_relative, index.index_positions,
+                          index.time_timestamps, index.time_relative, index.max_timestamp,
+                          index.max_timestamp_offset, index.bytes_since_index)

@@ -1,0 +1,410 @@
+"""Log compaction (tidelog.node.compaction) on a real PartitionLog: Kafka's log cleaner rules."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+from tidelog.node.compaction import (
+    CLEANER_CHECKPOINT,
+    CleanerConfig,
+    clean_log,
+    finish_clean,
+    prepare_clean,
+    read_checkpoint,
+    write_checkpoint,
+)
+from tidelog.node.replica import RaftLogAdapter
+from tidelog.node.storage import LogConfig, PartitionLog, SwapStep
+from tidelog.proto.records import Record, decode_batches, encode_batch, scan_batches
+
+SEGMENT = 400
+LOG = LogConfig(segment_bytes=SEGMENT, index_interval_bytes=64, recovery_point_interval_bytes=0)
+CLEANER = CleanerConfig(delete_retention_ms=1000, min_cleanable_dirty_ratio=0.5,
+                        segment_bytes=SEGMENT, index_interval_bytes=64)
+
+Entry = tuple[int, bytes | None, bytes | None]  # (offset, key, value)
+
+
+class Clock:
+    def __init__(self, now: int = 10_000) -> None:
+        self.now = now
+
+    def __call__(self) -> int:
+        return self.now
+
+
+@pytest.fixture
+def opened(tmp_path: Path):
+    logs: list[PartitionLog] = []
+
+    def opener(directory: Path | None = None, config: LogConfig = LOG) -> PartitionLog:
+        plog = PartitionLog.open(directory or tmp_path / "t-0", config, clock=Clock())
+        logs.append(plog)
+        return plog
+
+    yield opener
+    for plog in logs:
+        plog._close_files()
+
+
+def put(plog: PartitionLog, *pairs: tuple[bytes | None, bytes | None], epoch: int = 1,
+        ts: int = 1000, **batch: object) -> int:
+    """Append one batch of ``pairs`` and flush it (so its segment can become cleanable)."""
+    records = [Record(0, ts + i, key, value) for i, (key, value) in enumerate(pairs)]
+    result = plog.append(encode_batch(records, **batch), epoch)
+    plog.flush()
+    return result.base_offset
+
+
+def contents(plog: PartitionLog, start: int | None = None) -> list[Entry]:
+    """Every record from ``start`` as a consumer reads it: batch by batch, across gaps."""
+    offset = plog.log_start_offset if start is None else start
+    out: list[Entry] = []
+    while offset < plog.end_offset:
+        data = plog.read(offset, 1 << 20)
+        if not data:
+            break
+        for batch in decode_batches(data):
+            if not batch.is_control:  # consumers skip them
+                out.extend((r.offset, r.key, r.value) for r in batch.records())
+            offset = batch.next_offset
+    return out
+
+
+def batch_ranges(plog: PartitionLog) -> list[tuple[int, int]]:
+    """(base offset, next offset) of every batch, empty ones included."""
+    offset, out = plog.log_start_offset, []
+    while offset < plog.end_offset:
+        headers = scan_batches(plog.read(offset, 1 << 20))
+        out.extend((h.base_offset, h.next_offset) for h in headers)
+        offset = headers[-1].next_offset
+    return out
+
+
+def compacted(entries: list[Entry], limit: int, drop_tombstones: bool = False) -> list[Entry]:
+    """The model: below ``limit`` only each key's latest record survives (keyless ones all do)."""
+    latest = {key: offset for offset, key, _ in entries if offset < limit and key is not None}
+    return [(offset, key, value) for offset, key, value in entries
+            if offset >= limit or key is None
+            or (latest[key] == offset and not (drop_tombstones and value is None))]
+
+
+def fill(plog: PartitionLog, count: int, keys: int = 5, start: int = 0) -> list[Entry]:
+    entries = []
+    for i in range(start, start + count):
+        key, value = f"k{i % keys}".encode(), f"v{i}".encode()
+        entries.append((put(plog, (key, value)), key, value))
+    return entries
+
+
+def first_uncleanable(plog: PartitionLog) -> int:
+    return plog.cleanable_segments(plog.end_offset)[-1].next_offset
+
+
+# --- what survives -----------------------------------------------------------------------------
+
+
+def test_latest_record_per_key_survives_with_its_offset(opened, tmp_path: Path) -> None:
+    plog = opened()
+    entries = fill(plog, 60)
+    limit = first_uncleanable(plog)
+    stats = clean_log(plog, plog.end_offset, CLEANER, 0)
+    assert stats is not None and stats.records_removed > 0 and stats.clean_offset == limit
+    want = compacted(entries, limit)
+    assert contents(plog) == want
+    assert plog.size_bytes < stats.bytes_before + (plog.size_bytes - stats.bytes_after)
+    plog.verify()
+    assert plog.log_start_offset == 0 and plog.end_offset == 60
+    # Durable: a reopen (clean or after a crash) reads the same records.
+    plog.close()
+    assert contents(opened()) == want
+    assert read_checkpoint(tmp_path / "t-0").clean_offset == limit
+
+
+def test_only_committed_whole_segments_below_the_active_one_are_cleaned(opened) -> None:
+    plog = opened()
+    entries = fill(plog, 60)
+    below = plog.segment_base_offsets[3]  # pretend the high watermark is here
+    clean_log(plog, below, CLEANER, 0)
+    assert contents(plog) == compacted(entries, below)
+    # The active segment is never cleaned, whatever the high watermark.
+    active = plog.segment_base_offsets[-1]
+    assert all(s.base_offset < active for s in plog.cleanable_segments(plog.end_offset))
+
+
+def test_a_second_pass_rewrites_nothing_without_new_dirty_data(opened, tmp_path: Path) -> None:
+    plog = opened()
+    fill(plog, 60)
+    assert clean_log(plog, plog.end_offset, CLEANER, 0) is not None
+    # Below min.cleanable.dirty.ratio: no pass at all.
+    assert clean_log(plog, plog.end_offset, CLEANER, 0) is None
+    # Forced passes may still merge segments (and drop the empty batches that merging makes
+    # unnecessary), but that settles; then a pass writes nothing.
+    writes = [clean_log(plog, plog.end_offset, CLEANER, 0, force=True) for _ in range(3)]
+    assert all(s is not None and s.records_removed == 0 for s in writes)
+    assert writes[-1] is not None and writes[-1].segments_written == 0
+    files = {p.name: p.stat().st_ino for p in (tmp_path / "t-0").iterdir() if p.suffix == ".log"}
+    stats = clean_log(plog, plog.end_offset, CLEANER, 0, force=True)
+    assert stats is not None and stats.segments_written == 0
+    after = {p.name: p.stat().st_ino for p in (tmp_path / "t-0").iterdir() if p.suffix == ".log"}
+    assert {n: i for n, i in after.items() if n in files} == {n: i for n, i in files.items() if n in after}
+
+
+def test_new_dirty_data_shadows_records_in_the_clean_section(opened) -> None:
+    plog = opened()
+    entries = fill(plog, 40)
+    clean_log(plog, plog.end_offset, CLEANER, 0)
+    entries += fill(plog, 60, keys=3, start=40)  # k0..k2 again: older k0..k2 must go
+    limit = first_uncleanable(plog)
+    assert clean_log(plog, plog.end_offset, CLEANER, 0) is not None
+    assert contents(plog) == compacted(entries, limit)
+
+
+def test_keyless_records_and_control_batches_are_kept(opened) -> None:
+    plog = opened()
+    entries = []
+    for i in range(30):
+        key = None if i % 3 == 0 else b"k"
+        entries.append((put(plog, (key, b"v%d" % i)), key, b"v%d" % i))
+    control = put(plog, (b"\x00\x00\x00\x02", b"leader"), is_control=True)
+    entries += fill(plog, 20, start=100)
+    clean_log(plog, plog.end_offset, CLEANER, 0)
+    assert control < first_uncleanable(plog)
+    assert contents(plog) == compacted(entries, first_uncleanable(plog))
+    data = plog.read(control, 1 << 20)
+    assert scan_batches(data)[0].is_control and scan_batches(data)[0].base_offset == control
+
+
+# --- tombstones ----------------------------------------------------------------------------------
+
+
+def test_tombstone_is_kept_then_removed(opened) -> None:
+    plog = opened()
+    entries = fill(plog, 10)
+    tomb = put(plog, (b"k1", None))
+    entries.append((tomb, b"k1", None))
+    entries += fill(plog, 40, keys=1, start=100)  # only k0 afterwards: k1's tombstone is its latest
+    limit = first_uncleanable(plog)
+    assert tomb < limit
+    # First clean: the tombstone's segment was dirty; every older k1 goes, the tombstone stays.
+    clean_log(plog, plog.end_offset, CLEANER, now_ms=50_000)
+    assert contents(plog) == compacted(entries, limit)
+    assert (tomb, b"k1", None) in contents(plog)
+    assert read_checkpoint(plog.directory).tombstones_due_ms == 50_000 + CLEANER.delete_retention_ms
+    # Still within delete.retention.ms of that clean: kept (and no pass is due).
+    assert clean_log(plog, plog.end_offset, CLEANER, now_ms=50_999) is None
+    clean_log(plog, plog.end_offset, CLEANER, now_ms=50_999, force=True)
+    assert (tomb, b"k1", None) in contents(plog)
+    # Due now: a pass runs without new dirty data and removes it.
+    assert clean_log(plog, plog.end_offset, CLEANER, now_ms=51_000) is not None
+    assert contents(plog) == compacted(entries, limit, drop_tombstones=True)
+    assert all(key != b"k1" for _, key, _ in contents(plog))
+
+
+def test_a_record_after_a_tombstone_shadows_it_at_once(opened) -> None:
+    plog = opened()
+    entries = fill(plog, 10)
+    tomb = put(plog, (b"k1", None))
+    entries.append((tomb, b"k1", None))
+    entries += fill(plog, 40, start=11)
+    limit = first_uncleanable(plog)
+    clean_log(plog, plog.end_offset, CLEANER, now_ms=0)
+    assert (tomb, b"k1", None) not in contents(plog)
+    assert contents(plog) == compacted(entries, limit)
+
+
+# --- batches keep their identity -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("codec", ["lz4", "gzip", "none"])
+def test_rewritten_batches_keep_header_fields_and_codec(opened, codec: str) -> None:
+    plog = opened()
+    pairs = [(b"a", b"1"), (b"b", b"2"), (b"a", b"3"), (b"c", b"4"), (b"b", b"5")]
+    base = put(plog, *pairs, compression=codec, producer_id=7, producer_epoch=2, base_sequence=40)
+    put(plog, (b"c", b"6"), compression=codec, producer_id=7, producer_epoch=2, base_sequence=45)
+    for i in range(12):
+        put(plog, (b"c" if i == 0 else b"z", b"%d" % i))  # roll past both; c again at 6
+    original = scan_batches(plog.read(base, 1))[0]
+    clean_log(plog, plog.end_offset, CLEANER, 0)
+    (header,) = decode_batches(plog.read(base, 1))
+    assert [(r.offset, r.key, r.value) for r in header.records()] == [(2, b"a", b"3"), (4, b"b", b"5")]
+    assert [r.timestamp for r in header.records()] == [1002, 1004]
+    for name in ("base_offset", "last_offset_delta", "partition_leader_epoch", "attributes",
+                 "producer_id", "producer_epoch", "base_sequence", "base_timestamp", "max_timestamp"):
+        assert getattr(header, name) == getattr(original, name), name
+    assert header.record_count == 2 and header.compression.name.lower() == codec
+    # The producer's last batch in the segment lost its only record but stays, empty.
+    (empty,) = decode_batches(plog.read(5, 1))
+    assert (empty.base_offset, empty.record_count, empty.base_sequence, empty.producer_id) == (5, 0, 45, 7)
+    assert list(empty.records()) == []
+
+
+def test_an_emptied_batch_goes_unless_last_of_its_producer_or_segment(opened) -> None:
+    plog = opened()
+    put(plog, (b"a", b"1"), producer_id=1, producer_epoch=0, base_sequence=0)  # 0: dropped
+    put(plog, (b"a", b"2"), producer_id=1, producer_epoch=0, base_sequence=1)  # 1: last of pid 1
+    put(plog, (b"b", b"3"))  # 2: no producer id, emptied: dropped
+    put(plog, (b"b", b"4"), producer_id=2, producer_epoch=0, base_sequence=0)  # 3: last of pid 2
+    for i in range(12):
+        put(plog, (b"a" if i % 2 else b"b", b"x%d" % i))
+    clean_log(plog, plog.end_offset, CLEANER, 0)
+    headers = scan_batches(plog.read(0, 1 << 20))
+    kept = [(h.base_offset, h.record_count) for h in headers]
+    assert kept[:2] == [(1, 0), (3, 0)]
+    # The segment's last batch stays too, so its batches end where the next segment begins.
+    assert headers[-1].next_offset == plog.segment_base_offsets[1]
+
+
+# --- reads across gaps, replication from a compacted log --------------------------------------
+
+
+def test_reads_at_removed_offsets_return_the_next_surviving_batch(opened) -> None:
+    plog = opened()
+    entries = fill(plog, 60)
+    limit = first_uncleanable(plog)
+    clean_log(plog, plog.end_offset, CLEANER, 0)
+    survivors = compacted(entries, limit)
+    for offset in range(60):
+        first = next(e for e in survivors if e[0] >= offset)
+        batch = next(decode_batches(plog.read(offset, 1)))
+        got = [(r.offset, r.key, r.value) for r in batch.records()]
+        assert batch.next_offset > offset
+        assert got == [] or got[0] == first or got[0][0] >= offset
+        assert contents(plog, offset) == [e for e in survivors if e[0] >= offset]
+    found = plog.offset_for_timestamp(1000)
+    assert found is not None and found.offset == batch_ranges(plog)[0][0] > 0
+
+
+def test_a_follower_copies_a_compacted_leader_and_recovers_its_gaps(opened, tmp_path: Path) -> None:
+    leader = opened()
+    fill(leader, 60)
+    clean_log(leader, leader.end_offset, CLEANER, 0)
+    follower = opened(tmp_path / "f-0")
+    adapter = RaftLogAdapter(follower)
+    while adapter.end_offset < leader.end_offset:
+        adapter.append_replicated(leader.read(adapter.end_offset, 300))
+        follower.flush()
+    assert contents(follower) == contents(leader)
+    assert follower.end_offset == leader.end_offset
+    # Its own active segment now holds gaps; a crash-recovery scan must accept them.
+    follower._close_files()
+    reopened = opened(tmp_path / "f-0")
+    assert contents(reopened) == contents(leader)
+    reopened.verify()
+    first = contents(leader)[0][0]
+    assert reopened.epoch_for(first) == 1 and reopened.epoch_entries[0].start_offset <= first
+
+
+def test_truncation_into_a_gap_keeps_the_batches_before_it(opened, tmp_path: Path) -> None:
+    leader = opened()
+    fill(leader, 30, keys=2)
+    clean_log(leader, leader.end_offset, CLEANER, 0)
+    follower = opened(tmp_path / "f-0", LogConfig(index_interval_bytes=64))  # one big segment
+    follower.append_replicated(leader.read(0, 1 << 20))
+    while follower.end_offset < leader.end_offset:
+        follower.append_replicated(leader.read(follower.end_offset, 1 << 20))
+    ranges = batch_ranges(follower)
+    gap = next(end for (_, end), (base, _) in zip(ranges, ranges[1:]) if base > end)
+    survivors = [e[0] for e in contents(follower)]
+    assert follower.truncate_to(gap) == gap
+    assert [e[0] for e in contents(follower)] == [o for o in survivors if o < gap]
+    follower._close_files()
+    assert opened(tmp_path / "f-0", LogConfig(index_interval_bytes=64)).end_offset == gap
+
+
+# --- concurrency and crashes --------------------------------------------------------------------
+
+
+def test_appends_and_reads_continue_while_a_pass_is_prepared(opened) -> None:
+    plog = opened()
+    entries = fill(plog, 60)
+    segments = plog.cleanable_segments(plog.end_offset)
+    limit = segments[-1].next_offset
+    result: list[object] = []
+    worker = threading.Thread(target=lambda: result.append(
+        prepare_clean(plog.directory, segments, CLEANER, 0)))
+    worker.start()
+    more = fill(plog, 40, start=60)  # rolls segments and flushes meanwhile
+    worker.join(timeout=60)
+    assert not worker.is_alive() and result and result[0] is not None
+    assert finish_clean(plog, result[0])  # type: ignore[arg-type]
+    write_checkpoint(plog.directory, result[0].checkpoint)  # type: ignore[union-attr]
+    assert contents(plog) == compacted(entries + more, limit)
+    plog.verify()
+
+
+def test_a_pass_is_abandoned_when_retention_removed_its_segments(opened, tmp_path: Path) -> None:
+    plog = opened(config=LogConfig(segment_bytes=SEGMENT, index_interval_bytes=64,
+                                   recovery_point_interval_bytes=0, retention_bytes=1))
+    fill(plog, 60)
+    segments = plog.cleanable_segments(plog.end_offset)
+    prepared = prepare_clean(plog.directory, segments, CLEANER, 0)
+    assert prepared is not None
+    plog.enforce_retention()
+    assert not finish_clean(plog, prepared)
+    assert not [p for p in (tmp_path / "t-0").iterdir() if p.name.endswith((".cleaned", ".swap"))]
+    plog.verify()
+
+
+@pytest.mark.parametrize("step", list(SwapStep))
+def test_a_crash_at_any_step_of_a_swap_leaves_old_or_new_segments(opened, tmp_path: Path,
+                                                                  step: SwapStep) -> None:
+    plog = opened()
+    entries = fill(plog, 60)
+    before = contents(plog)
+    limit = first_uncleanable(plog)
+    prepared = prepare_clean(plog.directory, plog.cleanable_segments(plog.end_offset), CLEANER, 0)
+    assert prepared is not None and len(prepared.cleaned) >= 2
+
+    class Crash(Exception):
+        pass
+
+    def stop_at(at: SwapStep) -> None:
+        if at is step and len(prepared.swapped) == 1:  # during the second swap
+            raise Crash(at.value)
+
+    with pytest.raises(Crash):
+        finish_clean(plog, prepared, stop_at)
+    plog._close_files()  # the process dies here
+    reopened = opened()
+    after = contents(reopened)
+    reopened.verify()
+    assert not [p for p in (tmp_path / "t-0").iterdir() if p.name.endswith((".cleaned", ".swap"))]
+    # The first group was swapped; the second is old or new as a whole, never lost records.
+    want = compacted(entries, limit)
+    assert set(want) <= set(after) <= set(before)
+    second = prepared.cleaned[1]
+    in_second = [e for e in after if second.base_offset <= e[0] < second.next_offset]
+    new_second = [e for e in want if second.base_offset <= e[0] < second.next_offset]
+    old_second = [e for e in before if second.base_offset <= e[0] < second.next_offset]
+    committed = step in (SwapStep.COMMITTED, SwapStep.OLD_DELETED, SwapStep.INDEX_FINAL)
+    assert in_second == (new_second if committed else old_second)
+    # And the next pass finishes the job.
+    clean_log(reopened, reopened.end_offset, CLEANER, 0, force=True)
+    assert contents(reopened) == want
+
+
+def test_leftovers_of_a_pass_that_died_before_its_swap_are_discarded(opened, tmp_path: Path) -> None:
+    plog = opened()
+    fill(plog, 60)
+    before = contents(plog)
+    assert prepare_clean(plog.directory, plog.cleanable_segments(plog.end_offset), CLEANER, 0)
+    assert [p for p in (tmp_path / "t-0").iterdir() if p.name.endswith(".cleaned")]
+    plog._close_files()
+    reopened = opened()
+    assert contents(reopened) == before
+    assert not [p for p in (tmp_path / "t-0").iterdir() if p.name.endswith(".cleaned")]
+
+
+def test_a_damaged_cleaner_checkpoint_means_everything_is_dirty(opened, tmp_path: Path) -> None:
+    plog = opened()
+    entries = fill(plog, 60)
+    (tmp_path / "t-0" / CLEANER_CHECKPOINT).write_text("{nonsense")
+    limit = first_uncleanable(plog)
+    assert read_checkpoint(plog.directory).clean_offset == 0
+    clean_log(plog, plog.end_offset, CLEANER, 0)
+    assert contents(plog) == compacted(entries, limit)
+    assert os.path.exists(tmp_path / "t-0" / CLEANER_CHECKPOINT)
