@@ -434,13 +434,7 @@ class AsyncAdminClient:
     async def alter_group_offsets(self, group_id: str, offsets: Mapping[TopicPartition, int]) -> None:
         """Commit ``offsets`` for the group as an admin (empty member id, epoch -1); refused
         while the group has live members, whose next commit would undo it."""
-        description = await self._describe_or_none(group_id)
-        if description is not None and description.members:
-            raise TidelogError(
-                ErrorCode.NON_EMPTY_GROUP,
-                f"group {group_id!r} has {len(description.members)} live member(s) "
-                f"(state {description.state}); stop its consumers first",
-            )
+        await self._refuse_live_members(group_id)
         try:
             await self._coordinator(group_id).commit(offsets, lambda: ("", -1), self.api_timeout)
         except TidelogError as exc:
@@ -450,6 +444,15 @@ class AsyncAdminClient:
                     f"group {group_id!r} has live members; stop its consumers first",
                 ) from None
             raise
+
+    async def _refuse_live_members(self, group_id: str) -> None:
+        description = await self._describe_or_none(group_id)
+        if description is not None and description.members:
+            raise TidelogError(
+                ErrorCode.NON_EMPTY_GROUP,
+                f"group {group_id!r} has {len(description.members)} live member(s) "
+                f"(state {description.state}); stop its consumers first",
+            )
 
     async def _describe_or_none(self, group_id: str) -> GroupDescription | None:
         try:
@@ -510,6 +513,8 @@ class AsyncAdminClient:
     ) -> list[ResetPlanEntry]:
         """Plan a reset and, with ``execute``, commit it (refused while the group has live
         members). Returns the plan either way."""
+        if execute:
+            await self._refuse_live_members(group_id)  # before planning, even an empty plan
         plan = await self.plan_reset_offsets(group_id, spec, partitions, topics)
         if execute and plan:
             await self.alter_group_offsets(group_id, {e.topic_partition: e.new_offset for e in plan})

@@ -1,4 +1,4 @@
-"""Client sub-commands of `tidelog`: topic, produce, consume, perf (DESIGN.md §9).
+"""Client sub-commands of `tidelog`: topic, produce, consume, group, perf (DESIGN.md §9).
 
 Conventions (rpk's and kcat's): every command takes ``--bootstrap HOST:PORT[,...]`` (env
 ``TIDELOG_BOOTSTRAP``, default 127.0.0.1:9192) and ``--output table|json``; tables are for
@@ -8,7 +8,16 @@ exits non-zero (1 for an error from the cluster, 2 for bad arguments).
 `consume` prints one JSON object per line: ``topic``, ``partition``, ``offset``, ``timestamp``
 (epoch ms), ``key``, ``value``, ``headers`` (a list of ``{"key", "value"}``). Keys and values are
 UTF-8 text; bytes that are not valid UTF-8 are printed as ``{"base64": "<base64 of the bytes>"}``
-instead of a string, and a missing key or value is ``null``.
+instead of a string, and a missing key or value is ``null``. With ``--group G`` it joins consumer
+group G, reads the partitions the group assigns it from the group's committed offsets, and
+commits as it goes (and on exit); ``--offset start|end`` then applies only where the group has
+no committed offset, as in rpk.
+
+`group describe G --output json` prints ``{"group", "state", "coordinator", "assignor",
+"group_epoch", "members": [{"member_id", "instance_id", "member_epoch", "state", "client_id",
+"subscribed_topics", "assignment": [{"topic", "partition"}]}], "offsets": [{"topic",
+"partition", "committed", "end", "lag", "member_id"}]}`` (committed/lag null where the group has
+no commit). `group reset-offsets` prints its plan and changes nothing without ``--execute``.
 """
 
 from __future__ import annotations
@@ -28,6 +37,13 @@ from typing import Any, Callable, Iterable, Sequence
 from tidelog.client.admin import AdminClient
 from tidelog.client.connection import DEFAULT_BOOTSTRAP, ClusterUnreachableError
 from tidelog.client.consumer import Consumer
+from tidelog.client.group_reset import (
+    ResetPlanEntry,
+    ResetScenario,
+    ResetSpec,
+    parse_datetime_ms,
+    parse_duration_ms,
+)
 from tidelog.client.offsets import (
     BoundKind,
     PartitionBounds,
@@ -54,6 +70,11 @@ _HINTS = {
     ErrorCode.INVALID_PARTITIONS: "partitions can only be added, never removed",
     ErrorCode.INVALID_CONFIG: "see the valid keys with `tidelog topic describe NAME`",
     ErrorCode.MESSAGE_TOO_LARGE: "raise the topic's max.message.bytes with `tidelog topic alter-config`",
+    ErrorCode.GROUP_ID_NOT_FOUND: "list groups with `tidelog group list`",
+    ErrorCode.NON_EMPTY_GROUP: "stop the group's consumers first; `tidelog group describe GROUP` lists them",
+    ErrorCode.COORDINATOR_NOT_AVAILABLE: "the cluster is still electing the group's coordinator; retry shortly",
+    ErrorCode.UNSUPPORTED_ASSIGNOR: "use --assignor uniform or range",
+    ErrorCode.FENCED_INSTANCE_ID: "another consumer uses the same --instance-id",
 }
 
 
@@ -161,6 +182,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     _register_topic(subparsers)
     _register_produce(subparsers)
     _register_consume(subparsers)
+    _register_group(subparsers)
     _register_perf(subparsers)
 
 
@@ -272,10 +294,66 @@ def _register_consume(subparsers: argparse._SubParsersAction) -> None:  # type: 
                          metavar="P[,P...]", help="only these partitions (repeatable)")
     consume.add_argument("-f", "--format", dest="output", choices=("json", "text"),
                          default=argparse.SUPPRESS, help="alias of --output (rpk's name)")
-    consume.add_argument("-g", "--group", help="consumer group (not available yet)")
+    consume.add_argument("-g", "--group",
+                         help="consume as a member of this consumer group, committing as it goes "
+                         "(-o then applies only where the group has no committed offset: start or end)")
     consume.add_argument("--fetch-max-wait-ms", type=int, default=500, help="(default %(default)s)")
     _common(consume, output=("json", "text"))
     consume.set_defaults(handler=_guarded(consume_command))
+
+
+def _register_group(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    group = subparsers.add_parser("group", help="list, describe, delete consumer groups and reset their offsets")
+    commands = group.add_subparsers(dest="group_command", metavar="COMMAND")
+    group.set_defaults(handler=_help(group))
+
+    listing = commands.add_parser("list", help="list consumer groups", description="List consumer groups.")
+    _common(listing)
+    listing.set_defaults(handler=_guarded(group_list))
+
+    describe = commands.add_parser(
+        "describe", help="show a group's members, committed offsets and lag",
+        description="Show a group: state, members and, per partition, the committed offset, the "
+        "log end offset and the lag between them.")
+    describe.add_argument("group", metavar="GROUP")
+    _common(describe)
+    describe.set_defaults(handler=_guarded(group_describe))
+
+    delete = commands.add_parser(
+        "delete", help="delete groups without members, with their committed offsets",
+        description="Delete consumer groups that have no members, and their committed offsets.")
+    delete.add_argument("groups", nargs="+", metavar="GROUP")
+    _common(delete)
+    delete.set_defaults(handler=_guarded(group_delete))
+
+    reset = commands.add_parser(
+        "reset-offsets", help="plan (and with --execute, commit) new offsets for a group",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Compute new committed offsets for a group and print the plan; nothing "
+        "changes unless --execute is given,\nand execution is refused while the group has live "
+        "members (stop its consumers first).\n\n"
+        "--topic T (every partition), T:P or T:P,P... (repeatable), or --all-topics (every "
+        "partition the group\nhas committed). --to-offset and --shift-by are clamped into the "
+        "partition's [start, end]; a time with\nno record at or after it resets to the end.")
+    reset.add_argument("group", metavar="GROUP")
+    scope = reset.add_mutually_exclusive_group(required=True)
+    scope.add_argument("--topic", action="append", metavar="TOPIC[:P[,P...]]", help="repeatable")
+    scope.add_argument("--all-topics", action="store_true", help="every partition the group has committed")
+    target = reset.add_mutually_exclusive_group(required=True)
+    target.add_argument("--to-earliest", action="store_true", help="the log start offset")
+    target.add_argument("--to-latest", action="store_true", help="the log end offset")
+    target.add_argument("--to-current", action="store_true", help="the committed offset (no change)")
+    target.add_argument("--to-offset", type=int, metavar="N")
+    target.add_argument("--shift-by", type=int, metavar="N", help="move the committed offset by N (may be negative)")
+    target.add_argument("--to-datetime", metavar="ISO",
+                        help="the first record at or after this time, e.g. 2024-05-01T12:00:00.000 (UTC unless a zone is given)")
+    target.add_argument("--by-duration", metavar="ISO-8601",
+                        help="the first record at or after now minus this duration, e.g. PT15M or P1DT2H")
+    mode = reset.add_mutually_exclusive_group()
+    mode.add_argument("--execute", action="store_true", help="commit the plan (refused while the group has members)")
+    mode.add_argument("--dry-run", action="store_true", help="only print the plan (the default)")
+    _common(reset)
+    reset.set_defaults(handler=_guarded(group_reset_offsets))
 
 
 def _register_perf(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -524,6 +602,153 @@ def cluster_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- group ------------------------------------------------------------------------------------
+
+
+def group_list(args: argparse.Namespace) -> int:
+    with _admin(args) as admin:
+        groups = admin.list_groups()
+    if args.output == "json":
+        _json([{"group": g.group_id, "state": g.state, "coordinator": g.coordinator_id} for g in groups])
+    else:
+        _print_table(["GROUP", "STATE", "COORDINATOR"], [[g.group_id, g.state, g.coordinator_id] for g in groups])
+    return 0
+
+
+def group_describe(args: argparse.Namespace) -> int:
+    with _admin(args) as admin:
+        d = admin.describe_group(args.group)
+    if args.output == "json":
+        _json({
+            "group": d.group_id,
+            "state": d.state,
+            "coordinator": d.coordinator_id,
+            "assignor": d.assignor,
+            "group_epoch": d.group_epoch,
+            "members": [
+                {
+                    "member_id": m.member_id,
+                    "instance_id": m.instance_id,
+                    "member_epoch": m.member_epoch,
+                    "state": m.state,
+                    "client_id": m.client_id,
+                    "subscribed_topics": list(m.subscribed_topics),
+                    "assignment": [{"topic": tp.topic, "partition": tp.partition} for tp in m.assignment],
+                }
+                for m in d.members
+            ],
+            "offsets": [
+                {"topic": o.topic, "partition": o.partition, "committed": o.committed, "end": o.end,
+                 "lag": o.lag, "member_id": o.member_id}
+                for o in d.offsets
+            ],
+        })
+        return 0
+    total_lag = sum(o.lag for o in d.offsets if o.lag is not None)
+    _print_table(["GROUP", d.group_id], [
+        ["STATE", d.state],
+        ["COORDINATOR", d.coordinator_id],
+        ["ASSIGNOR", d.assignor or "-"],
+        ["MEMBERS", len(d.members)],
+        ["TOTAL-LAG", total_lag],
+    ])
+    print()
+    _print_table(["TOPIC", "PARTITION", "CURRENT-OFFSET", "LOG-END-OFFSET", "LAG", "MEMBER-ID"], [
+        [o.topic, o.partition, o.committed, o.end, o.lag, o.member_id] for o in d.offsets
+    ])
+    return 0
+
+
+def group_delete(args: argparse.Namespace) -> int:
+    rows = []
+    with _admin(args) as admin:
+        for name in args.groups:
+            try:
+                admin.delete_group(name)
+                rows.append({"group": name, "status": "OK", "error": None})
+            except ClusterUnreachableError:
+                raise
+            except TidelogError as exc:
+                rows.append({"group": name, "status": exc.name, "error": exc.message})
+    if args.output == "json":
+        _json(rows)
+    else:
+        _print_table(["GROUP", "STATUS"], [
+            (r["group"], "OK" if r["error"] is None else f"{r['status']}: {r['error']}") for r in rows
+        ])
+    failed = [r for r in rows if r["error"] is not None]
+    if failed:
+        first = failed[0]
+        code = getattr(ErrorCode, first["status"], None)
+        return _fail(f"{len(failed)} of {len(rows)} group(s) not deleted: {first['status']}: {first['error']}",
+                     _HINTS.get(code) if code is not None else None)
+    return 0
+
+
+def _reset_spec(args: argparse.Namespace) -> ResetSpec:
+    if args.to_earliest:
+        return ResetSpec(ResetScenario.TO_EARLIEST)
+    if args.to_latest:
+        return ResetSpec(ResetScenario.TO_LATEST)
+    if args.to_current:
+        return ResetSpec(ResetScenario.TO_CURRENT)
+    if args.to_offset is not None:
+        if args.to_offset < 0:
+            raise ValueError(f"invalid --to-offset {args.to_offset}: offsets are >= 0")
+        return ResetSpec(ResetScenario.TO_OFFSET, args.to_offset)
+    if args.shift_by is not None:
+        return ResetSpec(ResetScenario.SHIFT_BY, args.shift_by)
+    if args.to_datetime is not None:
+        return ResetSpec(ResetScenario.TO_DATETIME, parse_datetime_ms(args.to_datetime))
+    return ResetSpec(ResetScenario.BY_DURATION, parse_duration_ms(args.by_duration))
+
+
+def _reset_scope(values: Sequence[str]) -> tuple[list[TopicPartition], list[str]]:
+    """``--topic`` values: T (every partition) or T:P[,P...]."""
+    partitions: list[TopicPartition] = []
+    topics: list[str] = []
+    for value in values:
+        topic, sep, rest = value.partition(":")
+        if not topic:
+            raise ValueError(f"invalid --topic {value!r}: expected TOPIC or TOPIC:P[,P...]")
+        if not sep:
+            topics.append(topic)
+            continue
+        if not rest:
+            raise ValueError(f"invalid --topic {value!r}: no partition after ':'")
+        for p in _parse_partitions([rest]) or []:
+            partitions.append(TopicPartition(topic, p))
+    return partitions, topics
+
+
+def group_reset_offsets(args: argparse.Namespace) -> int:
+    spec = _reset_spec(args)
+    if args.all_topics:
+        partitions: list[TopicPartition] | None = None
+        topics: list[str] = []
+    else:
+        partitions, topics = _reset_scope(args.topic)
+    with _admin(args) as admin:
+        plan: list[ResetPlanEntry] = admin.reset_offsets(
+            args.group, spec, partitions, topics, execute=args.execute
+        )
+    if args.output == "json":
+        _json({
+            "group": args.group,
+            "executed": bool(args.execute),
+            "offsets": [{"topic": e.topic_partition.topic, "partition": e.topic_partition.partition,
+                         "current": e.current, "new": e.new_offset} for e in plan],
+        })
+    else:
+        _print_table(["GROUP", "TOPIC", "PARTITION", "CURRENT-OFFSET", "NEW-OFFSET"], [
+            [args.group, e.topic_partition.topic, e.topic_partition.partition, e.current, e.new_offset]
+            for e in plan
+        ])
+    if not args.execute:
+        print("dry run: nothing changed (add --execute to commit these offsets)", file=sys.stderr)
+    return 0
+
+
 # --- produce ----------------------------------------------------------------------------------
 
 
@@ -630,9 +855,55 @@ def _parse_partitions(values: Sequence[str] | None) -> list[int] | None:
     return sorted(set(result))
 
 
+def _write_record(out: Any, record: ConsumerRecord, text: bool) -> None:
+    if text:
+        value = record.value
+        out.write(value.decode("utf-8", "backslashreplace") if value is not None else "")  # type: ignore[attr-defined]
+    else:
+        out.write(json.dumps(record_to_json(record), separators=(",", ":"), ensure_ascii=False))
+    out.write("\n")
+
+
+def consume_group(args: argparse.Namespace) -> int:
+    """`consume --group`: a group member that prints what the group assigns it and commits the
+    positions of what it printed (every second, and on exit)."""
+    spec = parse_offset_spec(args.offset, int(time.time() * 1000))
+    if spec.end is not None or spec.start.kind not in (BoundKind.EARLIEST, BoundKind.LATEST):
+        raise ValueError(f"with --group, -o/--offset takes start or end (it applies only where the "
+                         f"group has no committed offset), not {args.offset!r}")
+    if args.partitions:
+        raise ValueError("with --group the group assigns the partitions: drop -p/--partitions")
+    text = args.output == "text"
+    out = sys.stdout
+    with Consumer(
+        args.bootstrap,
+        group_id=args.group,
+        auto_offset_reset="earliest" if spec.start.kind is BoundKind.EARLIEST else "latest",
+        enable_auto_commit=True,
+        auto_commit_interval_ms=1000,
+        fetch_max_wait_ms=args.fetch_max_wait_ms,
+        default_api_timeout_ms=args.timeout * 1000,
+    ) as consumer:
+        for topic in args.topics:
+            consumer.partitions_for_topic(topic, timeout=min(args.timeout, _TOPIC_GRACE))
+        consumer.subscribe(args.topics)
+        remaining = args.num
+        try:
+            while remaining is None or remaining > 0:
+                # Never more than asked for: what poll returns is what gets committed.
+                for record in consumer.poll(500, max_records=remaining):
+                    _write_record(out, record, text)
+                    if remaining is not None:
+                        remaining -= 1
+                out.flush()
+        except KeyboardInterrupt:
+            pass  # leaving the `with` commits what was printed and leaves the group
+    return 0
+
+
 def consume_command(args: argparse.Namespace) -> int:
     if args.group:
-        raise ValueError("consumer groups are not available yet; consume without --group")
+        return consume_group(args)
     spec = parse_offset_spec(args.offset, int(time.time() * 1000))
     wanted_partitions = _parse_partitions(args.partitions)
     text = args.output == "text"
@@ -686,13 +957,7 @@ def consume_command(args: argparse.Namespace) -> int:
                 stop = stops[tp]
                 if tp in done or (stop is not None and record.offset >= stop):
                     continue
-                if text:
-                    value = record.value
-                    out.write(value.decode("utf-8", "backslashreplace") if value is not None else "")
-                    out.write("\n")
-                else:
-                    out.write(json.dumps(record_to_json(record), separators=(",", ":"), ensure_ascii=False))
-                    out.write("\n")
+                _write_record(out, record, text)
                 if remaining is not None:
                     remaining -= 1
                     if remaining == 0:
