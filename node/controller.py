@@ -61,9 +61,12 @@ ADMIN_TIMEOUT_S = 10.0
 # Producer ids a controller reserves per metadata record (Kafka's ProducerIdsBlock is 1000 too).
 PRODUCER_ID_BLOCK_SIZE = 1000
 # Kafka's settings for its offsets topic: compacted, with small segments so that compaction (and
-# so a new coordinator's replay) keeps up.
+# so a new coordinator's replay) keeps up. No time or size retention: deleting old segments would
+# drop the latest value of keys not written since (an idle group's offsets and members).
 OFFSETS_TOPIC_CONFIGS: Mapping[str, str] = MappingProxyType({"cleanup.policy": "compact",
-                                                              "segment.bytes": "104857600"})
+                                                              "segment.bytes": "104857600",
+                                                              "retention.ms": "-1",
+                                                              "retention.bytes": "-1"})
 
 
 class NotController(Exception):
