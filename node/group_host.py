@@ -43,7 +43,12 @@ from tidelog.node.group_coordinator import (
     GroupListing,
     Result,
 )
-from tidelog.node.group_records import CorruptGroupRecordError, GroupRecord, coordinator_partition
+from tidelog.node.group_records import (
+    CorruptGroupRecordError,
+    GroupRecord,
+    coordinator_partition,
+)
+from tidelog.node.storage import RecordTooLargeError
 from tidelog.proto import records as codec
 from tidelog.proto.common_pb2 import ErrorCode
 
@@ -121,8 +126,19 @@ class HostedPartitionState:
 class _Hosted:
     """A partition this node leads, and the coordinator built for its current epoch."""
 
-    __slots__ = ("index", "partition", "epoch", "coordinator", "last_appended", "dropped", "load_task",
-                 "timer", "timer_at", "waiters", "watcher")
+    __slots__ = (
+        "coordinator",
+        "dropped",
+        "epoch",
+        "index",
+        "last_appended",
+        "load_task",
+        "partition",
+        "timer",
+        "timer_at",
+        "waiters",
+        "watcher",
+    )
 
     def __init__(self, index: int, partition: OffsetsPartition, epoch: int) -> None:
         self.index = index
@@ -415,12 +431,12 @@ class GroupHost:
         """Append one call's records as one batch, before any other call can run."""
         try:
             appended = hosted.partition.append(encode_group_batch(records, now))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the applied state must go
             # Leadership gone (NotLeader, closed) or the batch refused (too large): the records
             # are applied in memory but not in the log, so this coordinator must go.
             code = ErrorCode.NOT_COORDINATOR
             message = f"append to __consumer_offsets-{hosted.index} failed: {exc}"
-            if type(exc).__name__ == "RecordTooLargeError":
+            if isinstance(exc, RecordTooLargeError):
                 code = ErrorCode.INVALID_REQUEST
                 message = f"the call's records exceed __consumer_offsets' max.message.bytes: {exc}"
             self._reload(hosted, message)

@@ -186,7 +186,9 @@ class GroupsService(api_pb2_grpc.GroupsServicer):
             if topic is None or not topic.partitions:
                 creating = self._ensure_offsets_topic()
                 try:
-                    why = await asyncio.wait_for(asyncio.shield(creating), max(0.0, deadline - loop.time())) or ""
+                    problem: str | None = await asyncio.wait_for(asyncio.shield(creating),
+                                                                 max(0.0, deadline - loop.time()))
+                    why = problem or ""
                 except TimeoutError:
                     why = f"{CONSUMER_OFFSETS_TOPIC} is being created"
             else:

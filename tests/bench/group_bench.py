@@ -37,7 +37,7 @@ from tidelog.proto import api_pb2, api_pb2_grpc, common_pb2
 from tidelog.proto.common_pb2 import ErrorCode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from support.nodes import LocalCluster, start_cluster  # noqa: E402
+from support.nodes import LocalCluster, start_cluster
 
 RETRIABLE = {ErrorCode.NOT_COORDINATOR, ErrorCode.COORDINATOR_LOAD_IN_PROGRESS, ErrorCode.COORDINATOR_NOT_AVAILABLE,
              ErrorCode.REQUEST_TIMED_OUT}

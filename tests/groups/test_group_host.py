@@ -14,8 +14,16 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pytest
-from tidelog.node.group_coordinator import CommittedOffset, GroupCoordinatorConfig, GroupErrorCode
-from tidelog.node.group_host import CoordinatorUnavailable, GroupHost, encode_group_batch
+from tidelog.node.group_coordinator import (
+    CommittedOffset,
+    GroupCoordinatorConfig,
+    GroupErrorCode,
+)
+from tidelog.node.group_host import (
+    CoordinatorUnavailable,
+    GroupHost,
+    encode_group_batch,
+)
 from tidelog.node.group_records import (
     GroupRecord,
     OffsetCommitKey,
@@ -23,6 +31,7 @@ from tidelog.node.group_records import (
     TopicPartition,
     coordinator_partition,
 )
+from tidelog.node.storage import RecordTooLargeError
 from tidelog.proto import records as codec
 from tidelog.proto.common_pb2 import ErrorCode
 
@@ -32,10 +41,6 @@ TP0 = TopicPartition("orders", 0)
 
 class NotLeaderError(Exception):
     pass
-
-
-class RecordTooLargeError(Exception):
-    """Named like storage's, which the host maps to INVALID_REQUEST."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,7 +264,7 @@ def test_calls_are_refused_while_loading_and_for_partitions_led_elsewhere() -> N
         assert elsewhere.value.code == ErrorCode.NOT_COORDINATOR
         await host.close()
 
-        missing = GroupHost(lambda: {}, lambda: None, GroupCoordinatorConfig())
+        missing = GroupHost(dict, lambda: None, GroupCoordinatorConfig())
         with pytest.raises(CoordinatorUnavailable) as no_topic:
             await missing.read("g", fetch_call("g"))
         assert no_topic.value.code == ErrorCode.COORDINATOR_NOT_AVAILABLE

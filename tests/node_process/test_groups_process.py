@@ -7,10 +7,11 @@ coordinator on every retriable error — so the tests pin down the server, not t
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -171,10 +172,14 @@ def test_find_coordinator_agrees_on_every_node(groups_cluster: LocalCluster, cli
         return [client.stub(n.node_id).FindCoordinator(api_pb2.FindCoordinatorRequest(group_id=group_id), timeout=10)
                 for n in groups_cluster.nodes]
 
+    def agreed(group_id: str) -> list[api_pb2.FindCoordinatorResponse] | None:
+        answers = answers_of(group_id)
+        if all(a.error == ErrorCode.NONE for a in answers) and len({a.node_id for a in answers}) == 1:
+            return answers
+        return None
+
     for group_id in groups:
-        found = wait_until(lambda: (lambda a: a if all(x.error == ErrorCode.NONE for x in a)
-                                    and len({x.node_id for x in a}) == 1 else None)(answers_of(group_id)),
-                           f"every node to agree on {group_id}'s coordinator")
+        found = wait_until(functools.partial(agreed, group_id), f"every node to agree on {group_id}'s coordinator")
         assert {x.partition for x in found} == {coordinator_partition(group_id, OFFSETS_PARTITIONS)}
         node = groups_cluster.node(found[0].node_id)
         assert (found[0].host, found[0].port) == ("127.0.0.1", node.port)
@@ -280,7 +285,7 @@ def test_bad_requests_get_error_codes(groups_cluster: LocalCluster, client: Grou
         group_id="bad-requests", member_epoch=0, has_subscription=True, subscribed_topics=["not-yet"],
         rebalance_timeout_ms=10000), timeout=10)
     assert joined.error == ErrorCode.NONE and joined.member_epoch > 0 and list(joined.assignment) == []
-    other = [n for n in groups_cluster.nodes if n.node_id != node_id][0]
+    other = next(n for n in groups_cluster.nodes if n.node_id != node_id)
     elsewhere = client.stub(other.node_id).OffsetFetch(api_pb2.OffsetFetchRequest(group_id="bad-requests"),
                                                        timeout=10)
     assert elsewhere.error == ErrorCode.NOT_COORDINATOR
@@ -318,7 +323,7 @@ def test_acknowledged_commits_survive_the_coordinator_being_killed(groups_cluste
                 assert answer.error == ErrorCode.NONE, answer
                 acknowledged.update(offsets)
                 acks[0] += 1
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - the main thread reports any failure
             failures.append(exc)
         finally:
             own.close()
