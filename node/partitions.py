@@ -307,10 +307,13 @@ class PartitionManager:
                     # Never delete what consumers cannot have read yet.
                     if deletes_by_retention(self._topic_configs.get(key, {})):
                         partition.log.enforce_retention(max_offset=partition.high_watermark)
-                    producers = partition.replica.log_adapter.producers
+                    adapter = partition.replica.log_adapter
+                    producers = adapter.producers
                     if producers is not None:
-                        producers.remove_before(partition.log.log_start_offset)
+                        start = partition.log.log_start_offset
+                        producers.remove_before(start)
                         producers.expire(_wall_ms(), self._producer_id_expiration_ms)
+                        await asyncio.to_thread(adapter.delete_snapshots_below, start)
                 except Exception:
                     log.exception("retention of %s-%d failed", partition.topic, partition.partition)
 
@@ -402,8 +405,8 @@ class PartitionManager:
             _write_atomically(marker, json.dumps({"version": 0, "topic_id": topic_id}).encode())
         storage = open_log(directory, configs)
         try:
-            # Snapshot (written on clean close) plus a replay of the log after it; after a crash
-            # that is a scan of every batch header in the log.
+            # The newest snapshot (written on clean close and on every segment roll) plus a
+            # replay of the log after it: after a crash, at most the active segment's headers.
             producers = ProducerStateManager(partition=f"{topic}-{index}")
             producers.rebuild(directory / PRODUCER_SNAPSHOT_DIR, log_start_offset=storage.log_start_offset,
                               log_end_offset=storage.end_offset,

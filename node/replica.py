@@ -24,6 +24,7 @@ import asyncio
 import json
 import logging
 import random
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -74,10 +75,14 @@ class RaftLogAdapter:
 
     With a `ProducerStateManager` it also folds every batch the log appends (leader and
     follower alike) into it and rolls it back on truncation, so a replica that becomes leader
-    has exactly the old leader's producer state (DESIGN.md §8).
+    has exactly the old leader's producer state (DESIGN.md §8). With a snapshot directory it
+    snapshots that state whenever the log rolls to a new segment (at the new segment's base
+    offset, as Kafka does), so a restart after a crash replays at most the active segment; the
+    bytes are built on the caller's thread (the event loop) and written in a worker thread.
     """
 
-    __slots__ = ("_pending", "log", "producers", "snapshot_dir")
+    __slots__ = ("_active_segment", "_pending", "_snapshot_lock", "_truncations", "log", "producers",
+                 "snapshot_dir")
 
     def __init__(self, partition_log: PartitionLog, producers: ProducerStateManager | None = None,
                  snapshot_dir: Path | None = None) -> None:
@@ -87,6 +92,13 @@ class RaftLogAdapter:
         # (buffer, headers) the produce path already scanned, so the leader append need not
         # scan the same bytes again; matched by identity.
         self._pending: tuple[bytes, list[BatchHeader]] | None = None
+        self._active_segment = partition_log.segment_base_offsets[-1]
+        # A snapshot written in a worker thread must not land after a truncation removed its
+        # offset (a later, different history could reach that offset and a restart would trust
+        # it): the writer checks the truncation count under this lock, and truncation deletes
+        # snapshots above the new end under it.
+        self._snapshot_lock = threading.Lock()
+        self._truncations = 0
 
     def expect(self, batches: bytes, headers: list[BatchHeader]) -> None:
         self._pending = (batches, headers)
@@ -119,32 +131,74 @@ class RaftLogAdapter:
                 headers = pending[1]
             else:
                 headers = codec.scan_batches(batches, verify_crc=False)
+            self._snapshot_if_rolled(result.base_offset)
             self.producers.update(headers, _wall_ms(), first_offset=result.base_offset)
         return result.base_offset, result.last_offset
 
     def append_replicated(self, batches: bytes) -> tuple[int, int]:
         result = self.log.append_replicated(batches)
         if self.producers is not None:
+            self._snapshot_if_rolled(result.base_offset)
             self.producers.update(codec.scan_batches(batches, verify_crc=False), _wall_ms())
         return result.base_offset, result.last_offset
+
+    def _snapshot_if_rolled(self, base_offset: int) -> None:
+        """After an append at ``base_offset`` and before the producer state folds it in: if the
+        append started a new segment, snapshot the state as of that segment's base."""
+        active = self.log.segment_base_offsets[-1]
+        if active == self._active_segment:
+            return
+        self._active_segment = active
+        producers = self.producers
+        if (producers is None or self.snapshot_dir is None or active != base_offset
+                or producers.end_offset > base_offset):
+            return
+        offset, data = producers.snapshot_bytes(base_offset)
+        truncations = self._truncations
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._write_snapshot(offset, data, truncations)
+            return
+        loop.run_in_executor(None, self._write_snapshot, offset, data, truncations)
+
+    def _write_snapshot(self, offset: int, data: bytes, truncations: int) -> None:
+        try:
+            with self._snapshot_lock:
+                if truncations == self._truncations and self.snapshot_dir is not None:
+                    ProducerStateManager.write_snapshot(self.snapshot_dir, offset, data)
+        except Exception:
+            log.exception("%s: producer state snapshot at offset %d failed", self.log.directory, offset)
+
+    def delete_snapshots_below(self, log_start_offset: int) -> None:
+        """Retention moved the log start: snapshots below it describe deleted data (blocking)."""
+        if self.snapshot_dir is not None:
+            with self._snapshot_lock:
+                ProducerStateManager.delete_snapshots_outside(self.snapshot_dir, log_start_offset, 1 << 62)
 
     def read(self, offset: int, max_bytes: int) -> bytes:
         return self.log.read(offset, max_bytes)
 
     def truncate_to(self, offset: int) -> int:
         end = self.log.truncate_to(offset)
+        self._active_segment = self.log.segment_base_offsets[-1]
         if self.producers is not None:
-            self.producers.truncate_to(end, self.snapshot_dir, log_start_offset=self.log.log_start_offset,
-                                       read_batches_from=lambda o: read_headers_from(self.log, o),
-                                       now_ms=_wall_ms())
+            self._truncations += 1
+            with self._snapshot_lock:
+                self.producers.truncate_to(end, self.snapshot_dir, log_start_offset=self.log.log_start_offset,
+                                           read_batches_from=lambda o: read_headers_from(self.log, o),
+                                           now_ms=_wall_ms())
         return end
 
     def reset_to(self, start_offset: int, start_epoch: int) -> None:
         self.log.reset_to(start_offset, start_epoch)
+        self._active_segment = self.log.segment_base_offsets[-1]
         if self.producers is not None:
+            self._truncations += 1
             self.producers.clear(start_offset)
             if self.snapshot_dir is not None:
-                ProducerStateManager.delete_snapshots_outside(self.snapshot_dir, start_offset, start_offset)
+                with self._snapshot_lock:
+                    ProducerStateManager.delete_snapshots_outside(self.snapshot_dir, start_offset, start_offset)
 
     def epoch_for(self, offset: int) -> int | None:
         return self.log.epoch_for(offset)
