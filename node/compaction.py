@@ -259,6 +259,24 @@ def _read_batches(segment: CleanableSegment) -> Iterator[tuple[BatchHeader, memo
         yield header, view[header.position:header.position + header.size]
 
 
+def has_keyless_record(batches: bytes | memoryview, headers: list[BatchHeader]) -> bool:
+    """Whether any record of the (checked) ``batches`` has a null key: Kafka refuses those for
+    a compacted topic at produce ("compacted topic cannot accept message without key"). Decodes
+    every record, so the produce path calls it for compacted topics only."""
+    view = memoryview(batches).cast("B")
+    for header in headers:
+        if header.attributes & CONTROL_FLAG_MASK:
+            continue
+        batch = view[header.position:header.position + header.size]
+        try:
+            payload = _payload(header, batch)
+            if any(r.key is None for r in _split_records(header, payload)):
+                return True
+        except (CorruptRecordError, CompactionError):
+            return True  # undecodable records cannot be shown to carry keys
+    return False
+
+
 # --- one pass ---------------------------------------------------------------------------------
 
 
@@ -457,6 +475,7 @@ __all__ = [
     "clean_log",
     "discard_prepared",
     "finish_clean",
+    "has_keyless_record",
     "needs_cleaning",
     "prepare_clean",
     "read_checkpoint",

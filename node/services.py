@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from tidelog.node.compaction import has_keyless_record
 from tidelog.node.config import CONSUMER_OFFSETS_TOPIC, topic_name_error
 from tidelog.node.controller import ADMIN_TIMEOUT_S, NotController
 from tidelog.node.metadata import MetadataImage
@@ -170,6 +171,11 @@ class BrokerService(api_pb2_grpc.BrokerServicer):
                                 f"a batch of {header.size} bytes exceeds max.message.bytes={limit}")
             if header.record_count < 1:
                 raise _Rejected(ErrorCode.CORRUPT_MESSAGE, "a record batch holds no records")
+        # Per-record work for compacted topics only (the check is per request otherwise).
+        if "compact" in configs.get("cleanup.policy", "delete").split(",") and has_keyless_record(records, headers):
+            # Kafka answers INVALID_RECORD (KIP-467), not retriable; our enum lacks it, and
+            # CORRUPT_MESSAGE is retriable, so a producer would retry it until it times out.
+            raise _Rejected(ErrorCode.INVALID_REQUEST, "compacted topic cannot accept message without key")
         return records, headers  # bytes: proposed and written without another copy
 
     # --- InitProducerId -------------------------------------------------------------------

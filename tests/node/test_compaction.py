@@ -12,6 +12,7 @@ from tidelog.node.compaction import (
     CleanerConfig,
     clean_log,
     finish_clean,
+    has_keyless_record,
     prepare_clean,
     read_checkpoint,
     write_checkpoint,
@@ -256,6 +257,14 @@ def test_an_emptied_batch_goes_unless_last_of_its_producer_or_segment(opened) ->
     assert kept[:2] == [(1, 0), (3, 0)]
     # The segment's last batch stays too, so its batches end where the next segment begins.
     assert headers[-1].next_offset == plog.segment_base_offsets[1]
+
+
+@pytest.mark.parametrize("codec", ["lz4", "none"])
+def test_keyless_records_are_found_for_the_produce_check(codec: str) -> None:
+    keyed = encode_batch([Record(0, 1, b"k", b"v"), Record(0, 2, b"k2", None)], compression=codec)
+    keyless = encode_batch([Record(0, 1, b"k", b"v"), Record(0, 2, None, b"v")], compression=codec)
+    assert not has_keyless_record(keyed, scan_batches(keyed))
+    assert has_keyless_record(keyed + keyless, scan_batches(keyed + keyless))
 
 
 # --- reads across gaps, replication from a compacted log --------------------------------------
