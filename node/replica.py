@@ -81,8 +81,8 @@ class RaftLogAdapter:
     bytes are built on the caller's thread (the event loop) and written in a worker thread.
     """
 
-    __slots__ = ("_active_segment", "_pending", "_snapshot_lock", "_truncations", "log", "producers",
-                 "snapshot_dir")
+    __slots__ = ("_active_segment", "_pending", "_snapshot_lock", "_snapshot_write", "_truncations", "log",
+                 "producers", "snapshot_dir")
 
     def __init__(self, partition_log: PartitionLog, producers: ProducerStateManager | None = None,
                  snapshot_dir: Path | None = None) -> None:
@@ -99,6 +99,7 @@ class RaftLogAdapter:
         # snapshots above the new end under it.
         self._snapshot_lock = threading.Lock()
         self._truncations = 0
+        self._snapshot_write: list[asyncio.Future[None]] = []  # writes not known to be finished
 
     def expect(self, batches: bytes, headers: list[BatchHeader]) -> None:
         self._pending = (batches, headers)
@@ -160,7 +161,13 @@ class RaftLogAdapter:
         except RuntimeError:
             self._write_snapshot(offset, data, truncations)
             return
-        loop.run_in_executor(None, self._write_snapshot, offset, data, truncations)
+        self._snapshot_write = [f for f in self._snapshot_write if not f.done()]
+        self._snapshot_write.append(loop.run_in_executor(None, self._write_snapshot, offset, data, truncations))
+
+    async def wait_for_snapshot(self) -> None:
+        """Until the roll snapshots are written (close: nothing may write after the replica)."""
+        if self._snapshot_write:
+            await asyncio.gather(*self._snapshot_write, return_exceptions=True)
 
     def _write_snapshot(self, offset: int, data: bytes, truncations: int) -> None:
         try:
@@ -588,6 +595,7 @@ class Replica:
                 except Exception:
                     pass
         adapter = self.log_adapter
+        await adapter.wait_for_snapshot()
         if adapter.producers is not None and adapter.snapshot_dir is not None and self.failure is None:
             # Taken after the group stopped, so no append or truncation races the write; a
             # restart then replays only what follows it.
