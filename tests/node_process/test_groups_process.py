@@ -344,3 +344,30 @@ def test_acknowledged_commits_survive_the_coordinator_being_killed(groups_cluste
     committed = fetch(client, group_id)
     # Sequential commits, each retried until acknowledged: the last one is what must be there.
     assert committed == acknowledged == attempted
+
+
+def test_offsets_and_members_survive_a_crash_of_every_node(groups_cluster: LocalCluster,
+                                                           client: GroupsClient) -> None:
+    for node in groups_cluster.nodes:
+        if not node.running():
+            node.start(wait=False)
+    groups_cluster.wait_ready()
+    create_topic(groups_cluster, "crash", 4)
+    offsets = {("crash", p): 100 + p for p in range(4)}
+    assert commit(client, "crash-offsets", offsets).error == ErrorCode.NONE
+    member = Member(client, "crash-members", ["crash"])
+    wait_until(lambda: member.heartbeat() and len(member.owned) == 4, "the member to own every partition")
+    epoch = member.epoch
+
+    groups_cluster.kill_all()
+    for node in groups_cluster.nodes:
+        node.start(wait=False)
+    client.coordinators.clear()
+    # At once (retrying until a coordinator has loaded), well within the restarted session: the
+    # member is still in the group after the replay, and its epoch and assignment carry on
+    # without a rejoin.
+    assert member.heartbeat().member_epoch == epoch
+    groups_cluster.wait_ready()
+    assert fetch(client, "crash-offsets") == offsets
+    assert member.owned == {("crash", p) for p in range(4)}
+    assert [m.member_id for m in describe(client, "crash-members").members] == [member.member_id]
