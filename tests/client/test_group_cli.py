@@ -1,18 +1,19 @@
-"""`tidelog group ...` and `tidelog consume --group` as a user runs them (subprocesses), against
+"""`tidelog group ...` and `tidelog consume --group` as a user runs them (in process), against
 the fake cluster whose Groups service is the real GroupCoordinator."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import os
 import subprocess
-import sys
 import time
 from typing import Iterator
 
 import pytest
 
 from support.fake_groups import FakeGroupCluster
+from tidelog.cluster.cli import main
 from tidelog.client import Consumer, TopicPartition
 
 TOPIC = "events"
@@ -30,9 +31,16 @@ def groups() -> Iterator[FakeGroupCluster]:
 
 
 def tidelog(cluster: FakeGroupCluster, *args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, TIDELOG_BOOTSTRAP=cluster.bootstrap)
-    return subprocess.run([sys.executable, "-m", "tidelog.cluster.cli", *args],
-                          capture_output=True, text=True, timeout=60, env=env)
+    """Run the command line in this process (a subprocess per call would cost seconds of
+    imports each; test_groups_process.py runs it as real subprocesses)."""
+    argv = [*args, "--bootstrap", cluster.bootstrap]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse's usage errors
+            code = int(exc.code or 0)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def ok_json(result: subprocess.CompletedProcess[str]) -> object:
