@@ -408,6 +408,11 @@ class Controller:
             topic = self.image.topics.get(name)
             if topic is None:
                 return _result(name, ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, f"no topic {name!r}")
+            if name == CONSUMER_OFFSETS_TOPIC:
+                # hash(group) mod N places every group: a new N would strand their offsets.
+                return _result(name, ErrorCode.INVALID_REQUEST,
+                               f"the partition count of {name} decides which partition holds each group; "
+                               "it cannot change")
             current = len(topic.partitions)
             if new_total <= current:
                 return _result(name, ErrorCode.INVALID_PARTITIONS,

@@ -289,12 +289,15 @@ def test_bad_requests_get_error_codes(groups_cluster: LocalCluster, client: Grou
     elsewhere = client.stub(other.node_id).OffsetFetch(api_pb2.OffsetFetchRequest(group_id="bad-requests"),
                                                        timeout=10)
     assert elsewhere.error == ErrorCode.NOT_COORDINATOR
-    # Only coordinators write to __consumer_offsets.
+    # Only coordinators write to __consumer_offsets, and its partition count never changes.
     with grpc.insecure_channel(groups_cluster.nodes[0].address) as channel:
         produced = api_pb2_grpc.BrokerStub(channel).Produce(api_pb2.ProduceRequest(acks=-1, partitions=[
             api_pb2.ProducePartitionData(topic="__consumer_offsets", partition=0, records=codec.encode_batch(
                 [codec.Record(0, 0, b"\x00\x01junk", b"junk")]))]), timeout=10)
+        grown = api_pb2_grpc.AdminStub(channel).CreatePartitions(api_pb2.CreatePartitionsRequest(
+            topic="__consumer_offsets", new_total_count=OFFSETS_PARTITIONS + 1), timeout=10)
     assert produced.partitions[0].error == ErrorCode.INVALID_TOPIC_EXCEPTION
+    assert grown.result.error == ErrorCode.INVALID_REQUEST
     # The node is still fine.
     assert client.find("bad-requests") == node_id
 
