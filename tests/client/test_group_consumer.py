@@ -252,3 +252,28 @@ def test_without_a_group_subscribe_reads_every_partition(groups: FakeGroupCluste
         with pytest.raises(ValueError):
             consumer.commit()
     assert groups.calls["ConsumerGroupHeartbeat"] == 0
+
+
+def test_a_static_member_that_closes_gets_its_partitions_back_without_a_rebalance(groups: FakeGroupCluster) -> None:
+    """KIP-848 static membership: close() leaves with epoch -2, so the coordinator keeps the
+    assignment for the same group_instance_id instead of moving it to the others."""
+    groups.create_topic(TOPIC, 2)
+    b_events: list[tuple[str, set[TopicPartition]]] = []
+    with member(groups) as b:
+        b.subscribe([TOPIC], on_assign=lambda p: b_events.append(("assign", p)),
+                    on_revoke=lambda p: b_events.append(("revoke", p)))
+        wait_until(lambda: b.assignment() == tps(2), poll=lambda: b.poll(10))
+        a = member(groups, group_instance_id="worker-1")
+        with a:
+            a.subscribe([TOPIC])
+            wait_until(lambda: len(a.assignment()) == 1 and len(b.assignment()) == 1,
+                       poll=lambda: (a.poll(10), b.poll(10)))
+            mine = a.assignment()
+            epoch = groups.call(lambda: groups.coordinator.describe_group("g").group_epoch)
+        settled = list(b_events)
+        with member(groups, group_instance_id="worker-1") as again:
+            again.subscribe([TOPIC])
+            wait_until(lambda: again.assignment() == mine, poll=lambda: (again.poll(10), b.poll(10)))
+            # The group never rebalanced: its epoch did not move ...
+            assert groups.call(lambda: groups.coordinator.describe_group("g").group_epoch) == epoch
+        assert b_events == settled  # ... and b was never asked to take a's partition
