@@ -69,9 +69,46 @@ async def _connect(channel: grpc.aio.Channel) -> bool:
 
 
 def to_proto(message: Message) -> pb.RaftMessage:
-    cls = type(message)
     out = pb.RaftMessage()
-    sub = getattr(out, _KINDS[cls])
+    fill_proto(out, message)
+    return out
+
+
+def fill_proto(out: pb.RaftMessage, message: Message) -> None:
+    """Write ``message`` into ``out``, typically an entry just added to an envelope: building it
+    in place spares the copy of its records that a separate message plus ``extend`` makes."""
+    cls = type(message)
+    # The two fetch messages are nearly all the traffic; they get field-by-field code.
+    if cls is FetchResponse:
+        sub = out.fetch_response
+        sub.group_id = message.group_id
+        sub.src = message.src
+        sub.dst = message.dst
+        sub.epoch = message.epoch
+        if message.leader_id is not None:
+            sub.leader_id = message.leader_id
+        sub.error = message.error.value
+        sub.fetch_id = message.fetch_id
+        sub.fetch_offset = message.fetch_offset
+        sub.last_fetched_epoch = message.last_fetched_epoch
+        sub.records = message.records
+        sub.high_watermark = message.high_watermark
+        sub.diverging_epoch = message.diverging_epoch
+        sub.diverging_end_offset = message.diverging_end_offset
+        return
+    if cls is FetchRequest:
+        request = out.fetch_request
+        request.group_id = message.group_id
+        request.src = message.src
+        request.dst = message.dst
+        request.epoch = message.epoch
+        request.fetch_offset = message.fetch_offset
+        request.last_fetched_epoch = message.last_fetched_epoch
+        request.fetch_id = message.fetch_id
+        request.high_watermark = message.high_watermark
+        request.max_wait_ms = message.max_wait_ms
+        return
+    other = getattr(out, _KINDS[cls])
     for name in _FIELDS[cls]:
         value = getattr(message, name)
         if value is None:
@@ -79,16 +116,24 @@ def to_proto(message: Message) -> pb.RaftMessage:
         if isinstance(value, enum.Enum):
             value = value.value
         if name in _REPEATED:
-            getattr(sub, name).extend(value)
+            getattr(other, name).extend(value)
         else:
-            setattr(sub, name, value)
-    return out
+            setattr(other, name, value)
 
 
 def from_proto(message: pb.RaftMessage) -> Message:
     kind = message.WhichOneof("kind")
     if kind is None:
         raise ValueError("empty Raft message")
+    if kind == "fetch_response":
+        r = message.fetch_response
+        return FetchResponse(r.group_id, r.src, r.dst, r.epoch, r.leader_id if r.HasField("leader_id") else None,
+                             FetchError(r.error), r.fetch_id, r.fetch_offset, r.last_fetched_epoch, r.records,
+                             r.high_watermark, r.diverging_epoch, r.diverging_end_offset)
+    if kind == "fetch_request":
+        q = message.fetch_request
+        return FetchRequest(q.group_id, q.src, q.dst, q.epoch, q.fetch_offset, q.last_fetched_epoch, q.fetch_id,
+                            q.high_watermark, q.max_wait_ms)
     cls = _CLASSES[kind]
     sub = getattr(message, kind)
     values: dict[str, Any] = {}
@@ -108,7 +153,8 @@ class _Peer:
     def __init__(self, node_id: int, address: str) -> None:
         self.node_id = node_id
         self.address = address
-        self.queue: list[tuple[pb.RaftMessage, int]] = []  # (message, approximate size)
+        # (message, approximate size); converted to protobuf only when an envelope is built.
+        self.queue: list[tuple[Message, int]] = []
         self.wakeup = asyncio.Event()
         self.send_leaders = True
         self.task: asyncio.Task[None] | None = None
@@ -169,8 +215,8 @@ class Transport:
                 continue  # unknown node: Raft will retry once the peer is known
             if len(peer.queue) >= MAX_QUEUE:
                 peer.queue.clear()  # the peer is not draining; Raft resends what matters
-            records = getattr(message, "records", b"")
-            peer.queue.append((to_proto(message), len(records) + 64))
+            records = message.records if type(message) is FetchResponse else b""
+            peer.queue.append((message, len(records) + 64))
             peer.wakeup.set()
 
     async def _envelopes(self, peer: _Peer) -> AsyncIterator[pb.Envelope]:
@@ -199,7 +245,9 @@ class Transport:
                     peer.wakeup.set()
                     queued = queued[:index]
                     break
-            envelope.messages.extend(message for message, _ in queued)
+            entries = envelope.messages
+            for message, _ in queued:
+                fill_proto(entries.add(), message)
             yield envelope
 
     async def _run(self, peer: _Peer) -> None:
