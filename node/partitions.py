@@ -424,7 +424,8 @@ class PartitionManager:
                           self._send, self.flush_policy, self._election_timeout_ms,
                           on_role_change=lambda _: self._on_leaders_changed(),
                           campaign_now=replicas[0] == self.node_id, fetch_max_wait_ms=self._fetch_max_wait_ms,
-                          producers=producers, producer_snapshot_dir=directory / PRODUCER_SNAPSHOT_DIR)
+                          producers=producers, producer_snapshot_dir=directory / PRODUCER_SNAPSHOT_DIR,
+                          lazy_follower_hw=True)
         return Partition(topic, index, topic_id, directory, replica)
 
     def _remove_orphans(self, image: MetadataImage) -> None:

@@ -253,19 +253,23 @@ def save_quorum_state(directory: Path, state: QuorumState) -> None:
     atomic_write(directory, QUORUM_STATE_FILE, body.encode())
 
 
-def raft_config_for(voters: int, election_timeout_ms: int, fetch_max_wait_ms: int | None = None) -> RaftConfig:
+def raft_config_for(voters: int, election_timeout_ms: int, fetch_max_wait_ms: int | None = None,
+                    lazy_follower_hw: bool = False) -> RaftConfig:
     """KRaft's timings at ``election_timeout_ms``, with an optionally longer replica long-poll.
 
     An idle group costs one fetch per follower per long-poll, so the long-poll sets the idle
     cost of many partitions; the fetch timeout (a silent leader's detection) is kept at twice
     it, as KIP-1236 requires. A crashed leader is detected faster than that anyway, by its
-    refused connection (`Replica.leader_node_down`).
+    refused connection (`Replica.leader_node_down`). ``lazy_follower_hw`` is for partitions
+    (see `RaftConfig`): their followers learn the HW with the next data, not in a message of
+    its own.
     """
     if voters == 1:
         # A single voter cannot split a vote, so it need not wait a full election timeout
         # before leading (that wait would be the start-up latency of every such partition).
         return RaftConfig.scaled(20)
-    base = replace(RaftConfig.scaled(election_timeout_ms), max_fetch_bytes=REPLICA_FETCH_MAX_BYTES)
+    base = replace(RaftConfig.scaled(election_timeout_ms), max_fetch_bytes=REPLICA_FETCH_MAX_BYTES,
+                   lazy_follower_hw=lazy_follower_hw)
     if fetch_max_wait_ms is None or fetch_max_wait_ms <= base.fetch_max_wait_ms:
         return base
     return replace(base, fetch_max_wait_ms=fetch_max_wait_ms,
@@ -293,7 +297,8 @@ class Replica:
                  on_high_watermark: Callable[[Replica], None] | None = None,
                  campaign_now: bool = False, fetch_max_wait_ms: int | None = None,
                  observers: tuple[int, ...] = (),
-                 producers: ProducerStateManager | None = None, producer_snapshot_dir: Path | None = None) -> None:
+                 producers: ProducerStateManager | None = None, producer_snapshot_dir: Path | None = None,
+                 lazy_follower_hw: bool = False) -> None:
         self.group_id = group_id
         self.node_id = node_id
         self.directory = directory
@@ -316,7 +321,7 @@ class Replica:
         self._persisting: asyncio.Task[None] | None = None
         self._held: deque[Callable[[], None]] = deque()
         quorum_state = load_quorum_state(directory)
-        config = raft_config_for(len(voters), election_timeout_ms, fetch_max_wait_ms)
+        config = raft_config_for(len(voters), election_timeout_ms, fetch_max_wait_ms, lazy_follower_hw)
         start_ms = self._now()
         if campaign_now and quorum_state is None:
             # A brand-new group's preferred leader starts as if its election timeout had

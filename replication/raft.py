@@ -126,6 +126,12 @@ class RaftConfig:
     """Timeouts as KRaft's defaults (controller.quorum.*); the simulator scales them down.
 
     ``fetch_max_wait_ms`` is the leader's long-poll; KIP-1236 requires 2 x it <= fetch timeout.
+
+    ``lazy_follower_hw``: a leader answers a parked fetch only for new data (or when the
+    long-poll expires), not for a high-watermark move alone, so followers learn the HW from the
+    next data or the long-poll. Kafka's partition replication works so: it halves the messages
+    per replicated batch under load. Only for groups whose followers do nothing with the HW
+    (partitions; never the metadata quorum, whose followers apply committed records).
     """
 
     election_timeout_ms: int = 1000
@@ -135,6 +141,7 @@ class RaftConfig:
     election_backoff_max_ms: int = 1000
     retry_backoff_ms: int = 20
     max_fetch_bytes: int = 1 << 20
+    lazy_follower_hw: bool = False
     # Deliberately broken behaviour, to prove the simulator's checker finds it. Never set outside tests.
     _bug_vote_without_log_check: bool = False
     _bug_commit_old_epoch: bool = False
@@ -940,10 +947,12 @@ class RaftGroup:
             progress.match = m.fetch_offset
             if m.src in self._voters:
                 self._maybe_advance_hw()
-        if m.fetch_offset < self._log.end_offset or m.high_watermark < self._hw or m.max_wait_ms <= 0:
+        if m.fetch_offset < self._log.end_offset or m.max_wait_ms <= 0 or (
+                m.high_watermark < self._hw and not self._config.lazy_follower_hw):
             self._answer_fetch(m)
         else:
-            # Long-poll: nothing new for this follower; answer when data or the HW moves.
+            # Long-poll: nothing new for this follower; answer when data (or the HW, unless
+            # lazy_follower_hw) moves.
             self._parked[m.src] = (m, self._now + min(m.max_wait_ms, self._config.fetch_max_wait_ms))
 
     def _reply_out_of_range(self, m: FetchRequest) -> None:
@@ -1015,7 +1024,8 @@ class RaftGroup:
             pending = self._pending
             while pending and pending[0].last_offset < hw:
                 out.committed.append(pending.popleft())
-            self._complete_parked()
+            if not self._config.lazy_follower_hw:
+                self._complete_parked()
             if self.node_id not in self._voters and self._voter_changes and self._voter_changes[-1][0] < hw:
                 # KIP-853: a leader that removed itself leads until the removal commits.
                 self._resign()
