@@ -184,6 +184,19 @@ class RecordAccumulator:
         """`try_append` for the producer's hot path: only ``wake_sender`` (None when buffer
         memory is short)."""
         with self._lock:
+            # The common case inline: the partition of the last record, whose open batch has
+            # room (so it holds a record already and no wake is due unless it fills up).
+            if tp is self._last_tp:
+                queue = self._last_queue
+                batch = queue.open
+                if (batch is not None and batch.size + size < self.batch_size
+                        and self._used + size <= self.buffer_memory and not self.closed):
+                    records = batch.records
+                    records.append(_new_tuple(PendingRecord, (len(records), *record_fields)))
+                    batch.handles.append(handle)
+                    batch.size += size
+                    self._used += size
+                    return False
             batch = self._append_locked(tp, record_fields, size, handle)
             if batch is None:
                 return None
@@ -249,7 +262,8 @@ class RecordAccumulator:
             self._incomplete.add(batch.batch_id)
             queue.open = batch
         records = batch.records
-        records.append(PendingRecord(len(records), *record_fields))
+        # tuple.__new__: a NamedTuple's own __new__ is a Python function, a third of an append.
+        records.append(_new_tuple(PendingRecord, (len(records), *record_fields)))
         batch.handles.append(handle)
         batch.size += size
         self._used += size
@@ -470,6 +484,9 @@ class RecordAccumulator:
         self._memory_freed.notify_all()
         if self._on_memory_freed is not None:
             self._on_memory_freed()
+
+
+_new_tuple = tuple.__new__
 
 
 def _batch_id(batch: ProducerBatch) -> int:
