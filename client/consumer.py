@@ -9,8 +9,10 @@ is none), and it commits its positions (`commit`, or every ``auto_commit_interva
 exactly the partitions given and commits to the group without joining it (a commit the
 coordinator refuses while the group has live members).
 
-on_assign/on_revoke run on the consumer's event loop (for `Consumer`, its I/O thread), may be
-coroutine functions for `AsyncConsumer`, and receive a set of TopicPartitions. on_revoke runs
+on_assign/on_revoke receive a set of TopicPartitions. `AsyncConsumer` runs them on its event loop
+(they may be coroutine functions); `Consumer` runs them on the application's thread inside
+`poll`/`close`, as Kafka's consumer does, so a revocation waits until the application is back
+in poll (heartbeats go on meanwhile; max_poll_interval_ms bounds the wait). on_revoke runs
 while the revoked partitions still count as assigned (so `commit()` there includes them), after
 their fetching stopped and, under auto-commit, after their positions were committed; it is also
 called, without a commit, for partitions lost to fencing or an expired session.
@@ -29,10 +31,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import queue
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 
 import grpc
 
@@ -218,8 +221,11 @@ class AsyncConsumer:
         self._on_assign: Callable[[set[TopicPartition]], Any] | None = None
         self._on_revoke: Callable[[set[TopicPartition]], Any] | None = None
         self._committed: dict[TopicPartition, int] = {}  # what this consumer last committed
-        # Bumped whenever partitions are taken away, so the sync facade drops what it buffered.
-        self.revocations = 0
+        # The sync facade runs on_assign/on_revoke on the application's thread (inside poll or
+        # close) through this; None: run them here on the loop.
+        self.callback_runner: Callable[[Callable[[set[TopicPartition]], Any] | None,
+                                        frozenset[TopicPartition]], Awaitable[None]] | None = None
+        self.pending_callbacks = 0  # poll returns early while the application owes one
         self._leaving: asyncio.Task[None] | None = None
         if topics:
             self.subscribe(topics)
@@ -901,7 +907,10 @@ class AsyncConsumer:
             state.buffered.clear()
             self._cancel_fetch_for(tp)
             self._drop_iterated(tp)
-        self.revocations += 1
+        if revoking and not lost and self.callback_runner is not None:
+            # Commit only once the application is back in poll: by then it has handled what
+            # earlier polls returned, which the positions already count.
+            await self.callback_runner(None, partitions)
         if revoking and not lost and self.enable_auto_commit and self._coordinator is not None:
             positions = {
                 tp: pos for tp, pos in self._positions().items()
@@ -912,7 +921,7 @@ class AsyncConsumer:
             except TidelogError as exc:
                 log.warning("group %s: committing the positions of revoked partitions failed: %s",
                             self.group_id, exc)
-        await call_callback(self._on_revoke, partitions, "on_revoke")
+        await self._callback(self._on_revoke, partitions, "on_revoke")
         for tp in partitions:
             self._assignment.pop(tp, None)
             self._committed.pop(tp, None)
@@ -931,9 +940,22 @@ class AsyncConsumer:
                 self._committed[tp] = offset
             self._assignment[tp] = state
         self.metadata.add_topics(tp.topic for tp in partitions)
-        await call_callback(self._on_assign, partitions, "on_assign")
+        await self._callback(self._on_assign, partitions, "on_assign")
         if self._pulse is not None:
             self._pulse.fire()
+
+    async def _callback(
+        self,
+        callback: Callable[[set[TopicPartition]], Any] | None,
+        partitions: frozenset[TopicPartition],
+        what: str,
+    ) -> None:
+        if callback is None:
+            return
+        if self.callback_runner is not None:
+            await self.callback_runner(callback, partitions)
+        else:
+            await call_callback(callback, partitions, what)
 
     async def _commit(self, offsets: Mapping[TopicPartition, int], timeout: float) -> None:
         coordinator = self._require_group("commit()")
@@ -1036,7 +1058,7 @@ class AsyncConsumer:
             records = self._drain(limit)
             self._send_fetches()
             self._check_overdue_fetches()
-            if records:
+            if records or self.pending_callbacks:
                 return records
             self._raise_errors()
             remaining = deadline - time.monotonic()
@@ -1113,20 +1135,85 @@ class Consumer:
             raise
         self._closed = False
         self._iter_buffer: deque[ConsumerRecord] = deque()
-        self._revocations_seen = 0
+        # Callbacks the loop asks this (the application's) thread to run, as
+        # (callback, partitions, loop future) items, and markers of finished calls.
+        self._app_calls: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._deferred: deque[tuple[Any, frozenset[TopicPartition], asyncio.Future[None]]] = deque()
+        self._call(lambda: setattr(self._core, "callback_runner", self._run_on_app_thread))
 
     @staticmethod
     async def _create(bootstrap: Any, options: dict[str, Any]) -> AsyncConsumer:
         return AsyncConsumer(bootstrap, **options)
 
     def _call(self, fn: Callable[[], Any]) -> Any:
-        if self._thread.in_loop_thread():
-            return fn()  # from an on_assign/on_revoke callback: non-blocking calls are fine
-
         async def run() -> Any:
             return fn()
 
         return self._thread.run(run())
+
+    # on_assign/on_revoke run on the application's thread, inside poll() or close(), as in
+    # Kafka's consumer: so they may call anything, commit() included, and a revocation (its
+    # commit, on_revoke, and the news to the coordinator) waits until the application is back
+    # in poll, having handled what earlier polls returned. Heartbeats go on meanwhile; the
+    # rebalance timeout (max_poll_interval_ms) bounds the wait.
+
+    async def _run_on_app_thread(
+        self, callback: Callable[[set[TopicPartition]], Any] | None, partitions: frozenset[TopicPartition]
+    ) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        core = self._core
+        core.pending_callbacks += 1
+        try:
+            self._app_calls.put((callback, partitions, future))
+            if core._pulse is not None:
+                core._pulse.fire()  # a waiting poll returns, so this thread gets to the callback
+            await future
+        finally:
+            core.pending_callbacks -= 1
+
+    def _run_app_call(self, item: tuple[Any, frozenset[TopicPartition], asyncio.Future[None]]) -> None:
+        callback, partitions, future = item
+        if future.done():
+            return  # given up (the consumer is closing)
+        if callback is not None:
+            try:
+                callback(set(partitions))
+            except Exception:  # noqa: BLE001 - user code; reported, never fatal to the membership
+                log.exception("a rebalance callback raised")
+
+        def settle() -> None:
+            if not future.done():
+                future.set_result(None)
+
+        self._thread.loop.call_soon_threadsafe(settle)
+
+    def _run_deferred(self) -> None:
+        while self._deferred:
+            self._run_app_call(self._deferred.popleft())
+
+    def _serve(self, coro: Any, defer_after: Callable[[Any], bool] = lambda result: False) -> Any:
+        """Run ``coro`` on the loop, running meanwhile the callbacks the loop asks of this
+        thread. A callback asked for after ``coro`` finished with a result for which
+        ``defer_after`` holds (records to hand out) waits for the next call instead."""
+        self._run_deferred()
+        finished = object()
+        future = self._thread.submit(coro)
+        future.add_done_callback(lambda _: self._app_calls.put(finished))
+        try:
+            while True:
+                item = self._app_calls.get()
+                if item is finished:
+                    return future.result()
+                if not isinstance(item, tuple):
+                    continue  # an earlier call's marker
+                if future.done() and not future.cancelled() and future.exception() is None \
+                        and defer_after(future.result()):
+                    self._deferred.append(item)
+                else:
+                    self._run_app_call(item)
+        except KeyboardInterrupt:
+            future.cancel()
+            raise
 
     def __enter__(self) -> Consumer:
         return self
@@ -1144,9 +1231,8 @@ class Consumer:
         on_assign: Callable[[set[TopicPartition]], Any] | None = None,
         on_revoke: Callable[[set[TopicPartition]], Any] | None = None,
     ) -> None:
-        """See `AsyncConsumer.subscribe`. The callbacks run on the consumer's I/O thread: they
-        may call this consumer's non-blocking methods (assignment, pause, seek, commit_async)
-        but not the blocking ones (poll, commit, committed, position...)."""
+        """See `AsyncConsumer.subscribe`. The callbacks run on this thread inside `poll` (or
+        `close`), as in Kafka's consumer, and may call any method, `commit` included."""
         topics = [topics] if isinstance(topics, str) else list(topics)
         self._call(lambda: self._core.subscribe(topics, on_assign, on_revoke))
 
@@ -1203,7 +1289,14 @@ class Consumer:
         return self._call(self._core.subscription)
 
     def poll(self, timeout_ms: float = 0, max_records: int | None = None) -> list[ConsumerRecord]:
-        return self._thread.run(self._core.poll(timeout_ms, max_records))
+        deadline = time.monotonic() + timeout_ms / 1000.0
+        while True:
+            records: list[ConsumerRecord] = self._serve(
+                self._core.poll(max(0.0, deadline - time.monotonic()) * 1000, max_records), bool
+            )
+            if records or time.monotonic() >= deadline:
+                return records
+            # The core returned early for a rebalance callback, now run: poll on.
 
     def __iter__(self) -> Iterator[ConsumerRecord]:
         return self
@@ -1212,14 +1305,8 @@ class Consumer:
         # Records are buffered on this side: one trip to the loop per poll, not per record.
         timeout = self._core.consumer_timeout
         deadline = None if timeout is None else time.monotonic() + timeout
-        if self._revocations_seen != self._core.revocations and self._iter_buffer:
-            # Partitions were taken away since these records were buffered: never hand out a
-            # record of a partition this consumer no longer owns.
-            self._revocations_seen = self._core.revocations
-            owned = self._call(
-                lambda: {tp for tp, st in self._core._assignment.items() if not st.revoked}
-            )
-            self._iter_buffer = deque(r for r in self._iter_buffer if r.topic_partition in owned)
+        # A revocation waits for the next poll, which comes only once this buffer is empty:
+        # every record handed out here belongs to a partition still owned.
         while not self._iter_buffer:
             wait = 1.0 if deadline is None else max(0.0, deadline - time.monotonic())
             self._iter_buffer.extend(self.poll(wait * 1000))
@@ -1287,6 +1374,6 @@ class Consumer:
             return
         self._closed = True
         try:
-            self._thread.run(self._core.close())
+            self._serve(self._core.close())
         finally:
             self._thread.stop()

@@ -365,7 +365,11 @@ class GroupMembership:
         self._last_heartbeat_ok = time.monotonic()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._reconciling: asyncio.Task[bool] | None = None
+        # Reconciliation runs beside the heartbeats, so a slow commit or a slow on_revoke (or,
+        # for the sync Consumer, an application between two polls) never stops the member from
+        # heartbeating; the coordinator's rebalance timeout bounds how long it may take.
+        self._target: frozenset[TopicPartition] | None = None
+        self._reconciler: asyncio.Task[None] | None = None
         self._stopping = False
         # Set whenever the membership reaches STABLE (for tests and `wait_stable`).
         self._stable = asyncio.Event()
@@ -418,9 +422,8 @@ class GroupMembership:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        if self._reconciling is not None:
-            await asyncio.gather(self._reconciling, return_exceptions=True)
-            self._reconciling = None
+        self._target = None
+        await self._settle_reconciler()
         if self.owned:
             owned, self.owned = self.owned, frozenset()
             await self.host.revoke_partitions(owned, lost=False)
@@ -516,7 +519,17 @@ class GroupMembership:
                         self.group_id, self.session_timeout, sorted(map(str, self.owned)))
             await self._lose_partitions()
 
+    async def _settle_reconciler(self) -> None:
+        """Let a reconciliation in progress finish (it stops at its next step once the target
+        is gone) rather than cut it off between stopping a partition and committing it."""
+        task = self._reconciler
+        if task is not None and not task.done():
+            await asyncio.wait({task})
+        self._reconciler = None
+
     async def _lose_partitions(self) -> None:
+        self._target = None
+        await self._settle_reconciler()
         self._move(MemberState.FENCED)
         owned, self.owned = self.owned, frozenset()
         if owned:
@@ -527,6 +540,8 @@ class GroupMembership:
     async def _fail(self, error: TidelogError) -> None:
         log.error("group %s: %s", self.group_id, error)
         self.fatal_error = error
+        self._target = None
+        await self._settle_reconciler()
         owned, self.owned = self.owned, frozenset()
         if owned:
             await self.host.revoke_partitions(owned, lost=True)
@@ -544,16 +559,9 @@ class GroupMembership:
             if self.state is MemberState.JOINING:
                 self._move(MemberState.RECONCILING)
             if response.has_assignment:
-                target = frozenset(TopicPartition(a.topic, a.partition) for a in response.assignment)
-                # Shielded: leave() waits for a reconciliation in progress rather than cutting
-                # it off between stopping a partition's fetches and committing its position.
-                self._reconciling = asyncio.get_running_loop().create_task(self._reconcile(target))
-                try:
-                    if await asyncio.shield(self._reconciling):
-                        return 0.0  # acknowledge the revocation now
-                finally:
-                    if self._reconciling.done():
-                        self._reconciling = None
+                self._target = frozenset(TopicPartition(a.topic, a.partition) for a in response.assignment)
+            if self._target is not None and (self._reconciler is None or self._reconciler.done()):
+                self._reconciler = asyncio.get_running_loop().create_task(self._reconcile())
             return self.heartbeat_interval
         if error in FENCED_ERRORS:
             log.info("group %s: member %s fenced (%s); rejoining", self.group_id, self.member_id,
@@ -570,21 +578,28 @@ class GroupMembership:
         await self._fail(TidelogError(error, response.error_message or f"heartbeat to group {self.group_id!r}"))
         return 0.0
 
-    async def _reconcile(self, target: frozenset[TopicPartition]) -> bool:
-        """Move the consumer to ``target``: revoke first, then assign. True if anything was
-        revoked (the coordinator is waiting for that news)."""
-        revoked = self.owned - target
-        added = target - self.owned
-        if not revoked and not added:
-            if self.state is MemberState.RECONCILING:
-                self._move(MemberState.STABLE)
-            return False
-        if self.state is MemberState.STABLE:
-            self._move(MemberState.RECONCILING)
-        if revoked:
-            await self.host.revoke_partitions(revoked, lost=False)
-            self.owned = self.owned - revoked
-        if added:
+    async def _reconcile(self) -> None:
+        """Move the consumer to the latest target: revoke first (then tell the coordinator at
+        once), then assign; again while the target moved meanwhile."""
+        while True:
+            target = self._target
+            if target is None or self._stopping or self.state not in (
+                MemberState.STABLE, MemberState.RECONCILING
+            ):
+                return
+            revoked = self.owned - target
+            added = target - self.owned
+            if not revoked and not added:
+                if self.state is MemberState.RECONCILING:
+                    self._move(MemberState.STABLE)
+                return
+            if self.state is MemberState.STABLE:
+                self._move(MemberState.RECONCILING)
+            if revoked:
+                await self.host.revoke_partitions(revoked, lost=False)
+                self.owned = self.owned - revoked
+                self.wake()  # the coordinator waits for this news to hand them on
+                continue  # the target may have moved while revoking
             try:
                 await self.host.assign_partitions(added)
             except TidelogError as exc:
@@ -592,7 +607,5 @@ class GroupMembership:
                 # assignment and this is tried again.
                 log.warning("group %s: could not take %s: %s", self.group_id,
                             ", ".join(map(str, sorted(added))), exc)
-                return bool(revoked)
+                return
             self.owned = self.owned | added
-        self._move(MemberState.STABLE)
-        return bool(revoked)

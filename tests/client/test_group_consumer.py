@@ -131,19 +131,18 @@ def test_revocation_commits_and_calls_on_revoke_before_the_new_owner_starts(grou
 
 def test_close_commits_and_leaves_at_once(groups: FakeGroupCluster) -> None:
     groups.create_topic(TOPIC, 4)
-    for p in range(4):
-        groups.append(TopicPartition(TOPIC, p), [b"x", b"y"])
     b = member(groups)
     try:
         b.subscribe([TOPIC])
         with member(groups, auto_commit_interval_ms=60_000) as a:
             a.subscribe([TOPIC])
-            got: list[Any] = []
             wait_until(lambda: len(a.assignment()) == 2 and len(b.assignment()) == 2,
-                       poll=lambda: got.extend(a.poll(10)))
+                       poll=lambda: (a.poll(10), b.poll(10)))
             mine = a.assignment()
-            wait_until(lambda: {r.topic_partition for r in got if r.offset == 1} >= mine,
-                       poll=lambda: got.extend(a.poll(50)))
+            for p in range(4):
+                groups.append(TopicPartition(TOPIC, p), [b"x", b"y"])
+            got: list[Any] = []
+            wait_until(lambda: len(got) >= 4, poll=lambda: (got.extend(a.poll(20)), b.poll(10)))
         # The session timeout is 30 s: b owning everything well before means a left.
         closed_at = time.monotonic()
         wait_until(lambda: b.assignment() == tps(4), timeout=10, poll=lambda: b.poll(10))
@@ -277,3 +276,51 @@ def test_a_static_member_that_closes_gets_its_partitions_back_without_a_rebalanc
             # The group never rebalanced: its epoch did not move ...
             assert groups.call(lambda: groups.coordinator.describe_group("g").group_epoch) == epoch
         assert b_events == settled  # ... and b was never asked to take a's partition
+
+
+def test_sync_callbacks_run_in_poll_and_may_commit(groups: FakeGroupCluster) -> None:
+    """Consumer (sync) runs on_revoke on the application's thread inside poll, as Kafka does,
+    so a consumer without auto-commit can commit what it handled there."""
+    groups.create_topic(TOPIC, 2)
+    for p in range(2):
+        groups.append(TopicPartition(TOPIC, p), [b"a", b"b", b"c"])
+    threads: list[str] = []
+    with member(groups, enable_auto_commit=False) as a:
+        def on_revoke(partitions: set[TopicPartition]) -> None:
+            threads.append(threading.current_thread().name)
+            a.commit({tp: a.position(tp) for tp in partitions})
+
+        a.subscribe([TOPIC], on_revoke=on_revoke)
+        got: list[Any] = []
+        wait_until(lambda: len(got) >= 6, poll=lambda: got.extend(a.poll(20)))
+        with member(groups, enable_auto_commit=False) as b:
+            b.subscribe([TOPIC])
+            wait_until(lambda: b.assignment() and len(a.assignment()) == 1, poll=lambda: (a.poll(10), b.poll(10)))
+            moved = next(iter(b.assignment()))
+            assert threads == [threading.current_thread().name]
+            assert groups.committed("g")[moved] == 3
+            assert b.position(moved) == 3
+
+
+def test_a_member_that_does_not_poll_keeps_heartbeating_and_revokes_at_its_next_poll() -> None:
+    """Reconciliation runs beside the heartbeats: a revocation waiting for the application
+    does not cost the member its session (the rebalance timeout bounds the wait instead)."""
+    groups = FakeGroupCluster(nodes=1, session_timeout_ms=1000, heartbeat_interval_ms=100)
+    try:
+        groups.create_topic(TOPIC, 2)
+        with member(groups, session_timeout_ms=1000) as a:
+            a.subscribe([TOPIC])
+            wait_until(lambda: a.assignment() == tps(2), poll=lambda: a.poll(10))
+            identity = a.group_member()
+            with member(groups, session_timeout_ms=1000) as b:
+                b.subscribe([TOPIC])
+                # b joins and waits for a partition that a must revoke; a does not poll for
+                # longer than a session (heartbeats counted, not time slept).
+                beats = groups.calls["ConsumerGroupHeartbeat"]
+                wait_until(lambda: groups.calls["ConsumerGroupHeartbeat"] >= beats + 30, poll=lambda: b.poll(10))
+                assert b.assignment() == set() and a.assignment() == tps(2)
+                assert groups.expired == []
+                wait_until(lambda: len(b.assignment()) == 1, poll=lambda: (a.poll(10), b.poll(10)))
+                assert a.group_member()[0] == identity[0] and len(a.assignment()) == 1
+    finally:
+        groups.close()

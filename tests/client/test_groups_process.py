@@ -134,8 +134,9 @@ def test_two_then_three_members_share_six_partitions_without_overlap(cluster: Lo
         wait_until(balanced, 30, step)
         produce(cluster, topic, 50, tag="w")
         members.append(Member(cluster, topic, "c", log, lock))
-        wait_until(balanced, 30, step)
-        assert sorted(len(m.consumer.assignment()) for m in members) == [2, 2, 2]
+        # Uniform assignment: two each, once the moved partitions have been released.
+        wait_until(lambda: balanced() and sorted(len(m.consumer.assignment()) for m in members) == [2, 2, 2],
+                   30, step)
         produce(cluster, topic, 50, tag="x")
         wait_until(lambda: sum(len(m.records) for m in members) >= 150 * PARTITIONS, 60, step)
     finally:
