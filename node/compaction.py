@@ -306,18 +306,19 @@ class _Filter:
 
 
 def _filter_segment(segment: CleanableSegment, rules: _Filter, cleaned_ms: int | None
-                    ) -> tuple[list[bytes | memoryview], bool]:
+                    ) -> tuple[list[bytes], bool]:
     """The segment's surviving batches, and whether anything changed."""
     batches = list(_read_batches(segment))
     last_of_producer: dict[int, int] = {}
     for index, (header, _) in enumerate(batches):
         if header.producer_id >= 0:
             last_of_producer[header.producer_id] = index
-    out: list[bytes | memoryview] = []
+    out: list[bytes] = []
     changed = False
     for index, (header, batch) in enumerate(batches):
+        # Survivors are copied out (bytes) so the segment's buffer is freed once filtered.
         if header.attributes & CONTROL_FLAG_MASK:
-            out.append(batch)
+            out.append(bytes(batch))
             continue
         try:
             payload = _payload(header, batch)
@@ -327,7 +328,7 @@ def _filter_segment(segment: CleanableSegment, rules: _Filter, cleaned_ms: int |
         kept = [r for r in records if rules.keep(r, cleaned_ms)]
         keep_empty = index == len(batches) - 1 or last_of_producer.get(header.producer_id) == index
         if len(kept) == len(records) and (kept or keep_empty):
-            out.append(batch)  # untouched, including an empty batch that must stay
+            out.append(bytes(batch))  # untouched, including an empty batch that must stay
             continue
         changed = True
         rules.removed += len(records) - len(kept)
@@ -375,6 +376,16 @@ def prepare_clean(directory: str | os.PathLike[str], segments: list[CleanableSeg
     checkpoint = read_checkpoint(directory)
     if not force and not needs_cleaning(segments, checkpoint, config, now_ms):
         return None
+    try:
+        return _prepare(directory, segments, checkpoint, config, now_ms)
+    except FileNotFoundError:
+        # Retention or a reset removed a segment under the pass; the next one starts afresh.
+        log.info("%s: compaction pass abandoned: a segment was deleted meanwhile", directory)
+        return None
+
+
+def _prepare(directory: str, segments: list[CleanableSegment], checkpoint: CleanerCheckpoint,
+             config: CleanerConfig, now_ms: int) -> PreparedClean:
     known = dict(checkpoint.cleaned_ms)
     # A segment counts as clean if it lies wholly below the clean offset (the log start may
     # have moved past old entries; a reset may have moved the log anywhere).
@@ -382,44 +393,48 @@ def prepare_clean(directory: str | os.PathLike[str], segments: list[CleanableSeg
     dirty = segments[len(clean):]
     rules = _Filter(_offset_map(dirty), now_ms, config.delete_retention_ms)
 
-    outputs: list[tuple[CleanableSegment, list[bytes | memoryview], bool, int]] = []
-    for segment in segments:
-        # Clean segments without a recorded time (a lost checkpoint) start their tombstones'
-        # lifetime now, like the dirty ones: never earlier than promised.
-        cleaned_ms = known.get(segment.base_offset) if segment.next_offset <= checkpoint.clean_offset else None
-        batches, changed = _filter_segment(segment, rules, cleaned_ms)
-        outputs.append((segment, batches, changed, now_ms if cleaned_ms is None else cleaned_ms))
-
-    # Group consecutive segments whose filtered content fits in one segment (Kafka's
-    # groupSegmentsBySize); a group is rewritten if it merges or anything in it changed.
-    groups: list[list[tuple[CleanableSegment, list[bytes | memoryview], bool, int]]] = []
-    sizes: list[int] = []
-    for item in outputs:
-        size = sum(len(b) for b in item[1])
-        if (groups and sizes[-1] + size <= config.segment_bytes
-                and item[0].next_offset - 1 - groups[-1][0][0].base_offset <= _MAX_RELATIVE):
-            groups[-1].append(item)
-            sizes[-1] += size
-        else:
-            groups.append([item])
-            sizes.append(size)
-
+    # Consecutive segments whose filtered content fits in one segment are merged (Kafka's
+    # groupSegmentsBySize); a group is rewritten if it merges or anything in it changed. Groups
+    # are written as they fill, so a pass holds one group and the offset map in memory.
     cleaned: list[CleanedSegment] = []
     cleaned_ms_after: list[tuple[int, int]] = []
+    group: list[tuple[CleanableSegment, list[bytes], bool, int]] = []
+    group_size = 0
+
+    def write_group() -> None:
+        base = group[0][0].base_offset
+        # Merged tombstones keep the latest start: kept at least delete.retention.ms.
+        cleaned_ms_after.append((base, max(item[3] for item in group)))
+        if len(group) > 1 or group[0][2]:
+            try:
+                cleaned.append(write_cleaned_segment(
+                    directory, tuple(item[0] for item in group),
+                    (batch for item in group for batch in item[1]), config.index_interval_bytes))
+            except BaseException:
+                discard_cleaned(directory, base)
+                raise
+
     try:
-        for group in groups:
-            base = group[0][0].base_offset
-            # Merged tombstones keep the latest start: kept at least delete.retention.ms.
-            cleaned_ms_after.append((base, max(item[3] for item in group)))
-            if len(group) == 1 and not group[0][2]:
+        for segment in segments:
+            # Clean segments without a recorded time (a lost checkpoint) start their
+            # tombstones' lifetime now, like the dirty ones: never earlier than promised.
+            cleaned_ms = (known.get(segment.base_offset)
+                          if segment.next_offset <= checkpoint.clean_offset else None)
+            batches, changed = _filter_segment(segment, rules, cleaned_ms)
+            size = sum(len(b) for b in batches)
+            item = (segment, batches, changed, now_ms if cleaned_ms is None else cleaned_ms)
+            if (group and group_size + size <= config.segment_bytes
+                    and segment.next_offset - 1 - group[0][0].base_offset <= _MAX_RELATIVE):
+                group.append(item)
+                group_size += size
                 continue
-            cleaned.append(write_cleaned_segment(
-                directory, tuple(item[0] for item in group),
-                (batch for item in group for batch in item[1]), config.index_interval_bytes))
+            if group:
+                write_group()
+            group, group_size = [item], size
+        write_group()
     except BaseException:
         for done in cleaned:
             discard_cleaned(directory, done.base_offset)
-        discard_cleaned(directory, base)
         raise
     stats = CleanStats(
         segments_read=len(segments), segments_written=len(cleaned), records_removed=rules.removed,
@@ -440,16 +455,15 @@ def finish_clean(partition_log: PartitionLog, prepared: PreparedClean,
     for index, cleaned in enumerate(prepared.cleaned):
         if not partition_log.swap_cleaned(cleaned, stop_at):
             complete = False
-            for rest in prepared.cleaned[index + 1:]:
-                discard_cleaned(prepared.directory, rest.base_offset)
+            discard_prepared(prepared, index + 1)
             break
         prepared.swapped.append(True)
     return complete
 
 
-def discard_prepared(prepared: PreparedClean) -> None:
-    """Drop a prepared pass that will not be swapped in."""
-    for cleaned in prepared.cleaned:
+def discard_prepared(prepared: PreparedClean, start: int = 0) -> None:
+    """Drop the cleaned segments of a pass from ``start`` on: they will not be swapped in."""
+    for cleaned in prepared.cleaned[start:]:
         discard_cleaned(prepared.directory, cleaned.base_offset)
 
 

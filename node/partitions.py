@@ -26,7 +26,6 @@ from tidelog.node.compaction import (
     CleanerConfig,
     CleanStats,
     discard_prepared,
-    finish_clean,
     prepare_clean,
     write_checkpoint,
 )
@@ -256,6 +255,7 @@ class PartitionManager:
         self.log_cleaner_interval_ms = log_cleaner_interval_ms
         # Each hosted partition's effective topic configs, as of the last reconcile.
         self._topic_configs: dict[tuple[str, int], Mapping[str, str]] = {}
+        self._compacting: set[str] = set()  # group ids with a compaction pass in progress
         self._send = send
         self._election_timeout_ms = election_timeout_ms
         self._fetch_max_wait_ms = fetch_max_wait_ms
@@ -335,20 +335,26 @@ class PartitionManager:
         thread, the swap of each rewritten segment on the event loop (the log's owner), which
         holds up appends and fetches for no more than that. Every replica compacts its own
         log, as in Kafka; only committed offsets (below the high watermark) are touched."""
-        if partition.closed or partition.failure is not None:
+        if partition.closed or partition.failure is not None or partition.group_id in self._compacting:
             return None
-        storage = partition.log
-        segments = storage.cleanable_segments(partition.high_watermark)
-        prepared = await asyncio.to_thread(prepare_clean, storage.directory, segments,
-                                           cleaner_config(configs), _wall_ms(), force=force)
-        if prepared is None:
-            return None
-        if partition.closed or partition.failure is not None:
-            discard_prepared(prepared)
-            return None
-        if not finish_clean(storage, prepared):
-            return None
-        await asyncio.to_thread(write_checkpoint, storage.directory, prepared.checkpoint)
+        self._compacting.add(partition.group_id)  # one pass per log at a time: they share files
+        try:
+            storage = partition.log
+            segments = storage.cleanable_segments(partition.high_watermark)
+            prepared = await asyncio.to_thread(prepare_clean, storage.directory, segments,
+                                               cleaner_config(configs), _wall_ms(), force=force)
+            if prepared is None:
+                return None
+            for index, cleaned in enumerate(prepared.cleaned):
+                # Between swaps, appends and fetches run; the log may close meanwhile.
+                if (partition.closed or partition.failure is not None
+                        or not storage.swap_cleaned(cleaned)):
+                    discard_prepared(prepared, index)
+                    return None
+                await asyncio.sleep(0)
+            await asyncio.to_thread(write_checkpoint, storage.directory, prepared.checkpoint)
+        finally:
+            self._compacting.discard(partition.group_id)
         if prepared.stats.records_removed:
             log.info("compacted %s-%d: %d records removed, %d -> %d bytes", partition.topic,
                      partition.partition, prepared.stats.records_removed, prepared.stats.bytes_before,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from support.nodes import start_cluster
 from tidelog.client import AdminClient, Consumer, NewTopic, Producer, TopicPartition
-from tidelog.node.storage import LogConfig, PartitionLog
+from tidelog.node.storage import LogConfig, PartitionLog, StorageError
 from tidelog.proto.errors import TidelogError
 from tidelog.proto.records import decode_batches
 
@@ -30,12 +30,24 @@ def read_partition(bootstrap: str, topic: str, end: int, deadline: float) -> lis
         return seen
 
 
-def replica_records(data_dir: Path, copy: Path) -> tuple[int, dict[bytes, bytes]]:
-    """(end offset, latest value per key) of a running node's replica, read from a copy of its
-    directory (opening the copy recovers whatever was mid-write)."""
+def replica_end(data_dir: Path, copy: Path) -> int:
+    """The end offset of a running node's replica, from a copy of its directory; -1 when the
+    copy caught the files mid-change (a segment swap, a roll): the caller polls again."""
     shutil.rmtree(copy, ignore_errors=True)
-    shutil.copytree(data_dir / "kv-0", copy)
-    plog = PartitionLog.open(copy, LogConfig())
+    try:
+        shutil.copytree(data_dir / "kv-0", copy)
+        plog = PartitionLog.open(copy, LogConfig())
+    except (OSError, StorageError):
+        return -1
+    try:
+        return plog.end_offset
+    finally:
+        plog.close()
+
+
+def replica_records(directory: Path) -> tuple[int, dict[bytes, bytes]]:
+    """(end offset, latest value per key) of a stopped node's replica."""
+    plog = PartitionLog.open(directory, LogConfig())
     try:
         latest: dict[bytes, bytes] = {}
         offset = plog.log_start_offset
@@ -94,12 +106,11 @@ def test_a_compacted_topic_keeps_the_latest_value_per_key_and_a_follower_catches
         # The follower that missed everything fetches from the compacted leader, gaps and all.
         away.start()
         deadline = time.monotonic() + 60
-        while True:
-            replica_end, replica_latest = replica_records(away.data_dir, tmp_path / "copy")
-            if replica_end >= end:
-                break
-            assert time.monotonic() < deadline, f"follower stuck at {replica_end} of {end}"
+        while (reached := replica_end(away.data_dir, tmp_path / "copy")) < end:
+            assert time.monotonic() < deadline, f"follower stuck at {reached} of {end}"
             time.sleep(0.2)
-        assert replica_latest == expected
+        assert away.stop() == 0
+        replica_end_offset, replica_latest = replica_records(away.data_dir / "kv-0")
+        assert replica_end_offset >= end and replica_latest == expected
     finally:
         local.stop_all()
