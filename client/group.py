@@ -33,7 +33,7 @@ import logging
 import time
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Callable, Iterable, Mapping, Protocol, TypeVar
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import grpc
 
@@ -51,8 +51,6 @@ from tidelog.proto.common_pb2 import ErrorCode
 from tidelog.proto.errors import TidelogError
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 JOIN_EPOCH = 0
 LEAVE_EPOCH = -1

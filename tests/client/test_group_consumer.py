@@ -5,6 +5,7 @@ coordinator, leave at once on close."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from typing import Any, Callable, Iterator
@@ -12,7 +13,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from support.fake_groups import FakeGroupCluster
-from tidelog.client import Consumer, TidelogError, TopicPartition
+from tidelog.client import AsyncConsumer, Consumer, TidelogError, TopicPartition
 from tidelog.proto.common_pb2 import ErrorCode
 
 TOPIC = "events"
@@ -324,3 +325,28 @@ def test_a_member_that_does_not_poll_keeps_heartbeating_and_revokes_at_its_next_
                 assert a.group_member()[0] == identity[0] and len(a.assignment()) == 1
     finally:
         groups.close()
+
+
+def test_the_async_consumer_awaits_coroutine_callbacks_on_its_loop(groups: FakeGroupCluster) -> None:
+    groups.create_topic(TOPIC, 2)
+    groups.append(TopicPartition(TOPIC, 0), [b"a", b"b"])
+
+    async def scenario() -> tuple[list[set[TopicPartition]], dict[TopicPartition, int]]:
+        revoked: list[set[TopicPartition]] = []
+        async with AsyncConsumer(groups.bootstrap, group_id="g", enable_auto_commit=False,
+                                 auto_offset_reset="earliest", fetch_max_wait_ms=50) as consumer:
+            async def on_revoke(partitions: set[TopicPartition]) -> None:
+                await consumer.commit({tp: await consumer.position(tp) for tp in partitions})
+                revoked.append(partitions)
+
+            consumer.subscribe([TOPIC], on_revoke=on_revoke)
+            got: list[Any] = []
+            deadline = time.monotonic() + 15
+            while len(got) < 2:
+                got += await consumer.poll(50)
+                assert time.monotonic() < deadline
+        return revoked, groups.committed("g")
+
+    revoked, committed = asyncio.run(scenario())
+    assert revoked == [tps(2)]  # close() revoked everything, after committing in the callback
+    assert committed[TopicPartition(TOPIC, 0)] == 2
