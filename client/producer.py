@@ -649,8 +649,9 @@ class AsyncProducer:
                     task.tidelog_node = node_id  # type: ignore[attr-defined]
                     task.tidelog_partitions = frozenset(run[0].tp for run in chunk)  # type: ignore[attr-defined]
                     task.tidelog_started = now  # type: ignore[attr-defined]
+                    task.tidelog_runs = chunk  # type: ignore[attr-defined]
                     self._requests.add(task)
-                    task.add_done_callback(self._requests.discard)
+                    task.add_done_callback(self._request_done)
             overdue = now - _PRODUCE_GRACE
             if any(getattr(t, "tidelog_started", now) < overdue for t in self._requests):
                 # An unanswered request hints at an unresponsive leader: look again where the
@@ -704,7 +705,42 @@ class AsyncProducer:
             chunks.append(current)
         return chunks
 
+    def _request_done(self, task: asyncio.Task[None]) -> None:
+        self._requests.discard(task)
+        if task.cancelled() and not getattr(task, "tidelog_ran", False):
+            # Cancelled before its first step (a leader move noticed right after the task was
+            # created): the coroutine never ran, so neither its except nor its finally settled
+            # its batches, and their partitions would stay in flight for good.
+            node_id: int = task.tidelog_node  # type: ignore[attr-defined]
+            self._in_flight[node_id] -= 1
+            self._settle_cancelled(node_id, task.tidelog_runs,  # type: ignore[attr-defined]
+                                   getattr(task, "tidelog_abandoned", False))
+            self._wake_sender()
+
+    def _settle_cancelled(self, node_id: int, runs: list[list[ProducerBatch]], abandoned: bool) -> bool:
+        """Settle the runs of a cancelled request; True if they were put back to be retried."""
+        if abandoned and not self._closing:
+            moved = TidelogError(
+                ErrorCode.NOT_LEADER_OR_FOLLOWER,
+                f"node {node_id} stopped answering and no longer leads; the records may or "
+                f"may not have been written there",
+            )
+            for run in runs:
+                self._retry_or_fail(run, moved)
+            return True
+        # A forced close: the outcome is unknown, and the future must say so.
+        error = TidelogError(
+            ErrorCode.REQUEST_TIMED_OUT,
+            "the producer was closed while the request was in flight; the records may or may "
+            "not have been written",
+        )
+        for run in runs:
+            self.accumulator.complete(run)
+            self._fail_handles(run, error)
+        return False
+
     async def _send_request(self, node_id: int, runs: list[list[ProducerBatch]]) -> None:
+        asyncio.current_task().tidelog_ran = True  # type: ignore[union-attr]
         try:
             address = self.metadata.snapshot.address(node_id)
             if address is None:
@@ -748,24 +784,9 @@ class AsyncProducer:
                         run, TidelogError(result.error, result.error_message or f"producing to {tp}")
                     )
         except asyncio.CancelledError:
-            if getattr(asyncio.current_task(), "tidelog_abandoned", False) and not self._closing:
-                moved = TidelogError(
-                    ErrorCode.NOT_LEADER_OR_FOLLOWER,
-                    f"node {node_id} stopped answering and no longer leads; the records may or "
-                    f"may not have been written there",
-                )
-                for run in runs:
-                    self._retry_or_fail(run, moved)
+            if self._settle_cancelled(node_id, runs,
+                                      getattr(asyncio.current_task(), "tidelog_abandoned", False)):
                 return
-            # A forced close: the outcome is unknown, and the future must say so.
-            error = TidelogError(
-                ErrorCode.REQUEST_TIMED_OUT,
-                "the producer was closed while the request was in flight; the records may or may "
-                "not have been written",
-            )
-            for run in runs:
-                self.accumulator.complete(run)
-                self._fail_handles(run, error)
             raise
         except Exception as exc:  # a bug must still reach the futures, not vanish in a task
             log.exception("producer request failed")

@@ -202,3 +202,35 @@ def test_a_request_stuck_on_an_unresponsive_old_leader_is_retried_at_the_new_one
         assert stuck.result(20).offset == 1
         assert producer.send("t", b"third").result(20).offset == 2
     assert fake_cluster.part(TP).values() == [b"first", b"second", b"third"]
+
+
+def test_a_request_abandoned_before_it_started_is_still_retried(fake_cluster) -> None:
+    """A leader move noticed between the sender creating a produce task and the task's first
+    step cancels a coroutine that never ran: its own except/finally cannot settle its batches,
+    so the producer must (the chaos runs' stuck sends to one partition)."""
+    fake_cluster.create_topic("t", 1, leader=1)
+    with Producer(fake_cluster.bootstrap, linger_ms=0, retry_backoff_ms=5,
+                  delivery_timeout_ms=60_000) as producer:
+        assert producer.send("t", b"first").result(30).offset == 0
+        inner = producer._core  # the AsyncProducer the facade drives
+        loop = inner._loop
+        create_task = loop.create_task
+        abandoned = []
+
+        def create_and_abandon(coro, **kwargs):
+            task = create_task(coro, **kwargs)
+            if not abandoned and getattr(coro, "__name__", "") == "_send_request":
+                abandoned.append(task)
+                task.tidelog_abandoned = True  # what _on_metadata does, before the first step
+                task.cancel()
+            return task
+
+        loop.create_task = create_and_abandon  # type: ignore[method-assign]
+        try:
+            second = producer.send("t", b"second")
+            assert second.result(30).offset == 1
+            assert producer.send("t", b"third").result(30).offset == 2
+        finally:
+            loop.create_task = create_task  # type: ignore[method-assign]
+        assert abandoned and abandoned[0].cancelled()
+    assert fake_cluster.part(TP).values() == [b"first", b"second", b"third"]
