@@ -26,12 +26,17 @@ A pass over one partition log (`clean_log`, or `prepare_clean` in a worker threa
    in by the log (`PartitionLog.swap_cleaned`, crash safe); unchanged segments are not
    rewritten.
 5. The checkpoint records the new clean offset and, per segment, when it was first cleaned
-   (the start of its tombstones' delete.retention.ms).
+   (the start of its tombstones' delete.retention.ms; a merged segment takes the latest of its
+   parts, so a tombstone may outlive delete.retention.ms but never falls short of it). It is
+   written only after every swap of the pass, so a pass cut short is simply redone.
 
-Only the swap and the checkpoint write touch the log's owner thread; reading, filtering and
-writing the cleaned files run in a worker (the log's files below the recovery point never
-change in place, so the worker reads them by name, and a segment deleted meanwhile by retention
-just aborts the pass).
+Only the swaps touch the log's owner thread; reading, filtering and writing the cleaned files
+run in a worker (the log's files below the recovery point never change in place, so the worker
+reads them by name, and a segment deleted meanwhile by retention just abandons the pass). A
+pass holds the offset map plus one output group (at most ``segment.bytes``) and one input
+segment in memory. Tombstone lifetimes are kept in the checkpoint rather than in the batches
+(Kafka's KIP-534 stamps a delete horizon into baseTimestamp and attributes bit 6), because a
+rewritten batch here keeps every header field as it was.
 """
 
 from __future__ import annotations

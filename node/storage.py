@@ -47,6 +47,20 @@ part-way is finished on the next open. `reset_to` replaces the log with an empty
 offset (a Raft follower whose leader deleted what it lacks); a recovery point flagged ``reset``
 commits it in the same way.
 
+Compaction (tidelog.node.compaction) removes records but never changes offsets, so a log may
+have gaps: between batches, before a segment's first batch, and in a follower's active segment
+(a follower copies its leader's batches as they are, so `append_replicated` accepts offsets that
+jump forward, as Kafka's followers do). Offsets only ever increase: recovery, `verify` and index
+rebuilds reject a batch that goes back, not one that skips ahead. A read at an offset in a gap
+returns the next surviving batch, from a later segment if need be; `truncate_to` an offset in a
+gap ends the log there. The cleaner rewrites only segments below the recovery point's segment
+(durable, never rescanned at open) and swaps one group of them for its rewritten segment with
+Kafka's protocol (`swap_cleaned`): ``.cleaned`` files fsynced, renamed to ``.swap`` (the log
+file's rename commits), the old segments deleted, the ``.swap`` files renamed over the final
+names; an open discards ``.cleaned`` leftovers and finishes a committed swap (the ``.swap`` log
+file's batches say which old segments it replaces). The swap runs on the owner thread under the
+flush lock, so reads never see a missing segment and a flush never syncs a closed descriptor.
+
 Appends check every batch with the codec (CRC included) before anything is written, then write
 the 16 rewritten header bytes of each batch (baseOffset, batchLength, partitionLeaderEpoch)
 gathered with the caller's unchanged bytes in a single ``writev``: copying a 1 MiB buffer to
@@ -63,7 +77,7 @@ which may run in a worker once the owner has stopped using the log. Two locks ma
   epochs). Appends hold it only to publish what they wrote; flush holds it only to take a
   snapshot, never across a syscall that can block for long.
 * ``_flush_lock`` serializes flush with the operations that close or shrink files (`truncate_to`,
-  `enforce_retention`, `reset_to`, `close`, `delete`) and with other flushes (concurrent flush
+  `enforce_retention`, `reset_to`, `swap_cleaned`, `close`, `delete`) and with other flushes (concurrent flush
   calls from several threads simply queue: group commit), so a file descriptor is never
   closed under a running fdatasync. Those rare operations may therefore wait for a flush in
   progress on the owner thread.
@@ -1792,11 +1806,16 @@ class PartitionLog:
                     except FileNotFoundError:
                         pass
             step(SwapStep.OLD_DELETED)
-            for suffix in (INDEX_SUFFIX, TIME_INDEX_SUFFIX, LOG_SUFFIX):
-                if suffix == LOG_SUFFIX:
-                    step(SwapStep.INDEX_FINAL)
+            for suffix in (INDEX_SUFFIX, TIME_INDEX_SUFFIX):
                 name = segment_name(base, suffix)
                 os.replace(self._path(name + SWAP_SUFFIX), self._path(name))
+            # Durable before the log file's rename: the old segments' deletion (or they would
+            # come back beside the new one) and the new index (or an open would pair the new
+            # log file with the old index; a left-over .swap index then means nothing).
+            fsync_directory(self.directory)
+            step(SwapStep.INDEX_FINAL)
+            name = segment_name(base)
+            os.replace(self._path(name + SWAP_SUFFIX), self._path(name))
             fsync_directory(self.directory)
         return True
 
