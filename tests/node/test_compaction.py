@@ -19,6 +19,8 @@ from tidelog.node.compaction import (
     read_checkpoint,
     write_checkpoint,
 )
+from tidelog.node.config import TOPIC_CONFIG_DEFAULTS, ConfigError, build_config, validate_topic_config
+from tidelog.node.partitions import cleaner_config, deletes_by_retention, is_compacted
 from tidelog.node.replica import RaftLogAdapter
 from tidelog.node.storage import LogConfig, PartitionLog, SwapStep
 from tidelog.proto.records import Record, decode_batches, encode_batch, scan_batches
@@ -493,3 +495,20 @@ def test_compaction_model(tmp_path_factory: pytest.TempPathFactory, ops: list[tu
         plog.verify()
     finally:
         plog._close_files()
+
+
+def test_compaction_configs_are_validated_and_mapped() -> None:
+    assert validate_topic_config("min.cleanable.dirty.ratio", " 0.25 ") == "0.25"
+    for bad in ("1.5", "-0.1", "half"):
+        with pytest.raises(ConfigError, match="min.cleanable.dirty.ratio"):
+            validate_topic_config("min.cleanable.dirty.ratio", bad)
+    configs = {**TOPIC_CONFIG_DEFAULTS, "cleanup.policy": "compact,delete", "delete.retention.ms": "5",
+               "min.cleanable.dirty.ratio": "0.25", "segment.bytes": "2048"}
+    assert cleaner_config(configs) == CleanerConfig(delete_retention_ms=5, min_cleanable_dirty_ratio=0.25,
+                                                    segment_bytes=2048, index_interval_bytes=4096)
+    assert is_compacted(configs) and deletes_by_retention(configs)
+    assert not deletes_by_retention({**configs, "cleanup.policy": "compact"})
+    assert not is_compacted(TOPIC_CONFIG_DEFAULTS)
+    node = build_config({"node_id": 1, "data_dir": "/tmp/x", "log_cleaner_interval_ms": 250})
+    assert node.log_cleaner_interval_ms == 250
+    assert build_config({"node_id": 1, "data_dir": "/tmp/x"}).log_cleaner_interval_ms == 15000
