@@ -24,9 +24,11 @@ import struct
 import functools
 import itertools
 import logging
+import operator
 import random
 import threading
 import time
+from itertools import repeat
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import crc32c
@@ -37,6 +39,7 @@ from tidelog.client._loop import LoopThread, wait_event
 from tidelog.client.accumulator import (
     RECORD_OVERHEAD,
     BufferExhausted,
+    PendingRecord,
     ProducerBatch,
     RecordAccumulator,
     estimate_record_size,
@@ -202,6 +205,9 @@ class _Pulse:
     def waiter(self) -> asyncio.Event:
         return self._event
 
+
+_TIMESTAMP = operator.itemgetter(1)  # of a PendingRecord
+assert PendingRecord._fields[1] == "timestamp"
 
 # Sequences wrap from INT32_MAX to 0 (Kafka's DefaultRecordBatch.incrementSequence).
 _INT32_MAX_MASK = 0x7FFFFFFF
@@ -812,15 +818,11 @@ class AsyncProducer:
                 base += count  # the node gives a run contiguous offsets
             else:
                 offsets = itertools.repeat(-1, count)
-            # tuple.__new__ with the fields in order: a RecordMetadata per record without a
-            # call into the NamedTuple's Python-level __new__.
-            if append_time >= 0:
-                metadata = [new(RecordMetadata, (topic, partition, o, append_time)) for o in offsets]
-            else:
-                metadata = [
-                    new(RecordMetadata, (topic, partition, o, r.timestamp))
-                    for o, r in zip(offsets, records)
-                ]
+            # tuple.__new__ over zipped fields: a RecordMetadata per record built entirely in C,
+            # without the NamedTuple's Python-level __new__ or a Python loop.
+            timestamps = repeat(append_time, count) if append_time >= 0 else map(_TIMESTAMP, records)
+            metadata = list(map(new, repeat(RecordMetadata, count),
+                                zip(repeat(topic, count), repeat(partition, count), offsets, timestamps)))
             _settle_handles(batch.handles, metadata, None)
         self._batch_done()
 
