@@ -477,6 +477,15 @@ class GroupMembership:
         return max(0.5, min(self.coordinator.request_timeout, self.session_timeout / 3))
 
     async def _run(self) -> None:
+        try:
+            await self._heartbeat_loop()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a client bug: surface it from poll rather than hang silently
+            log.exception("group %s: the heartbeat loop failed", self.group_id)
+            self.fatal_error = TidelogError(ErrorCode.UNKNOWN_SERVER_ERROR, f"group membership failed: {exc!r}")
+
+    async def _heartbeat_loop(self) -> None:
         backoff = self.coordinator.retry_backoff
         while not self._stopping:
             if self.state not in (MemberState.JOINING, MemberState.STABLE, MemberState.RECONCILING):
@@ -577,6 +586,15 @@ class GroupMembership:
         return 0.0
 
     async def _reconcile(self) -> None:
+        try:
+            await self._reconcile_steps()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a client bug: surface it from poll rather than hang silently
+            log.exception("group %s: reconciliation failed", self.group_id)
+            self.fatal_error = TidelogError(ErrorCode.UNKNOWN_SERVER_ERROR, f"group reconciliation failed: {exc!r}")
+
+    async def _reconcile_steps(self) -> None:
         """Move the consumer to the latest target: revoke first (then tell the coordinator at
         once), then assign; again while the target moved meanwhile."""
         while True:
