@@ -46,7 +46,7 @@ import logging
 import os
 import struct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import crc32c
 
@@ -170,7 +170,6 @@ class PreparedClean:
     cleaned: tuple[CleanedSegment, ...]
     checkpoint: CleanerCheckpoint
     stats: CleanStats
-    swapped: list[bool] = field(default_factory=list)
 
 
 # --- records as raw slices --------------------------------------------------------------------
@@ -462,7 +461,6 @@ def finish_clean(partition_log: PartitionLog, prepared: PreparedClean,
             complete = False
             discard_prepared(prepared, index + 1)
             break
-        prepared.swapped.append(True)
     return complete
 
 

@@ -370,13 +370,17 @@ def test_a_crash_at_any_step_of_a_swap_leaves_old_or_new_segments(opened, tmp_pa
     before = contents(plog)
     limit = first_uncleanable(plog)
     prepared = prepare_clean(plog.directory, plog.cleanable_segments(plog.end_offset), CLEANER, 0)
-    assert prepared is not None and len(prepared.cleaned) >= 2
+    # Two groups, the second merging several segments (so deleting them is a step too).
+    assert prepared is not None and len(prepared.cleaned) >= 2 and len(prepared.cleaned[1].replaces) > 1
 
     class Crash(Exception):
         pass
 
+    swaps: list[SwapStep] = []
+
     def stop_at(at: SwapStep) -> None:
-        if at is step and len(prepared.swapped) == 1:  # during the second swap
+        swaps.append(at)
+        if at is step and swaps.count(SwapStep.CHECKED) == 2:  # during the second swap
             raise Crash(at.value)
 
     with pytest.raises(Crash):
