@@ -29,6 +29,7 @@ waits (within its timeout) through a failover.
 from __future__ import annotations
 
 import asyncio
+import functools
 import concurrent.futures
 import logging
 import queue
@@ -690,6 +691,7 @@ class AsyncConsumer:
             task = loop.create_task(self._fetch(node_id, tps))
             task.tidelog_partitions = frozenset(tps)  # type: ignore[attr-defined]
             task.tidelog_started = time.monotonic()  # type: ignore[attr-defined]
+            task.add_done_callback(functools.partial(self._fetch_done, node_id, tps))
             self._fetches[node_id] = task
 
     def _check_overdue_fetches(self) -> None:
@@ -699,7 +701,26 @@ class AsyncConsumer:
         if any(getattr(t, "tidelog_started", overdue) < overdue for t in self._fetches.values()):
             self.metadata.request_update()
 
+    def _fetch_done(self, node_id: int, tps: list[TopicPartition], task: asyncio.Task[None]) -> None:
+        if task.cancelled() and not getattr(task, "tidelog_ran", False):
+            # Cancelled before its first step (abandoned by `_on_metadata` right after it was
+            # created): its finally never ran, and its partitions would stay in flight for good.
+            self._fetch_finished(node_id, tps, task)
+
+    def _fetch_finished(self, node_id: int, tps: list[TopicPartition], task: asyncio.Task[None] | None) -> None:
+        for tp in tps:
+            state = self._assignment.get(tp)
+            if state is not None:
+                state.in_flight = False
+        if self._fetches.get(node_id) is task:
+            del self._fetches[node_id]
+        if not self._closed:
+            if self._pulse is not None:
+                self._pulse.fire()
+            self._send_fetches()
+
     async def _fetch(self, node_id: int, tps: list[TopicPartition]) -> None:
+        asyncio.current_task().tidelog_ran = True  # type: ignore[union-attr]
         sent = {tp: (self._assignment[tp].fetch_offset, self._assignment[tp].epoch) for tp in tps}
         snapshot = self.metadata.snapshot
         try:
@@ -738,16 +759,7 @@ class AsyncConsumer:
                     continue  # unassigned or sought meanwhile
                 self._handle_fetch_result(tp, state, result)
         finally:
-            for tp in tps:
-                state = self._assignment.get(tp)
-                if state is not None:
-                    state.in_flight = False
-            if self._fetches.get(node_id) is asyncio.current_task():
-                del self._fetches[node_id]
-            if not self._closed:
-                if self._pulse is not None:
-                    self._pulse.fire()
-                self._send_fetches()
+            self._fetch_finished(node_id, tps, asyncio.current_task())
 
     def _back_off(self, tps: Iterable[TopicPartition]) -> None:
         retry_at = time.monotonic() + self.retry_backoff

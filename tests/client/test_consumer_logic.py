@@ -167,6 +167,40 @@ def test_seek_during_iteration_drops_records_buffered_for_that_partition(fake_cl
         assert [next(iterator).value for _ in range(4)] == [b"a", b"b", b"c", b"d"]
 
 
+def test_a_fetch_abandoned_before_it_started_does_not_stall_its_partitions(fake_cluster) -> None:
+    """A leader move noticed between creating a fetch task and its first step cancels a
+    coroutine that never ran; its partitions must still be fetched again."""
+    fake_cluster.create_topic("t", 1)
+    fake_cluster.append(TP, batch([b"before"]))
+    with Consumer(fake_cluster.bootstrap, auto_offset_reset="earliest", fetch_max_wait_ms=100) as consumer:
+        consumer.assign([TP])
+        assert [r.value for r in poll_until(consumer, 1)] == [b"before"]
+        loop = consumer._thread.loop
+        create_task = loop.create_task
+        abandoned = []
+
+        def create_and_abandon(coro, **kwargs):
+            task = create_task(coro, **kwargs)
+            if not abandoned and getattr(coro, "__name__", "") == "_fetch":
+                abandoned.append(task)
+                task.cancel()  # what _on_metadata does, before the task's first step
+            return task
+
+        loop.create_task = create_and_abandon  # type: ignore[method-assign]
+        try:
+            # The long-poll in flight now ends empty within fetch_max_wait_ms; the next one is
+            # abandoned at birth.
+            deadline = time.monotonic() + 20
+            while not abandoned and time.monotonic() < deadline:
+                assert consumer.poll(100) == []
+            assert abandoned
+            fake_cluster.append(TP, batch([b"after"]))
+            assert [r.value for r in poll_until(consumer, 1, timeout=20)] == [b"after"]
+        finally:
+            loop.create_task = create_task  # type: ignore[method-assign]
+        assert abandoned and abandoned[0].cancelled()
+
+
 def test_a_fetch_stuck_on_an_unresponsive_old_leader_is_abandoned(fake_cluster) -> None:
     fake_cluster.create_topic("t", 1, leader=1)
     fake_cluster.append(TP, batch([b"before"]))
