@@ -311,6 +311,27 @@ def test_a_follower_copies_a_compacted_leader_and_recovers_its_gaps(opened, tmp_
     assert reopened.epoch_for(first) == 1 and reopened.epoch_entries[0].start_offset <= first
 
 
+def test_a_follower_records_the_leaders_epoch_starts_since_control_batches_survive(opened, tmp_path: Path) -> None:
+    # Each Raft epoch opens with the new leader's control batch (KIP-595's leader change),
+    # which compaction never removes: a follower copying a compacted log sees every epoch
+    # start where the leader does, so KIP-101 truncation answers stay exact.
+    leader = opened()
+    for epoch in (1, 2, 3):
+        put(leader, (b"\x00\x00\x00\x02", b"leader %d" % epoch), epoch=epoch, is_control=True)
+        for i in range(8):
+            put(leader, (b"k%d" % (i % 2), b"v%d-%d" % (epoch, i)), epoch=epoch)
+    for i in range(10):
+        put(leader, (b"k%d" % (i % 2), b"late%d" % i), epoch=3)
+    clean_log(leader, leader.end_offset, CLEANER, 0)
+    assert len(contents(leader)) < 34
+    follower = opened(tmp_path / "f-0")
+    while follower.end_offset < leader.end_offset:
+        follower.append_replicated(leader.read(follower.end_offset, 300))
+    assert follower.epoch_entries == leader.epoch_entries
+    for epoch in (0, 1, 2, 3):
+        assert follower.end_offset_for_epoch(epoch) == leader.end_offset_for_epoch(epoch)
+
+
 def test_truncation_into_a_gap_keeps_the_batches_before_it(opened, tmp_path: Path) -> None:
     leader = opened()
     fill(leader, 30, keys=2)
