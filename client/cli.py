@@ -10,8 +10,8 @@ exits non-zero (1 for an error from the cluster, 2 for bad arguments).
 UTF-8 text; bytes that are not valid UTF-8 are printed as ``{"base64": "<base64 of the bytes>"}``
 instead of a string, and a missing key or value is ``null``. With ``--group G`` it joins consumer
 group G, reads the partitions the group assigns it from the group's committed offsets, and
-commits as it goes (and on exit); ``--offset start|end`` then applies only where the group has
-no committed offset, as in rpk.
+commits as it goes (and on exit); ``--offset`` (a start: no ranges) then applies only where the
+group has no committed offset, as in rpk.
 
 `group describe G --output json` prints ``{"group", "state", "coordinator", "assignor",
 "group_epoch", "members": [{"member_id", "instance_id", "member_epoch", "state", "client_id",
@@ -296,7 +296,7 @@ def _register_consume(subparsers: argparse._SubParsersAction) -> None:  # type: 
                          default=argparse.SUPPRESS, help="alias of --output (rpk's name)")
     consume.add_argument("-g", "--group",
                          help="consume as a member of this consumer group, committing as it goes "
-                         "(-o then applies only where the group has no committed offset: start or end)")
+                         "(-o then applies only where the group has no committed offset)")
     consume.add_argument("--fetch-max-wait-ms", type=int, default=500, help="(default %(default)s)")
     _common(consume, output=("json", "text"))
     consume.set_defaults(handler=_guarded(consume_command))
@@ -868,9 +868,9 @@ def consume_group(args: argparse.Namespace) -> int:
     """`consume --group`: a group member that prints what the group assigns it and commits the
     positions of what it printed (every second, and on exit)."""
     spec = parse_offset_spec(args.offset, int(time.time() * 1000))
-    if spec.end is not None or spec.start.kind not in (BoundKind.EARLIEST, BoundKind.LATEST):
-        raise ValueError(f"with --group, -o/--offset takes start or end (it applies only where the "
-                         f"group has no committed offset), not {args.offset!r}")
+    if spec.end is not None:
+        raise ValueError(f"with --group, -o/--offset takes a start (it applies only where the group "
+                         f"has no committed offset), not the range {args.offset!r}")
     if args.partitions:
         raise ValueError("with --group the group assigns the partitions: drop -p/--partitions")
     text = args.output == "text"
@@ -886,7 +886,24 @@ def consume_group(args: argparse.Namespace) -> int:
     ) as consumer:
         for topic in args.topics:
             consumer.partitions_for_topic(topic, timeout=min(args.timeout, _TOPIC_GRACE))
-        consumer.subscribe(args.topics)
+
+        def start_uncommitted(partitions: set[TopicPartition]) -> None:
+            # Runs inside poll (the sync consumer's callbacks do): place the partitions the
+            # group has never committed where -o says; the others go on from their commit.
+            if spec.start.kind in (BoundKind.EARLIEST, BoundKind.LATEST):
+                return  # auto_offset_reset does it
+            fresh = [tp for tp, offset in consumer.committed(partitions).items() if offset is None]
+            if not fresh:
+                return
+            beginnings, ends = consumer.beginning_offsets(fresh), consumer.end_offsets(fresh)
+            times = (consumer.offsets_for_times({tp: spec.start.value for tp in fresh})
+                     if spec.start.kind is BoundKind.TIMESTAMP else {})
+            for tp in fresh:
+                found = times.get(tp)
+                bounds = PartitionBounds(beginnings[tp], ends[tp], found.offset if found is not None else None)
+                consumer.seek(tp, resolve_start(spec.start, bounds))
+
+        consumer.subscribe(args.topics, on_assign=start_uncommitted)
         remaining = args.num
         try:
             while remaining is None or remaining > 0:

@@ -91,12 +91,18 @@ def test_consume_with_a_group_commits_and_describe_reset_round_trip(groups: Fake
     assert "NEW-OFFSET" in executed.stdout
     assert groups.committed("g") == {TP0: 0, TP1: 2}
 
+    # -o applies only where the group has nothing committed: a new group from 1 before the end,
+    # while the existing group (below) goes on from its commits.
+    fresh = tidelog(groups, "consume", TOPIC, "--group", "fresh", "-o", "-1", "-n", "2", "--output", "text")
+    assert fresh.returncode == 0, fresh.stderr
+    assert sorted(fresh.stdout.split()) == ["a3", "b1"]
+
     # The group replays from the reset offsets.
     again = tidelog(groups, "consume", TOPIC, "--group", "g", "-n", "4", "--output", "text")
     assert sorted(again.stdout.split()) == ["a0", "a1", "a2", "a3"]
 
     assert ok_json(tidelog(groups, "group", "list", "--output", "json")) == [
-        {"group": "g", "state": "empty", "coordinator": 1}]
+        {"group": "fresh", "state": "empty", "coordinator": 1}, {"group": "g", "state": "empty", "coordinator": 1}]
     assert tidelog(groups, "group", "delete", "g").returncode == 0
     assert "hint: list groups" in one_line_error(tidelog(groups, "group", "describe", "g"))
 
@@ -113,6 +119,6 @@ def test_reset_is_refused_while_members_live_and_bad_arguments_fail_in_one_line(
         assert "NON_EMPTY_GROUP" in refused and "stop the group's consumers" in refused
         refused = one_line_error(tidelog(groups, "group", "delete", "g"))
         assert "NON_EMPTY_GROUP" in refused
-    one_line_error(tidelog(groups, "consume", TOPIC, "--group", "g", "-o", "5"), code=2)
+    one_line_error(tidelog(groups, "consume", TOPIC, "--group", "g", "-o", "0:5"), code=2)
     one_line_error(tidelog(groups, "group", "reset-offsets", "g", "--topic", TOPIC, "--by-duration", "15m"), code=2)
     one_line_error(tidelog(groups, "group", "reset-offsets", "g", "--topic", f"{TOPIC}:", "--to-earliest"), code=2)
