@@ -37,7 +37,7 @@ from tidelog.node.producer_state import (
     ProducerStateManager,
     Verdict,
 )
-from tidelog.node.replica import NotLeader, Replica, ReplicaClosed, read_headers_from
+from tidelog.node.replica import Flusher, NotLeader, Replica, ReplicaClosed, read_headers_from
 from tidelog.node.storage import LogConfig, PartitionLog
 from tidelog.proto import records as codec
 from tidelog.proto.records import BATCH_OVERHEAD
@@ -266,6 +266,7 @@ class PartitionManager:
         # Replicas that could not be opened (damaged data), with why; they stay closed.
         self.offline: dict[tuple[str, int], str] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._shared_flusher: Flusher | None = None  # made on the event loop, with the first replica
         self._reconcile_lock = asyncio.Lock()
 
     def get(self, topic: str, partition: int) -> Partition | None:
@@ -431,7 +432,7 @@ class PartitionManager:
                           on_role_change=lambda _: self._on_leaders_changed(),
                           campaign_now=replicas[0] == self.node_id, fetch_max_wait_ms=self._fetch_max_wait_ms,
                           producers=producers, producer_snapshot_dir=directory / PRODUCER_SNAPSHOT_DIR,
-                          lazy_follower_hw=True)
+                          lazy_follower_hw=True, flusher=self._flusher())
         return Partition(topic, index, topic_id, directory, replica)
 
     def _remove_orphans(self, image: MetadataImage) -> None:
@@ -452,6 +453,14 @@ class PartitionManager:
         self.partitions.clear()
         self.by_group.clear()
         await asyncio.gather(*(p.close() for p in partitions), return_exceptions=True)
+        if self._shared_flusher is not None:
+            self._shared_flusher.close()
+            self._shared_flusher = None
+
+    def _flusher(self) -> Flusher:
+        if self._shared_flusher is None:
+            self._shared_flusher = Flusher()
+        return self._shared_flusher
 
 
 def _wall_ms() -> int:

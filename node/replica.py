@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import queue
 import random
 import threading
 import time
@@ -276,6 +277,70 @@ def raft_config_for(voters: int, election_timeout_ms: int, fetch_max_wait_ms: in
                    fetch_timeout_ms=max(base.fetch_timeout_ms, 2 * fetch_max_wait_ms))
 
 
+# fsyncs of different files run at once (ext4 commits concurrent ones in one journal commit),
+# so a node keeps several flusher threads; idle ones cost nothing.
+FLUSH_THREADS = 8
+
+
+class Flusher:
+    """Runs the fsyncs of a node's replicas on a few long-lived threads.
+
+    Cheaper per flush than `asyncio.to_thread` (no context copy, executor future or
+    `wrap_future` chain), and the completions that finish while the event loop is busy reach it
+    with one wake-up between them instead of one each.
+    """
+
+    def __init__(self, threads: int = FLUSH_THREADS) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._requests: queue.SimpleQueue[tuple[Callable[[], int], asyncio.Future[int]] | None] = queue.SimpleQueue()
+        self._completed: deque[tuple[asyncio.Future[int], int, BaseException | None]] = deque()
+        self._lock = threading.Lock()
+        self._wake_pending = False
+        self._threads = [threading.Thread(target=self._work, name=f"tidelog-flusher-{index}", daemon=True)
+                         for index in range(threads)]
+        for thread in self._threads:
+            thread.start()
+
+    def run(self, flush: Callable[[], int]) -> asyncio.Future[int]:
+        """``flush()`` on a flusher thread; its result (or exception) in the returned future."""
+        future: asyncio.Future[int] = self._loop.create_future()
+        self._requests.put((flush, future))
+        return future
+
+    def _work(self) -> None:
+        while (request := self._requests.get()) is not None:
+            flush, future = request
+            try:
+                self._completed.append((future, flush(), None))
+            except BaseException as exc:
+                self._completed.append((future, 0, exc))
+            with self._lock:
+                if self._wake_pending:
+                    continue  # the wake-up already on its way will see this completion too
+                self._wake_pending = True
+            try:
+                self._loop.call_soon_threadsafe(self._deliver)
+            except RuntimeError:
+                return  # the loop is closed: the process is exiting
+
+    def _deliver(self) -> None:
+        with self._lock:
+            self._wake_pending = False
+        # Cleared first: a completion added from here on schedules a wake-up of its own.
+        while self._completed:
+            future, flushed, exc = self._completed.popleft()
+            if future.done():
+                continue  # its waiter was cancelled
+            if exc is not None:
+                future.set_exception(exc)
+            else:
+                future.set_result(flushed)
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._requests.put(None)
+
+
 class ReplicaClosed(Exception):
     pass
 
@@ -298,7 +363,7 @@ class Replica:
                  campaign_now: bool = False, fetch_max_wait_ms: int | None = None,
                  observers: tuple[int, ...] = (),
                  producers: ProducerStateManager | None = None, producer_snapshot_dir: Path | None = None,
-                 lazy_follower_hw: bool = False) -> None:
+                 lazy_follower_hw: bool = False, flusher: Flusher | None = None) -> None:
         self.group_id = group_id
         self.node_id = node_id
         self.directory = directory
@@ -314,6 +379,7 @@ class Replica:
         self._timer_at = _NEVER
         self._flush_wanted: Flush | None = None
         self._flush_task: asyncio.Task[None] | None = None
+        self._flusher = flusher
         self._proposals: dict[tuple[int, int], asyncio.Future[Proposal]] = {}
         self._change: asyncio.Future[None] | None = None
         self._skew_ms = 0
@@ -542,7 +608,10 @@ class Replica:
         try:
             while self._flush_wanted is not None and not self.closed:
                 flush, self._flush_wanted = self._flush_wanted, None
-                flushed = await asyncio.to_thread(self.storage.flush)
+                if self._flusher is not None:
+                    flushed = await self._flusher.run(self.storage.flush)
+                else:
+                    flushed = await asyncio.to_thread(self.storage.flush)
                 self._flush_completed(flushed, flush.generation)
         except Exception as exc:
             self._fail(exc)
