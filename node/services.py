@@ -52,6 +52,14 @@ def _leader_hint(node: Node, image: MetadataImage, topic: str, partition: int) -
                               port=registration.port)
 
 
+def _abandon(future: asyncio.Future[Any]) -> None:
+    """Stop waiting for ``future``: a commit future stays (its append may still commit) but its
+    outcome is marked retrieved; a wait for a retried batch's original is our task to cancel."""
+    if isinstance(future, asyncio.Task):
+        future.cancel()
+    future.add_done_callback(lambda done: done.cancelled() or done.exception())
+
+
 def _locate(node: Node, image: MetadataImage, topic: str, index: int) -> Partition:
     """The local leader replica of (topic, index), or _Rejected with the right code."""
     if topic_name_error(topic) is not None:
@@ -132,27 +140,42 @@ class BrokerService(api_pb2_grpc.BrokerServicer):
                         # offsets, for acks=all only once that original is committed.
                         waits.append((result, partition.wait_committed(appended.last_offset)))
                     else:
-                        waits.append((result, asyncio.shield(appended.committed)))
+                        waits.append((result, appended.committed))
             if result.error in (ErrorCode.NOT_LEADER_OR_FOLLOWER, ErrorCode.NONE):
                 result.leader.CopyFrom(_leader_hint(node, image, data.topic, data.partition))
         if waits:
-            await asyncio.gather(*(self._await_commit(r, a, timeout_ms / 1000) for r, a in waits))
+            await self._await_commits(waits, timeout_ms / 1000)
         if acks == 0:
             for result in results:
                 result.base_offset = -1
         return api_pb2.ProduceResponse(partitions=results)
 
     @staticmethod
-    async def _await_commit(result: api_pb2.ProducePartitionResult, committed: Awaitable[Any], timeout: float
-                            ) -> None:
+    async def _await_commits(waits: list[tuple[api_pb2.ProducePartitionResult, Awaitable[Any]]], timeout: float
+                             ) -> None:
+        """Until every append commits (or fails, or ``timeout`` runs out), with one wait for the
+        whole request: no task, shield or timer per partition on the hot path."""
+        pending = {asyncio.ensure_future(committed): result for result, committed in waits}
         try:
-            await asyncio.wait_for(committed, timeout)
-        except TimeoutError:
-            result.error = ErrorCode.REQUEST_TIMED_OUT
-            result.error_message = f"not committed within {int(timeout * 1000)} ms; the records may still commit"
-        except (NotLeader, ReplicaClosed, PartitionClosed, StorageFailed) as exc:
-            result.error = ErrorCode.NOT_LEADER_OR_FOLLOWER
-            result.error_message = f"leadership lost before commit ({exc}); the records may or may not be committed"
+            _, late = await asyncio.wait(pending, timeout=timeout)
+        except asyncio.CancelledError:
+            late = set(pending)
+            for future in late:
+                _abandon(future)
+            raise
+        for future, result in pending.items():
+            if future in late:
+                _abandon(future)
+                result.error = ErrorCode.REQUEST_TIMED_OUT
+                result.error_message = f"not committed within {int(timeout * 1000)} ms; the records may still commit"
+                continue
+            exc = future.exception() if not future.cancelled() else ReplicaClosed("the wait was cancelled")
+            if isinstance(exc, (NotLeader, ReplicaClosed, PartitionClosed, StorageFailed)):
+                result.error = ErrorCode.NOT_LEADER_OR_FOLLOWER
+                result.error_message = (f"leadership lost before commit ({exc}); "
+                                        "the records may or may not be committed")
+            elif exc is not None:
+                raise exc
 
     @staticmethod
     def _validate(configs: Mapping[str, str], records: bytes) -> tuple[bytes, list[codec.BatchHeader]]:
