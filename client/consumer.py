@@ -929,7 +929,7 @@ class AsyncConsumer:
                 if tp in partitions and self._committed.get(tp) != pos
             }
             try:
-                await self._commit(positions, self.request_timeout)
+                await self._commit(positions, self.request_timeout, strict=False)
             except TidelogError as exc:
                 log.warning("group %s: committing the positions of revoked partitions failed: %s",
                             self.group_id, exc)
@@ -969,11 +969,36 @@ class AsyncConsumer:
         else:
             await call_callback(callback, partitions, what)
 
-    async def _commit(self, offsets: Mapping[TopicPartition, int], timeout: float) -> None:
+    def _owned_offsets(self, strict: bool) -> Callable[[Mapping[TopicPartition, int]], Mapping[TopicPartition, int]]:
+        """What a member may commit at this moment: offsets of partitions it owns (a partition
+        being revoked still counts until the revocation is reported). Its epoch alone would
+        not stop a commit racing a revocation: retried under the next epoch, it would land on
+        the new owner's partition. ``strict``: refuse the commit (the application asked for
+        those partitions); else drop them (auto-commit: the revocation committed them)."""
+
+        def select(offsets: Mapping[TopicPartition, int]) -> Mapping[TopicPartition, int]:
+            membership = self._membership
+            if membership is None:
+                return offsets  # not a member: an admin commit, fenced by the coordinator
+            in_group = bool(membership.member()[0])
+            foreign = sorted(tp for tp in offsets if not in_group or tp not in self._assignment)
+            if not foreign:
+                return offsets
+            if strict:
+                raise TidelogError(
+                    ErrorCode.STALE_MEMBER_EPOCH,
+                    f"cannot commit {', '.join(map(str, foreign))}: not assigned to this member of "
+                    f"group {self.group_id!r} (revoked or lost in a rebalance)",
+                )
+            return {tp: offset for tp, offset in offsets.items() if tp not in foreign}
+
+        return select
+
+    async def _commit(self, offsets: Mapping[TopicPartition, int], timeout: float, *, strict: bool = True) -> None:
         coordinator = self._require_group("commit()")
         if not offsets:
             return
-        await coordinator.commit(offsets, self._member, timeout)
+        await coordinator.commit(offsets, self._member, timeout, select=self._owned_offsets(strict))
         for tp, offset in offsets.items():
             if tp in self._assignment:
                 self._committed[tp] = offset
@@ -1036,7 +1061,14 @@ class AsyncConsumer:
             if self._committed.get(tp) != pos and not self._assignment[tp].revoked
         }
         if changed:
-            self._auto_commit_task = self.commit_async(changed)
+            self._auto_commit_task = asyncio.get_running_loop().create_task(
+                self._commit(changed, self.api_timeout, strict=False))
+            self._auto_commit_task.add_done_callback(self._auto_commit_done)
+
+    def _auto_commit_done(self, task: asyncio.Task[None]) -> None:
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            log.warning("group %s: auto-commit failed: %s", self.group_id, error)
 
     def group_member(self) -> tuple[str, int] | None:
         """(member id, member epoch) while this consumer is a member of its group."""

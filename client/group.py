@@ -235,18 +235,25 @@ class GroupCoordinatorClient:
         offsets: Mapping[TopicPartition, int],
         member: Callable[[], tuple[str, int]],
         timeout: float,
+        *,
+        select: Callable[[Mapping[TopicPartition, int]], Mapping[TopicPartition, int]] | None = None,
     ) -> None:
         """OffsetCommit, fenced by the member's id and epoch as ``member()`` gives them at each
         attempt (("", -1) for an admin or a consumer outside the group's membership).
 
         STALE_MEMBER_EPOCH is retried: the member's epoch moved on between reading it and the
         coordinator's check, and the next heartbeat's answer brings the new one (as Kafka's
-        consumer retries with the latest epoch)."""
-        if not offsets:
-            return
+        consumer retries with the latest epoch). The coordinator fences by epoch only, so a
+        retry with the newer epoch would also pass for a partition revoked meanwhile and
+        already committed by its new owner: ``select(offsets)``, asked at each attempt, gives
+        what may still be sent (a member's own partitions) or raises."""
         deadline = time.monotonic() + timeout
         backoff = self.retry_backoff
         while True:
+            if select is not None:
+                offsets = select(offsets)
+            if not offsets:
+                return
             member_id, epoch = member()
             request = api_pb2.OffsetCommitRequest(
                 group_id=self.group_id,

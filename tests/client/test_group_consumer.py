@@ -350,3 +350,27 @@ def test_the_async_consumer_awaits_coroutine_callbacks_on_its_loop(groups: FakeG
     revoked, committed = asyncio.run(scenario())
     assert revoked == [tps(2)]  # close() revoked everything, after committing in the callback
     assert committed[TopicPartition(TOPIC, 0)] == 2
+
+
+def test_a_member_cannot_commit_a_partition_it_no_longer_owns(groups: FakeGroupCluster) -> None:
+    """Offsets the application computed before a rebalance, committed after it, must not
+    overwrite the new owner's progress: the coordinator fences by member epoch only, so the
+    member itself refuses partitions it does not own (never two committers of one partition)."""
+    groups.create_topic(TOPIC, 2)
+    with member(groups, enable_auto_commit=False) as a:
+        a.subscribe([TOPIC])
+        wait_until(lambda: a.assignment() == tps(2), poll=lambda: a.poll(10))
+        with member(groups, enable_auto_commit=False) as b:
+            b.subscribe([TOPIC])
+            wait_until(lambda: b.assignment() and len(a.assignment()) == 1,
+                       poll=lambda: (a.poll(10), b.poll(10)))
+            moved = next(iter(b.assignment()))
+            kept = next(iter(a.assignment()))
+            b.commit({moved: 7})
+            with pytest.raises(TidelogError) as refused:
+                a.commit({moved: 1, kept: 1})
+            assert refused.value.code == ErrorCode.STALE_MEMBER_EPOCH
+            assert str(moved) in str(refused.value)
+            assert groups.committed("g") == {moved: 7}
+            a.commit({kept: 2})  # its own partition, as ever
+            assert groups.committed("g") == {moved: 7, kept: 2}
