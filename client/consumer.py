@@ -222,6 +222,9 @@ class AsyncConsumer:
         self._on_assign: Callable[[set[TopicPartition]], Any] | None = None
         self._on_revoke: Callable[[set[TopicPartition]], Any] | None = None
         self._committed: dict[TopicPartition, int] = {}  # what this consumer last committed
+        # Commits on their way (settled when they end): a revocation's commit waits for them,
+        # so an older offset still being retried cannot land after it.
+        self._commits_in_flight: set[asyncio.Future[None]] = set()
         # The sync facade runs on_assign/on_revoke on the application's thread (inside poll or
         # close) through this; None: run them here on the loop.
         self.callback_runner: Callable[[Callable[[set[TopicPartition]], Any] | None,
@@ -923,6 +926,8 @@ class AsyncConsumer:
             # Commit only once the application is back in poll: by then it has handled what
             # earlier polls returned, which the positions already count.
             await self.callback_runner(None, partitions)
+        if revoking and not lost and self._commits_in_flight:
+            await asyncio.wait(list(self._commits_in_flight))
         if revoking and not lost and self.enable_auto_commit and self._coordinator is not None:
             positions = {
                 tp: pos for tp, pos in self._positions().items()
@@ -998,7 +1003,13 @@ class AsyncConsumer:
         coordinator = self._require_group("commit()")
         if not offsets:
             return
-        await coordinator.commit(offsets, self._member, timeout, select=self._owned_offsets(strict))
+        settled = asyncio.get_running_loop().create_future()
+        self._commits_in_flight.add(settled)
+        try:
+            await coordinator.commit(offsets, self._member, timeout, select=self._owned_offsets(strict))
+        finally:
+            self._commits_in_flight.discard(settled)
+            settled.set_result(None)
         for tp, offset in offsets.items():
             if tp in self._assignment:
                 self._committed[tp] = offset

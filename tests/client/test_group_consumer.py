@@ -374,3 +374,29 @@ def test_a_member_cannot_commit_a_partition_it_no_longer_owns(groups: FakeGroupC
             assert groups.committed("g") == {moved: 7}
             a.commit({kept: 2})  # its own partition, as ever
             assert groups.committed("g") == {moved: 7, kept: 2}
+
+
+def test_a_slow_auto_commit_cannot_land_after_the_revocation_commit(groups: FakeGroupCluster) -> None:
+    """Commits of one member apply in the order it made them: the commit that gives a partition
+    up waits for an auto-commit still in flight, or the older offset would land last and the
+    group would go back (and replay) after close."""
+    groups.create_topic(TOPIC, 1)
+    tp = TopicPartition(TOPIC, 0)
+    groups.append(tp, [b"0", b"1"])
+    with member(groups, auto_commit_interval_ms=0) as consumer:
+        consumer.subscribe([TOPIC])
+        got: list[Any] = []
+        wait_until(lambda: len(got) >= 2, poll=lambda: got.extend(consumer.poll(20)))
+        wait_until(lambda: groups.committed("g") == {tp: 2}, poll=lambda: consumer.poll(10))
+        groups.delay("OffsetCommit", [1.0])
+        commits = groups.calls["OffsetCommit"]
+        groups.append(tp, [b"2", b"3"])
+        # The auto-commit of position 4 is sent and held up at the coordinator ...
+        wait_until(lambda: groups.calls["OffsetCommit"] > commits, poll=lambda: got.extend(consumer.poll(20)))
+        groups.append(tp, [b"4", b"5"])
+        wait_until(lambda: len(got) >= 6, poll=lambda: got.extend(consumer.poll(20)))
+        # ... while close() commits position 6, and leaves only later (until then the old
+        # commit is still the member's, and valid).
+        groups.delay("leave", [2.0])
+    assert [r.offset for r in got] == list(range(6))
+    assert groups.committed("g") == {tp: 6}

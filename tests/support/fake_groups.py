@@ -141,6 +141,9 @@ class _Groups(api_pb2_grpc.GroupsServicer):
 
     async def ConsumerGroupHeartbeat(self, request: Any, context: Any) -> api_pb2.ConsumerGroupHeartbeatResponse:
         self.cluster.calls["ConsumerGroupHeartbeat"] += 1
+        delays = self.cluster.delays.get("leave") if request.member_epoch < 0 else None
+        if delays:
+            await asyncio.sleep(delays.popleft())
         code = self._scripted("ConsumerGroupHeartbeat")
         if code is not None:
             return api_pb2.ConsumerGroupHeartbeatResponse(error=code)
@@ -170,6 +173,9 @@ class _Groups(api_pb2_grpc.GroupsServicer):
 
     async def OffsetCommit(self, request: Any, context: Any) -> api_pb2.OffsetCommitResponse:
         self.cluster.calls["OffsetCommit"] += 1
+        delays = self.cluster.delays.get("OffsetCommit")
+        if delays:
+            await asyncio.sleep(delays.popleft())  # a slow answer: later requests overtake it
         code = self._scripted("OffsetCommit")
         if code is not None:
             return api_pb2.OffsetCommitResponse(error=code)
@@ -234,6 +240,7 @@ class FakeGroupCluster:
         self.servers: list[grpc.aio.Server] = []
         self.records: list[GroupRecord] = []  # everything the coordinators emitted, in order
         self.group_scripts: dict[str, deque[int]] = {}
+        self.delays: dict[str, deque[float]] = {}  # seconds a method's next calls wait first
         self.calls: dict[str, int] = {k: 0 for k in ("FindCoordinator", "ConsumerGroupHeartbeat", "OffsetCommit")}
         self.coordinator_id = 1
         self.coordinator = GroupCoordinator(self.config)
@@ -302,6 +309,11 @@ class FakeGroupCluster:
 
     def script(self, method: str, codes: list[int]) -> None:
         self.call(lambda: self.group_scripts.setdefault(method, deque()).extend(codes))
+
+    def delay(self, method: str, seconds: list[float]) -> None:
+        """The next calls of ``method`` (OffsetCommit, or "leave": heartbeats with a negative
+        epoch) wait this long before being applied."""
+        self.call(lambda: self.delays.setdefault(method, deque()).extend(seconds))
 
     def move_coordinator(self, node_id: int) -> None:
         """A new coordinator on ``node_id``, rebuilt by replaying the log (a leader change)."""
