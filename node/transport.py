@@ -221,12 +221,15 @@ class Transport:
 
     async def _envelopes(self, peer: _Peer) -> AsyncIterator[pb.Envelope]:
         while not self._closing:
-            try:
-                # An idle pair still exchanges an empty envelope now and then: it is the
-                # liveness signal between nodes that share no busy group.
-                await asyncio.wait_for(peer.wakeup.wait(), HEARTBEAT_S)
-            except TimeoutError:
-                pass
+            if not peer.wakeup.is_set():
+                # Under load messages queued during the previous write are already waiting:
+                # no wait_for (a task and a timer each time) then.
+                try:
+                    # An idle pair still exchanges an empty envelope now and then: it is the
+                    # liveness signal between nodes that share no busy group.
+                    await asyncio.wait_for(peer.wakeup.wait(), HEARTBEAT_S)
+                except TimeoutError:
+                    pass
             peer.wakeup.clear()
             envelope = pb.Envelope(src=self.node_id)
             if peer.send_leaders:
