@@ -50,12 +50,24 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
     })
 
 
+def use_uvloop_if_installed() -> None:
+    """uvloop's event loop when it is installed, asyncio's own otherwise. The node's loop runs
+    every gRPC completion, Raft timer and fsync hand-off; with uvloop a 3-node RF 3 acks=all
+    produce takes about a tenth less node CPU per request (tests/node_process/test_bench.py)."""
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
 def start(args: argparse.Namespace) -> int:
     """Handler of `tidelog node start`: run until SIGTERM/SIGINT; 0 after a clean shutdown."""
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = config_from_args(args)
+        use_uvloop_if_installed()
         return asyncio.run(run(config))
     except (ConfigError, StartupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
