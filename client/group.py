@@ -143,16 +143,26 @@ class GroupCoordinatorClient:
     def forget(self) -> None:
         self.coordinator = None
 
-    async def find(self) -> Coordinator:
-        """The coordinator, asking any node once when it is not known; raises TidelogError."""
+    async def find(self, timeout: float | None = None) -> Coordinator:
+        """The coordinator, asking any node once when it is not known; raises TidelogError.
+
+        Within ``timeout`` seconds overall (default request_timeout per node asked): a caller
+        with a deadline (a heartbeat bounded by the session, a close) must not wait out a
+        request timeout on every node that hangs."""
         if self.coordinator is not None:
             return self.coordinator
         request = api_pb2.FindCoordinatorRequest(group_id=self.group_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
 
         async def ask(address: str) -> api_pb2.FindCoordinatorResponse:
-            return await self.connections.groups(address).FindCoordinator(
-                request, timeout=self.request_timeout
-            )
+            budget = self.request_timeout
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ClusterUnreachableError(
+                        f"no coordinator found for group {self.group_id!r} within {timeout:.1f} s")
+                budget = min(budget, remaining)
+            return await self.connections.groups(address).FindCoordinator(request, timeout=budget)
 
         response = await self.metadata.call_any(ask, what="find-coordinator request")
         if response.error != ErrorCode.NONE:
@@ -175,11 +185,13 @@ class GroupCoordinatorClient:
     ) -> Any:
         """One attempt at the coordinator: the answer, or a TidelogError (retriable ones for a
         coordinator that moved or did not answer, after which it is looked up again)."""
-        coordinator = await self.find()
+        budget = self.request_timeout if timeout is None else timeout
+        deadline = time.monotonic() + budget
+        coordinator = await self.find(budget)
         stub = self.connections.groups(coordinator.address)
         try:
             response = await getattr(stub, method)(
-                request, timeout=self.request_timeout if timeout is None else timeout
+                request, timeout=max(0.05, deadline - time.monotonic())
             )
         except grpc.aio.AioRpcError as exc:
             self.forget()

@@ -400,3 +400,37 @@ def test_a_slow_auto_commit_cannot_land_after_the_revocation_commit(groups: Fake
         groups.delay("leave", [2.0])
     assert [r.offset for r in got] == list(range(6))
     assert groups.committed("g") == {tp: 6}
+
+
+def test_a_member_whose_coordinator_cannot_be_found_gives_its_partitions_up_in_time(groups: FakeGroupCluster) -> None:
+    """Finding the coordinator again is part of the heartbeat: a FindCoordinator that hangs
+    (a paused node) must not keep the member consuming past its session, by when the
+    coordinator has handed its partitions to someone else."""
+    groups.create_topic(TOPIC, 2)
+    revoked: list[set[TopicPartition]] = []
+    with member(groups, session_timeout_ms=1000) as consumer:  # request_timeout_ms: 30 s
+        consumer.subscribe([TOPIC], on_revoke=revoked.append)
+        wait_until(lambda: consumer.assignment() == tps(2), poll=lambda: consumer.poll(10))
+        groups.delay("FindCoordinator", [60.0] * 100)
+        groups.move_coordinator(2)
+        wait_until(lambda: revoked, timeout=15, poll=lambda: consumer.poll(10))
+        assert revoked == [tps(2)] and consumer.assignment() == set()
+        groups.call(lambda: groups.delays.clear())
+
+
+def test_close_keeps_to_its_timeout_when_no_coordinator_can_be_found() -> None:
+    groups = FakeGroupCluster(nodes=3, session_timeout_ms=30_000, heartbeat_interval_ms=100)
+    try:
+        groups.create_topic(TOPIC, 1)
+        consumer = member(groups, request_timeout_ms=2000)
+        consumer.subscribe([TOPIC])
+        wait_until(lambda: consumer.assignment() == tps(1), poll=lambda: consumer.poll(10))
+        groups.delay("FindCoordinator", [60.0] * 100)
+        groups.move_coordinator(2)
+        started = time.monotonic()
+        consumer.close()
+        # The commit and the leave each get request_timeout_ms (2 s); a FindCoordinator that
+        # waited its own 2 s on each of the 3 nodes, twice, would take 12 s.
+        assert time.monotonic() - started < 9
+    finally:
+        groups.close()

@@ -135,6 +135,9 @@ class _Groups(api_pb2_grpc.GroupsServicer):
 
     async def FindCoordinator(self, request: Any, context: Any) -> api_pb2.FindCoordinatorResponse:
         self.cluster.calls["FindCoordinator"] += 1
+        delays = self.cluster.delays.get("FindCoordinator")
+        if delays:
+            await asyncio.sleep(delays.popleft())
         cid = self.cluster.coordinator_id
         return api_pb2.FindCoordinatorResponse(node_id=cid, host="127.0.0.1", port=self.cluster.ports[cid],
                                                partition=0)
@@ -311,8 +314,8 @@ class FakeGroupCluster:
         self.call(lambda: self.group_scripts.setdefault(method, deque()).extend(codes))
 
     def delay(self, method: str, seconds: list[float]) -> None:
-        """The next calls of ``method`` (OffsetCommit, or "leave": heartbeats with a negative
-        epoch) wait this long before being applied."""
+        """The next calls of ``method`` (FindCoordinator, OffsetCommit, or "leave": heartbeats
+        with a negative epoch) wait this long before being answered."""
         self.call(lambda: self.delays.setdefault(method, deque()).extend(seconds))
 
     def move_coordinator(self, node_id: int) -> None:
