@@ -48,7 +48,7 @@ from tidelog.client.connection import (
 from tidelog.client.types import TopicPartition
 from tidelog.proto import api_pb2, common_pb2
 from tidelog.proto.common_pb2 import ErrorCode
-from tidelog.proto.errors import TidelogError
+from tidelog.proto.errors import TidelogError, is_retriable
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +279,8 @@ class GroupCoordinatorClient:
                 ],
             )
             response = await self.call(
-                "OffsetCommit", request, lambda r: r.error, max(0.05, deadline - time.monotonic())
+                "OffsetCommit", request, lambda r: r.error, max(0.05, deadline - time.monotonic()),
+                retry_on=lambda r: is_retriable(r.error),
             )
             if response.error == ErrorCode.STALE_MEMBER_EPOCH and time.monotonic() + backoff < deadline:
                 await asyncio.sleep(backoff)
@@ -317,7 +318,8 @@ class GroupCoordinatorClient:
                 partitions=[_tp(tp) for tp in wanted or ()],
             )
             response = await self.call(
-                "OffsetFetch", request, lambda r: r.error, max(0.05, deadline - time.monotonic())
+                "OffsetFetch", request, lambda r: r.error, max(0.05, deadline - time.monotonic()),
+                retry_on=lambda r: is_retriable(r.error),
             )
             if response.error == ErrorCode.STALE_MEMBER_EPOCH and time.monotonic() + backoff < deadline:
                 await asyncio.sleep(backoff)
@@ -600,6 +602,12 @@ class GroupMembership:
         if error == ErrorCode.UNRELEASED_INSTANCE_ID:
             # The instance's previous process is still a member until its session times out.
             log.info("group %s: %s", self.group_id, response.error_message or "instance id still held")
+            return max(self.heartbeat_interval, self.coordinator.retry_backoff)
+        if is_retriable(error):
+            # E.g. REQUEST_TIMED_OUT: the coordinator's records did not commit in time (they
+            # may still). The member is still in the group until its session says otherwise.
+            log.debug("group %s: heartbeat answered %s; retrying", self.group_id, ErrorCode.Name(error))
+            await self._check_session()
             return max(self.heartbeat_interval, self.coordinator.retry_backoff)
         await self._fail(TidelogError(error, response.error_message or f"heartbeat to group {self.group_id!r}"))
         return 0.0

@@ -434,3 +434,22 @@ def test_close_keeps_to_its_timeout_when_no_coordinator_can_be_found() -> None:
         assert time.monotonic() - started < 9
     finally:
         groups.close()
+
+
+def test_a_retriable_heartbeat_error_is_retried_not_fatal(groups: FakeGroupCluster) -> None:
+    """REQUEST_TIMED_OUT (the coordinator's records did not commit within its commit timeout)
+    and the like are retriable: the member heartbeats again and keeps its partitions."""
+    groups.create_topic(TOPIC, 2)
+    revoked: list[set[TopicPartition]] = []
+    with member(groups) as consumer:
+        consumer.subscribe([TOPIC], on_revoke=revoked.append)
+        wait_until(lambda: consumer.assignment() == tps(2), poll=lambda: consumer.poll(10))
+        beats = groups.calls["ConsumerGroupHeartbeat"]
+        groups.script("ConsumerGroupHeartbeat", [ErrorCode.REQUEST_TIMED_OUT, ErrorCode.NOT_ENOUGH_REPLICAS])
+        wait_until(lambda: groups.calls["ConsumerGroupHeartbeat"] >= beats + 4, poll=lambda: consumer.poll(10))
+        consumer.poll(10)  # raised the fatal error here
+        assert consumer.assignment() == tps(2) and revoked == []
+        # A commit, likewise, is retried within its timeout (Kafka's commitSync).
+        groups.script("OffsetCommit", [ErrorCode.REQUEST_TIMED_OUT])
+        consumer.commit({TopicPartition(TOPIC, 0): 1})
+        assert groups.committed("g") == {TopicPartition(TOPIC, 0): 1}
