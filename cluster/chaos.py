@@ -481,22 +481,55 @@ class ProducerWorker(threading.Thread):
             self._record(topic, partition, value, future)
 
 
-class ConsumerWorker(threading.Thread):
-    """Assigns every partition, seeks to the start, polls; now and then seeks one partition back
-    or starts over as a new consumer (a new name, as the history format asks)."""
+class _PollingWorker(threading.Thread):
+    """What both kinds of consumer worker share: polling and recording what each poll returned."""
 
-    def __init__(self, process: int, bootstrap: str, topics: Sequence[tuple[str, int]],
-                 history: HistoryWriter, rng: random.Random, stop: threading.Event, t0: float
-                 ) -> None:
-        super().__init__(name=f"chaos-consumer-{process}", daemon=True)
-        self.process, self.bootstrap, self.topics = process, bootstrap, topics
-        self.history, self.rng, self.stop_event, self.t0 = history, rng, stop, t0
+    def __init__(self, name: str, process: int, history: HistoryWriter, rng: random.Random,
+                 stop: threading.Event, t0: float) -> None:
+        super().__init__(name=name, daemon=True)
+        self.process, self.history, self.rng, self.stop_event, self.t0 = process, history, rng, stop, t0
         self.polled = 0
         self.errors: list[str] = []
         self.generation = 0
 
     def _now(self) -> float:
         return time.monotonic() - self.t0
+
+    def _error(self, exc: BaseException) -> None:
+        self.errors.append(repr(exc)[:200])
+        if len(self.errors) > 1000:
+            del self.errors[:500]
+
+    def _poll(self, consumer: Consumer, name: str, group: str | None = None
+              ) -> dict[TopicPartition, list[tuple[int, str]]]:
+        """One poll, recorded as one op per partition; {} after an error (noted, then a pause)."""
+        try:
+            records = consumer.poll(timeout_ms=300)
+        except TidelogError as exc:
+            self._error(exc)
+            self.stop_event.wait(0.2)
+            return {}
+        by_tp: dict[TopicPartition, list[tuple[int, str]]] = {}
+        for r in records:
+            value = r.value.decode() if isinstance(r.value, bytes) else str(r.value)
+            by_tp.setdefault(TopicPartition(r.topic, r.partition), []).append((r.offset, value))
+        now = self._now()
+        for tp, got in by_tp.items():
+            self.history.record(PollOp(self.process, name, tp.topic, tp.partition, tuple(got),
+                                       group=group, time=now))
+            self.polled += len(got)
+        return by_tp
+
+
+class ConsumerWorker(_PollingWorker):
+    """Assigns every partition, seeks to the start, polls; now and then seeks one partition back
+    or starts over as a new consumer (a new name, as the history format asks)."""
+
+    def __init__(self, process: int, bootstrap: str, topics: Sequence[tuple[str, int]],
+                 history: HistoryWriter, rng: random.Random, stop: threading.Event, t0: float
+                 ) -> None:
+        super().__init__(f"chaos-consumer-{process}", process, history, rng, stop, t0)
+        self.bootstrap, self.topics = bootstrap, topics
 
     def _session(self) -> None:
         self.generation += 1
@@ -518,24 +551,8 @@ class ConsumerWorker(threading.Thread):
             polls_left = self.rng.randint(50, 400)
             while not self.stop_event.is_set() and polls_left > 0:
                 polls_left -= 1
-                try:
-                    records = consumer.poll(timeout_ms=300)
-                except TidelogError as exc:
-                    self.errors.append(repr(exc)[:200])
-                    if len(self.errors) > 1000:
-                        del self.errors[:500]
-                    self.stop_event.wait(0.2)
-                    continue
-                by_tp: dict[TopicPartition, list[tuple[int, str]]] = {}
-                for r in records:
-                    value = r.value.decode() if isinstance(r.value, bytes) else str(r.value)
-                    by_tp.setdefault(TopicPartition(r.topic, r.partition), []).append((r.offset, value))
-                now = self._now()
-                for tp, got in by_tp.items():
-                    self.history.record(PollOp(self.process, name, tp.topic, tp.partition,
-                                               tuple(got), time=now))
+                for tp, got in self._poll(consumer, name).items():
                     last[tp] = got[-1][0]
-                    self.polled += len(got)
                 if last and self.rng.random() < 0.02:
                     tp = self.rng.choice(sorted(last))
                     back_to = self.rng.randint(0, last[tp])
@@ -552,11 +569,11 @@ class ConsumerWorker(threading.Thread):
             try:
                 self._session()
             except Exception as exc:  # a broken consumer is replaced by a new one
-                self.errors.append(repr(exc)[:200])
+                self._error(exc)
                 self.stop_event.wait(0.5)
 
 
-class GroupConsumerWorker(threading.Thread):
+class GroupConsumerWorker(_PollingWorker):
     """A member of consumer group ``group``: subscribes to every topic, records each rebalance
     (the partitions gained or given up), polls, and commits what it polled after every poll; now
     and then it leaves and a new member (a new name) joins in its place."""
@@ -564,21 +581,9 @@ class GroupConsumerWorker(threading.Thread):
     def __init__(self, process: int, group: str, bootstrap: str,
                  topics: Sequence[tuple[str, int]], history: HistoryWriter, rng: random.Random,
                  stop: threading.Event, t0: float) -> None:
-        super().__init__(name=f"chaos-member-{process}", daemon=True)
-        self.process, self.group, self.bootstrap, self.topics = process, group, bootstrap, topics
-        self.history, self.rng, self.stop_event, self.t0 = history, rng, stop, t0
-        self.polled = 0
+        super().__init__(f"chaos-member-{process}", process, history, rng, stop, t0)
+        self.group, self.bootstrap, self.topics = group, bootstrap, topics
         self.commits = 0
-        self.errors: list[str] = []
-        self.generation = 0
-
-    def _now(self) -> float:
-        return time.monotonic() - self.t0
-
-    def _error(self, exc: BaseException) -> None:
-        self.errors.append(repr(exc)[:200])
-        if len(self.errors) > 1000:
-            del self.errors[:500]
 
     def _session(self) -> None:
         self.generation += 1
@@ -601,21 +606,7 @@ class GroupConsumerWorker(threading.Thread):
             polls_left = self.rng.randint(100, 600)
             while not self.stop_event.is_set() and polls_left > 0:
                 polls_left -= 1
-                try:
-                    records = consumer.poll(timeout_ms=300)
-                except TidelogError as exc:
-                    self._error(exc)
-                    self.stop_event.wait(0.2)
-                    continue
-                by_tp: dict[TopicPartition, list[tuple[int, str]]] = {}
-                for r in records:
-                    value = r.value.decode() if isinstance(r.value, bytes) else str(r.value)
-                    by_tp.setdefault(TopicPartition(r.topic, r.partition), []).append((r.offset, value))
-                now = self._now()
-                for tp, got in by_tp.items():
-                    self.history.record(PollOp(self.process, name, tp.topic, tp.partition,
-                                               tuple(got), group=self.group, time=now))
-                    self.polled += len(got)
+                by_tp = self._poll(consumer, name, self.group)
                 owned = consumer.assignment()
                 offsets = {tp: got[-1][0] + 1 for tp, got in by_tp.items() if tp in owned}
                 if offsets:
