@@ -550,7 +550,7 @@ class AdminClient:
         try:
             self._thread.run(self._core.close())
         finally:
-            self._thread.stop()
+            self._thread.stop(self._core.connections.close)
 
     def create_topics(self, topics: Iterable[NewTopic], *, validate_only: bool = False) -> None:
         self._thread.run(self._core.create_topics(list(topics), validate_only=validate_only))

@@ -1431,4 +1431,4 @@ class Consumer:
         try:
             self._serve(self._core.close())
         finally:
-            self._thread.stop()
+            self._thread.stop(self._core.connections.close)

@@ -982,4 +982,4 @@ class Producer:
         try:
             self._thread.run(self._core.close(timeout))
         finally:
-            self._thread.stop()
+            self._thread.stop(self._core.connections.close)
