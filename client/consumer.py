@@ -945,6 +945,14 @@ class AsyncConsumer:
         if self._pulse is not None:
             self._pulse.fire()
 
+    def halt_partitions(self) -> None:
+        """The membership is lost (see tidelog.client.group): deliver nothing more."""
+        for tp, state in self._assignment.items():
+            state.revoked = True
+            state.buffered.clear()
+            self._cancel_fetch_for(tp)
+            self._drop_iterated(tp)
+
     async def assign_partitions(self, partitions: frozenset[TopicPartition]) -> None:
         """The membership hands ``partitions`` over: start each from its committed offset."""
         coordinator = self._require_group("assigning partitions")

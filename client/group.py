@@ -109,6 +109,10 @@ class MembershipHost(Protocol):
     async def assign_partitions(self, partitions: frozenset[TopicPartition]) -> None:
         """Start fetching ``partitions`` from their committed offsets; call on_assign."""
 
+    def halt_partitions(self) -> None:
+        """The membership is lost: stop fetching and delivering every partition now, before
+        the revocation (as lost) that follows, which may wait behind a pending callback."""
+
 
 @dataclass(frozen=True, slots=True)
 class Coordinator:
@@ -557,6 +561,9 @@ class GroupMembership:
 
     async def _lose_partitions(self) -> None:
         self._target = None
+        # Another member may own them already: nothing more is handed out from here on, even
+        # while a reconciliation in progress (waiting for the application) finishes first.
+        self.host.halt_partitions()
         await self._settle_reconciler()
         self._move(MemberState.FENCED)
         owned, self.owned = self.owned, frozenset()
@@ -569,6 +576,7 @@ class GroupMembership:
         log.error("group %s: %s", self.group_id, error)
         self.fatal_error = error
         self._target = None
+        self.host.halt_partitions()
         await self._settle_reconciler()
         owned, self.owned = self.owned, frozenset()
         if owned:

@@ -453,3 +453,36 @@ def test_a_retriable_heartbeat_error_is_retried_not_fatal(groups: FakeGroupClust
         groups.script("OffsetCommit", [ErrorCode.REQUEST_TIMED_OUT])
         consumer.commit({TopicPartition(TOPIC, 0): 1})
         assert groups.committed("g") == {TopicPartition(TOPIC, 0): 1}
+
+
+def test_partitions_lost_to_an_expired_session_are_not_delivered_while_a_callback_is_pending(
+        groups: FakeGroupCluster) -> None:
+    """The session expires while a revocation waits for the application (sync Consumer): every
+    partition is lost at that moment, so the next poll must not hand out records of the ones
+    not being revoked, although the revocation it unblocks runs first."""
+    groups.create_topic(TOPIC, 2)
+    with member(groups, session_timeout_ms=1000) as a:
+        a.subscribe([TOPIC])
+        wait_until(lambda: a.assignment() == tps(2), poll=lambda: a.poll(10))
+        with member(groups) as b:
+            b.subscribe([TOPIC])
+
+            def a_must_revoke() -> bool:
+                group = groups.call(lambda: groups.coordinator.describe_group("g"))
+                return any(m.partitions_pending_revocation for m in group.members)
+
+            wait_until(a_must_revoke, poll=lambda: b.poll(10))
+            beats = groups.calls["ConsumerGroupHeartbeat"]
+            wait_until(lambda: groups.calls["ConsumerGroupHeartbeat"] >= beats + 6)  # a has its target
+            for p in range(2):
+                groups.append(TopicPartition(TOPIC, p), [b"late"])
+            groups.script("ConsumerGroupHeartbeat", [ErrorCode.COORDINATOR_NOT_AVAILABLE] * 10_000)
+            beats = groups.calls["ConsumerGroupHeartbeat"]
+            # Backoff doubles from 0.1 s: six failed heartbeats of a (and six of b) span more
+            # than a's 1 s session.
+            wait_until(lambda: groups.calls["ConsumerGroupHeartbeat"] >= beats + 12)
+            delivered: list[Any] = []
+            for _ in range(5):
+                delivered += a.poll(50)
+            assert delivered == []
+            groups.call(lambda: groups.group_scripts.clear())
