@@ -757,9 +757,13 @@ class PartitionLog:
                             "batch headers", self.directory)
                 epochs = self._epochs_from_headers(first, point)
                 changed = True
-        self._set_epochs([e for e in epochs if e.start_offset < trusted_end])
-        if epochs and len(self._epochs) != len(epochs):
+        kept = [e for e in epochs if e.start_offset < trusted_end]
+        self._set_epochs(kept)
+        if point is None or len(kept) != len(epochs):
+            # The checkpoint file still lists epochs past what is trusted: a reopen must not read
+            # them back (a power loss after an epoch change recorded its start, not its data).
             changed = True
+            self._epochs_dirty = True
 
         expected = trusted_end
         # (segment index, position of the first bad byte, whether the whole segment goes)

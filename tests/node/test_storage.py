@@ -283,6 +283,25 @@ def test_epochs_answer_kip101_queries_and_persist_in_kafkas_format(open_log, tmp
     assert text == "0\n3\n2 0\n4 6\n7 10\n"
 
 
+def test_epochs_past_the_recovered_end_are_dropped_from_the_checkpoint_file(tmp_path: Path, open_log) -> None:
+    """A checkpoint written after an epoch began (retention rewrites it) can reach the disk
+    while that epoch's data never does; recovery drops the epoch, and must also rewrite the file,
+    or a later clean reopen reads the dead epoch back over what was appended since."""
+    plog = open_log()
+    plog.append(batch(2), epoch=0)
+    plog.close()
+    directory = tmp_path / "t-0"
+    os.unlink(directory / CLEAN_SHUTDOWN)  # as after a power loss
+    (directory / LEADER_EPOCH_CHECKPOINT).write_text("0\n2\n0 0\n1 2\n")  # epoch 1 from offset 2
+    plog = open_log()
+    assert plog.end_offset == 2 and plog.epoch_entries == (EpochEntry(0, 0),)
+    plog.append(batch(1), epoch=0)
+    plog.close()
+    plog = open_log()
+    assert plog.epoch_for(2) == 0
+    assert plog.end_offset_for_epoch(0) == (0, 3)
+
+
 # --- truncation ----------------------------------------------------------------------------
 
 
