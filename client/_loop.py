@@ -111,7 +111,8 @@ class LoopThread:
         self.thread = shared.thread
         self._pid = shared.pid
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._closed = False
+        self._closed = False  # no new calls
+        self._released = False  # cleaned up: tasks started from here on are not filed
         # Callbacks handed to the loop run in this context, so the tasks they start are ours.
         # Only the loop thread enters it, one callback at a time.
         self._context = contextvars.Context()
@@ -121,10 +122,12 @@ class LoopThread:
         return f"<LoopThread {self.name} tasks={len(self._tasks)}{' closed' if self._closed else ''}>"
 
     def _adopt(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        if self._closed:
-            task.cancel()  # a closed client starts nothing new (a late callback's work)
+        # After the cleanup, neither filed nor cancelled: a context captured long ago can start
+        # work that is not ours (grpc's poller reader runs in the context of the client that
+        # first made a grpc object on the loop), and cancelling another's task would be silent.
+        if not self._released:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _as_owner(self, coro: Coroutine[Any, Any, T]) -> T:
         _OWNER.set(self)  # this task's own context: what it starts is ours
@@ -210,6 +213,8 @@ class LoopThread:
                 await cleanup()
             except Exception:  # noqa: BLE001 - closing regardless; said, not raised
                 log.warning("%s: cleanup on close failed", self.name, exc_info=True)
+        self._released = True
+        self._tasks.clear()
 
 
 async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:

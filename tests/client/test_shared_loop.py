@@ -8,13 +8,13 @@ a loop per client logged "Exception in callback PollerCompletionQueue._handle_ev
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 import textwrap
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -158,7 +158,6 @@ def test_close_cancels_only_the_closing_clients_tasks() -> None:
     forever = 3600
 
     async def start_background(sleep: float) -> object:
-        import asyncio
         return asyncio.get_running_loop().create_task(asyncio.sleep(sleep))
 
     my_task = mine.run(start_background(forever))
@@ -170,6 +169,24 @@ def test_close_cancels_only_the_closing_clients_tasks() -> None:
         mine.run(start_background(0))
     theirs.stop()
     assert their_task.cancelled()  # type: ignore[attr-defined]
+
+
+def test_close_also_cancels_what_its_cancelled_tasks_start() -> None:
+    handle = LoopThread("cleanup")
+    started: list[asyncio.Task[None]] = []
+
+    async def stubborn() -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:  # cleanup that starts more work, as a leave-the-group-on-cancel might
+            started.append(asyncio.get_running_loop().create_task(asyncio.sleep(3600)))
+
+    async def start() -> asyncio.Task[None]:
+        return asyncio.get_running_loop().create_task(stubborn())
+
+    first = handle.run(start())
+    handle.stop()
+    assert first.cancelled() and len(started) == 1 and started[0].cancelled()
 
 
 def test_a_blocking_call_from_the_shared_loop_thread_raises_at_once(fake_cluster) -> None:
