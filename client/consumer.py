@@ -128,7 +128,9 @@ class AsyncConsumer:
     Groups: group_id=None, enable_auto_commit=True, auto_commit_interval_ms=5000,
     group_instance_id=None (static membership), group_remote_assignor=None (the group's
     default: "uniform"; or "range"), max_poll_interval_ms=300000 (sent as the rebalance
-    timeout), session_timeout_ms=None. The session timeout itself is the coordinator's
+    timeout; also Kafka's poll timer: a member whose application has not been in `poll` for
+    that long leaves its group, its partitions lost, and joins again at its next poll),
+    session_timeout_ms=None. The session timeout itself is the coordinator's
     (node config group_consumer_session_timeout_ms, KIP-848); the client's value (default
     45000, the coordinator's default) is how long it keeps its partitions without a heartbeat
     answer before treating them as lost, so set it to the cluster's value.
@@ -1116,6 +1118,8 @@ class AsyncConsumer:
         if not self._assignment and not self._subscription:
             raise RuntimeError("the consumer has no assignment: call assign() or subscribe() first")
         while True:
+            if self._membership is not None:
+                self._membership.note_poll()  # waiting inside poll is not being away from it
             event = pulse.waiter()
             self._start_resets()
             records = self._drain(limit)

@@ -396,6 +396,11 @@ class GroupMembership:
         self._stopping = False
         # Set whenever the membership reaches STABLE (for tests and `wait_stable`).
         self._stable = asyncio.Event()
+        # Kafka's max.poll.interval.ms (KIP-62): the heartbeats run on their own, so without
+        # this an application stuck between polls would hold its partitions for ever.
+        self.poll_timeout = rebalance_timeout_ms / 1000.0
+        self.last_poll = time.monotonic()
+        self._poll_expired = False
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -434,6 +439,16 @@ class GroupMembership:
     def wake(self) -> None:
         self._wake.set()
 
+    def note_poll(self) -> None:
+        """The application polled: the poll timer starts again, and a member that left because
+        it had not polled for the poll timeout joins again."""
+        self.last_poll = time.monotonic()
+        if self._poll_expired:
+            self._poll_expired = False
+            if self.state is MemberState.FENCED:
+                self._move(MemberState.JOINING)
+                self.wake()
+
     async def wait_stable(self, timeout: float) -> bool:
         return await wait_event(self._stable, timeout)
 
@@ -454,6 +469,13 @@ class GroupMembership:
             self._move(MemberState.UNSUBSCRIBED)
             return
         self._move(MemberState.LEAVING)
+        await self._send_leave(timeout)
+        self._move(MemberState.UNSUBSCRIBED)
+        self.member_epoch = JOIN_EPOCH
+        if not self.instance_id:
+            self.member_id = ""
+
+    async def _send_leave(self, timeout: float) -> None:
         epoch = STATIC_LEAVE_EPOCH if self.instance_id else LEAVE_EPOCH
         request = api_pb2.ConsumerGroupHeartbeatRequest(
             group_id=self.group_id,
@@ -471,10 +493,28 @@ class GroupMembership:
             # The session timeout removes the member anyway; leaving is only the fast path.
             log.info("group %s: leaving failed (%s); the session timeout will remove the member",
                      self.group_id, exc)
-        self._move(MemberState.UNSUBSCRIBED)
+
+    async def _leave_for_poll_timeout(self) -> None:
+        """The application has not polled for the poll timeout: leave now so the partitions
+        move on (handed out no more, not committed: the application may not have handled
+        what it was given), and join again at its next poll (`note_poll`)."""
+        log.warning("group %s: no poll for %.1f s (max_poll_interval_ms); leaving the group until "
+                    "the application polls again", self.group_id, self.poll_timeout)
+        self._poll_expired = True
+        self._target = None
+        self.host.halt_partitions()
+        await self._send_leave(self._heartbeat_timeout())
+        # A pending callback (sync Consumer) runs when the application is back in poll.
+        await self._settle_reconciler()
+        self._move(MemberState.FENCED)
+        owned, self.owned = self.owned, frozenset()
+        if owned:
+            await self.host.revoke_partitions(owned, lost=True)
         self.member_epoch = JOIN_EPOCH
         if not self.instance_id:
             self.member_id = ""
+        if not self._poll_expired and self.state is MemberState.FENCED:
+            self._move(MemberState.JOINING)  # polled meanwhile (on_revoke ran inside that poll)
 
     # --- the heartbeat loop --------------------------------------------------------------------
 
@@ -519,6 +559,10 @@ class GroupMembership:
                 continue
             self._wake.clear()
             started = time.monotonic()
+            if (self.state in (MemberState.STABLE, MemberState.RECONCILING)
+                    and started - self.last_poll > self.poll_timeout):
+                await self._leave_for_poll_timeout()
+                continue
             delay = self.heartbeat_interval
             try:
                 response = await self.coordinator.call_once(

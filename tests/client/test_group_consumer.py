@@ -486,3 +486,43 @@ def test_partitions_lost_to_an_expired_session_are_not_delivered_while_a_callbac
                 delivered += a.poll(50)
             assert delivered == []
             groups.call(lambda: groups.group_scripts.clear())
+
+
+def test_a_member_that_stops_polling_for_max_poll_interval_leaves_and_rejoins_at_its_next_poll(
+        groups: FakeGroupCluster) -> None:
+    """Kafka's max.poll.interval.ms (KIP-62): heartbeats alone do not keep a member in the group;
+    one whose application has not polled for that long leaves, so its partitions move on,
+    and joins again when the application polls."""
+    groups.create_topic(TOPIC, 2)
+    with member(groups, max_poll_interval_ms=1000) as a, member(groups) as b:
+        a.subscribe([TOPIC])
+        b.subscribe([TOPIC])
+        wait_until(lambda: len(a.assignment()) == 1 and len(b.assignment()) == 1,
+                   poll=lambda: (a.poll(10), b.poll(10)))
+        # a's application is stuck; b polls on and gets a's partition.
+        wait_until(lambda: b.assignment() == tps(2), poll=lambda: b.poll(10))
+        wait_until(lambda: len(a.assignment()) == 1 and len(b.assignment()) == 1,
+                   poll=lambda: (a.poll(10), b.poll(10)))
+
+
+def test_a_sync_member_whose_poll_timer_expired_runs_on_revoke_in_its_next_poll_and_rejoins(
+        groups: FakeGroupCluster) -> None:
+    groups.create_topic(TOPIC, 1)
+    revoked: list[set[TopicPartition]] = []
+    with member(groups, max_poll_interval_ms=500) as a:
+        a.subscribe([TOPIC], on_revoke=revoked.append)
+        wait_until(lambda: a.assignment() == tps(1), poll=lambda: a.poll(10))
+        wait_until(lambda: groups.owners("g") == {})  # left while the application was away
+        wait_until(lambda: revoked and a.assignment() == tps(1), poll=lambda: a.poll(10))
+        assert revoked == [tps(1)]
+
+
+def test_waiting_inside_a_long_poll_does_not_expire_the_poll_timer(groups: FakeGroupCluster) -> None:
+    groups.create_topic(TOPIC, 1)
+    with member(groups, max_poll_interval_ms=500) as a:
+        a.subscribe([TOPIC])
+        wait_until(lambda: a.assignment() == tps(1), poll=lambda: a.poll(10))
+        beats = groups.calls["ConsumerGroupHeartbeat"]
+        while groups.calls["ConsumerGroupHeartbeat"] < beats + 25:  # 2.5 s at 100 ms
+            assert a.poll(1000) == []  # each poll waits twice max_poll_interval_ms
+        assert a.assignment() == tps(1) and set(groups.owners("g")) == tps(1)
