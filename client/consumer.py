@@ -233,6 +233,8 @@ class AsyncConsumer:
                                         frozenset[TopicPartition]], Awaitable[None]] | None = None
         self.pending_callbacks = 0  # poll returns early while the application owes one
         self._leaving: asyncio.Task[None] | None = None
+        # The membership `unsubscribe` is ending: its revocation commits as that member.
+        self._departing: GroupMembership | None = None
         if topics:
             self.subscribe(topics)
 
@@ -318,9 +320,24 @@ class AsyncConsumer:
         membership, self._membership = self._membership, None
         if membership is not None:
             # Leaving gives the partitions up (commit, on_revoke) and needs the loop.
-            self._leaving = asyncio.get_running_loop().create_task(membership.leave(self.request_timeout))
+            self._departing = membership
+            self._leaving = asyncio.get_running_loop().create_task(self._leave(membership))
             return
         self._set_assignment([])
+
+    async def _leave(self, membership: GroupMembership) -> None:
+        try:
+            await membership.leave(self.request_timeout)
+        finally:
+            if self._departing is membership:
+                self._departing = None
+
+    async def unsubscribe_and_wait(self) -> None:
+        """`unsubscribe`, returning once the group has been left (Kafka's blocking unsubscribe:
+        the sync Consumer runs on_revoke inside it)."""
+        self.unsubscribe()
+        if self._leaving is not None:
+            await asyncio.gather(self._leaving, return_exceptions=True)
 
     def _update_subscribed_assignment(self) -> None:
         if self._membership is not None:
@@ -908,8 +925,9 @@ class AsyncConsumer:
         return self._coordinator
 
     def _member(self) -> tuple[str, int]:
-        if self._membership is not None:
-            return self._membership.member()
+        membership = self._membership or self._departing
+        if membership is not None:
+            return membership.member()
         return "", -1
 
     def _positions(self) -> dict[TopicPartition, int]:
@@ -992,7 +1010,7 @@ class AsyncConsumer:
         those partitions); else drop them (auto-commit: the revocation committed them)."""
 
         def select(offsets: Mapping[TopicPartition, int]) -> Mapping[TopicPartition, int]:
-            membership = self._membership
+            membership = self._membership or self._departing
             if membership is None:
                 return offsets  # not a member: an admin commit, fenced by the coordinator
             in_group = bool(membership.member()[0])
@@ -1347,7 +1365,9 @@ class Consumer:
         return self._call(self._core.group_member)
 
     def unsubscribe(self) -> None:
-        self._call(self._core.unsubscribe)
+        """Leave the group (committing under auto-commit, on_revoke on this thread) and return
+        once it is left, as Kafka's consumer does."""
+        self._serve(self._core.unsubscribe_and_wait())
 
     def assignment(self) -> set[TopicPartition]:
         return self._call(self._core.assignment)

@@ -526,3 +526,17 @@ def test_waiting_inside_a_long_poll_does_not_expire_the_poll_timer(groups: FakeG
         while groups.calls["ConsumerGroupHeartbeat"] < beats + 25:  # 2.5 s at 100 ms
             assert a.poll(1000) == []  # each poll waits twice max_poll_interval_ms
         assert a.assignment() == tps(1) and set(groups.owners("g")) == tps(1)
+
+
+def test_unsubscribe_commits_the_positions_before_leaving(groups: FakeGroupCluster) -> None:
+    groups.create_topic(TOPIC, 1)
+    tp = TopicPartition(TOPIC, 0)
+    groups.append(tp, [b"a", b"b", b"c"])
+    revoked: list[set[TopicPartition]] = []
+    with member(groups, auto_commit_interval_ms=60_000) as consumer:
+        consumer.subscribe([TOPIC], on_revoke=revoked.append)
+        got: list[Any] = []
+        wait_until(lambda: len(got) >= 3, poll=lambda: got.extend(consumer.poll(20)))
+        consumer.unsubscribe()
+        wait_until(lambda: groups.owners("g") == {} and revoked)
+        assert groups.committed("g") == {tp: 3}
