@@ -877,6 +877,11 @@ def run_chaos(config: ChaosConfig) -> RunReport:
         stop_consumers.set()
         history.close()
         cluster.close()
+    if history.failed is not None:
+        # A verdict over a history with holes would be fiction: report the harness's failure.
+        report.problems.append(f"the history could not be written ({history.failed}); no verdict "
+                               "can be drawn from it")
+        return report
     report.verdict = check_file(config.history)
     if own and made_work_dir and report.valid and not config.keep:
         shutil.rmtree(work_dir, ignore_errors=True)  # type: ignore[arg-type]

@@ -497,12 +497,20 @@ class HistoryWriter:
         self._file: IO[str] = open(path, "a", encoding="utf-8")
         self._lock = threading.Lock()
         self.count = 0
+        # The first write that failed (a full disk): the history has holes from then on, so
+        # no verdict may be drawn from it (a send that was never recorded reads as unexpected).
+        self.failed: OSError | None = None
 
     def record(self, op: Op) -> None:
         line = op_to_json(op) + "\n"
         with self._lock:
-            self._file.write(line)
-            self._file.flush()
+            try:
+                self._file.write(line)
+                self._file.flush()
+            except OSError as exc:
+                if self.failed is None:
+                    self.failed = exc
+                raise
             self.count += 1
 
     def close(self) -> None:

@@ -143,3 +143,29 @@ def test_files_stream_and_the_writer_appends_flushed_lines(tmp_path: Path) -> No
     assert next(streamed) == first[0]
     assert list(streamed) == later
     assert all(json.loads(line)["op"] for line in path.read_text().splitlines())
+
+
+def test_a_writer_that_cannot_write_says_so(tmp_path: Path) -> None:
+    """A full disk leaves holes in the history; the writer keeps the first error so the run
+    reports it instead of judging a history with missing sends."""
+    import errno
+
+    class FullDisk:
+        def write(self, text: str) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    writer = HistoryWriter(tmp_path / "h.jsonl")
+    writer.record(SendOp(1, "t", "p1-1", Outcome.OK, 0, 0))
+    assert writer.failed is None and writer.count == 1
+    writer._file.close()
+    writer._file = FullDisk()  # type: ignore[assignment]
+    with pytest.raises(OSError):
+        writer.record(SendOp(1, "t", "p1-2", Outcome.OK, 0, 1))
+    assert writer.failed is not None and writer.failed.errno == errno.ENOSPC
+    assert writer.count == 1
