@@ -100,6 +100,7 @@ class Node:
         self._stop: asyncio.Event | None = None
         self._shutdown: asyncio.Future[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.exit_code = 0  # the process's status once stopped
         self._controller_changed = asyncio.Event()
         self._admin_channels: dict[str, grpc.aio.Channel] = {}
         self._replication_service: ReplicationService | None = None
@@ -317,6 +318,7 @@ class Node:
         await server.start()
         self._server = server
         self._tasks.append(asyncio.get_running_loop().create_task(self._keep_registered()))
+        self._tasks.append(asyncio.get_running_loop().create_task(self._stop_if_metadata_fails()))
         if not self.quorum.is_voter:
             self._tasks.append(asyncio.get_running_loop().create_task(self._find_metadata_leader()))
         log.info("node %d serving on %s (data dir %s, flush=%s, voters %s)", config.node_id, config.listen,
@@ -325,6 +327,22 @@ class Node:
     def request_stop(self) -> None:
         if self._stop is not None:
             self._stop.set()
+
+    async def _stop_if_metadata_fails(self) -> None:
+        """A node whose metadata replica failed (a full disk, an I/O error) can neither follow
+        the cluster nor serve it, yet would look alive: it stops with a non-zero status instead,
+        so that a supervisor restarts it once the cause is gone (Kafka's broker halts likewise
+        when its metadata log directory fails)."""
+        replica = self.quorum.replica
+        if replica is None:
+            return
+        while replica.failure is None and not replica.closed:
+            await replica.wait_change()
+        if replica.failure is not None and not self.shutting_down:
+            log.critical("node %d: the metadata replica failed (%s); stopping", self.config.node_id,
+                         replica.failure)
+            self.exit_code = 1
+            self.request_stop()
 
     async def wait_stopped(self) -> None:
         assert self._stop is not None
@@ -375,7 +393,7 @@ async def run(config: NodeConfig) -> int:
     await node.wait_stopped()
     log.info("node %d shutting down", config.node_id)
     await node.stop()
-    return 0
+    return node.exit_code
 
 
 def pid_alive(pid: int) -> bool:
