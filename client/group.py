@@ -507,9 +507,7 @@ class GroupMembership:
         # A pending callback (sync Consumer) runs when the application is back in poll.
         await self._settle_reconciler()
         self._move(MemberState.FENCED)
-        owned, self.owned = self.owned, frozenset()
-        if owned:
-            await self.host.revoke_partitions(owned, lost=True)
+        await self._give_up_lost()
         self.member_epoch = JOIN_EPOCH
         if not self.instance_id:
             self.member_id = ""
@@ -610,11 +608,16 @@ class GroupMembership:
         self.host.halt_partitions()
         await self._settle_reconciler()
         self._move(MemberState.FENCED)
-        owned, self.owned = self.owned, frozenset()
-        if owned:
-            await self.host.revoke_partitions(owned, lost=True)
+        await self._give_up_lost()
         self.member_epoch = JOIN_EPOCH
         self._move(MemberState.JOINING)
+
+    async def _give_up_lost(self) -> None:
+        # `owned` changes only once they are revoked: `leave` cancels this task, maybe in the
+        # middle of on_revoke, and then revokes whatever is still owned.
+        if self.owned:
+            await self.host.revoke_partitions(self.owned, lost=True)
+        self.owned = frozenset()
 
     async def _fail(self, error: TidelogError) -> None:
         log.error("group %s: %s", self.group_id, error)
@@ -622,9 +625,7 @@ class GroupMembership:
         self._target = None
         self.host.halt_partitions()
         await self._settle_reconciler()
-        owned, self.owned = self.owned, frozenset()
-        if owned:
-            await self.host.revoke_partitions(owned, lost=True)
+        await self._give_up_lost()
         self._move(MemberState.FATAL)
 
     async def _handle(self, response: api_pb2.ConsumerGroupHeartbeatResponse, sent_at: float) -> float:

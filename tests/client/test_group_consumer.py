@@ -540,3 +540,43 @@ def test_unsubscribe_commits_the_positions_before_leaving(groups: FakeGroupClust
         consumer.unsubscribe()
         wait_until(lambda: groups.owners("g") == {} and revoked)
         assert groups.committed("g") == {tp: 3}
+
+
+
+def test_unsubscribe_while_lost_partitions_wait_for_on_revoke_still_gives_them_up(groups: FakeGroupCluster) -> None:
+    """Leaving stops the heartbeat task, which may be in the middle of giving lost partitions
+    up (here an async on_revoke still running): they must still be revoked, not forgotten."""
+    groups.create_topic(TOPIC, 2)
+
+    async def scenario() -> tuple[list[set[TopicPartition]], set[TopicPartition]]:
+        revoked: list[set[TopicPartition]] = []
+        consumer = AsyncConsumer(groups.bootstrap, group_id="g", session_timeout_ms=1000,
+                                 request_timeout_ms=2000, fetch_max_wait_ms=50)
+        try:
+            started = asyncio.Event()
+
+            async def on_revoke(partitions: set[TopicPartition]) -> None:
+                if not started.is_set():
+                    started.set()
+                    await asyncio.sleep(3600)  # the first call is still running when we leave
+                revoked.append(partitions)
+
+            consumer.subscribe([TOPIC], on_revoke=on_revoke)
+            deadline = time.monotonic() + 15
+            while consumer.assignment() != tps(2):
+                await consumer.poll(10)
+                assert time.monotonic() < deadline
+            groups.script("ConsumerGroupHeartbeat", [ErrorCode.COORDINATOR_NOT_AVAILABLE] * 10_000)
+            async with asyncio.timeout(15):
+                await started.wait()  # the session ran out: the partitions are being given up
+            consumer.unsubscribe()
+            assert consumer._leaving is not None
+            await consumer._leaving
+            return revoked, consumer.assignment()
+        finally:
+            groups.call(lambda: groups.group_scripts.clear())
+            await consumer.close()
+
+    revoked, assignment = asyncio.run(scenario())
+    assert revoked == [tps(2)]
+    assert assignment == set()
