@@ -475,8 +475,10 @@ class GroupMembership:
         if not self.instance_id:
             self.member_id = ""
 
-    async def _send_leave(self, timeout: float) -> None:
-        epoch = STATIC_LEAVE_EPOCH if self.instance_id else LEAVE_EPOCH
+    async def _send_leave(self, timeout: float, *, for_good: bool = False) -> None:
+        """The leave heartbeat: epoch -1, or -2 for a static member (its assignment waits for
+        its return) unless ``for_good``."""
+        epoch = STATIC_LEAVE_EPOCH if self.instance_id and not for_good else LEAVE_EPOCH
         request = api_pb2.ConsumerGroupHeartbeatRequest(
             group_id=self.group_id,
             member_id=self.member_id,
@@ -503,14 +505,14 @@ class GroupMembership:
         self._poll_expired = True
         self._target = None
         self.host.halt_partitions()
-        await self._send_leave(self._heartbeat_timeout())
+        # A static member too leaves with -1 (as Kafka's does): its partitions must move on.
+        await self._send_leave(self._heartbeat_timeout(), for_good=True)
         # A pending callback (sync Consumer) runs when the application is back in poll.
         await self._settle_reconciler()
         self._move(MemberState.FENCED)
         await self._give_up_lost()
         self.member_epoch = JOIN_EPOCH
-        if not self.instance_id:
-            self.member_id = ""
+        self.member_id = ""
         if not self._poll_expired and self.state is MemberState.FENCED:
             self._move(MemberState.JOINING)  # polled meanwhile (on_revoke ran inside that poll)
 

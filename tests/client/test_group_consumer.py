@@ -488,13 +488,15 @@ def test_partitions_lost_to_an_expired_session_are_not_delivered_while_a_callbac
             groups.call(lambda: groups.group_scripts.clear())
 
 
+@pytest.mark.parametrize("instance_id", [None, "worker-1"])
 def test_a_member_that_stops_polling_for_max_poll_interval_leaves_and_rejoins_at_its_next_poll(
-        groups: FakeGroupCluster) -> None:
+        groups: FakeGroupCluster, instance_id: str | None) -> None:
     """Kafka's max.poll.interval.ms (KIP-62): heartbeats alone do not keep a member in the group;
-    one whose application has not polled for that long leaves, so its partitions move on,
-    and joins again when the application polls."""
+    one whose application has not polled for that long leaves, so its partitions move on (a
+    static member too: it leaves with epoch -1, not -2, as Kafka's does), and joins again
+    when the application polls."""
     groups.create_topic(TOPIC, 2)
-    with member(groups, max_poll_interval_ms=1000) as a, member(groups) as b:
+    with member(groups, max_poll_interval_ms=1000, group_instance_id=instance_id) as a, member(groups) as b:
         a.subscribe([TOPIC])
         b.subscribe([TOPIC])
         wait_until(lambda: len(a.assignment()) == 1 and len(b.assignment()) == 1,
