@@ -21,7 +21,10 @@ gone, so no partition is consumed by two members at once. A member that is fence
 commit, since a commit would be refused and another member may already own them) and the
 member rejoins with epoch 0. A member that has not heard from its coordinator for a whole
 session timeout gives its partitions up the same way, because by then the coordinator has
-given them to someone else.
+given them to someone else; a lost membership stops delivering every partition at once, before
+its on_revoke (which may wait for the application) runs. A member whose application has not
+been in `poll` for the poll timeout (max_poll_interval_ms, Kafka's KIP-62 poll timer) leaves
+with epoch -1, its partitions lost, and joins again at the next poll.
 """
 
 from __future__ import annotations
