@@ -452,7 +452,7 @@ class GroupHost:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         hosted.waiters.append((last_offset, future, loop.time() + self._commit_timeout_s))
-        if hosted.watcher is None:
+        if hosted.watcher is None or hosted.watcher.done():  # done: ended, or cancelled at birth
             hosted.watcher = loop.create_task(self._watch(hosted))
             self._tasks.add(hosted.watcher)
             hosted.watcher.add_done_callback(self._tasks.discard)

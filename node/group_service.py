@@ -126,6 +126,9 @@ class GroupsService(api_pb2_grpc.GroupsServicer):
                 response = await stub.CreateTopics(request, timeout=CREATE_TIMEOUT_MS / 1000 + 1)
             except grpc.RpcError as exc:
                 return f"creating {CONSUMER_OFFSETS_TOPIC} failed: {exc.code().name}"
+            except Exception as exc:  # an answer the caller retries, never a fatal error
+                log.exception("creating %s failed", CONSUMER_OFFSETS_TOPIC)
+                return f"creating {CONSUMER_OFFSETS_TOPIC} failed: {exc!r}"
             result = response.topics[0]
             if result.error not in (ErrorCode.NONE, ErrorCode.TOPIC_ALREADY_EXISTS):
                 log.warning("creating %s: %s %s", CONSUMER_OFFSETS_TOPIC, ErrorCode.Name(result.error),
