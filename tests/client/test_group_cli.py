@@ -32,7 +32,7 @@ def groups() -> Iterator[FakeGroupCluster]:
 
 def tidelog(cluster: FakeGroupCluster, *args: str) -> subprocess.CompletedProcess[str]:
     """Run the command line in this process (a subprocess per call would cost seconds of
-    imports each; test_groups_process.py runs it as real subprocesses)."""
+    imports each; test_group_members_process.py runs it as real subprocesses)."""
     argv = [*args, "--bootstrap", cluster.bootstrap]
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
