@@ -406,36 +406,38 @@ def _register_perf(subparsers: argparse._SubParsersAction) -> None:  # type: ign
 # --- topic ------------------------------------------------------------------------------------
 
 
-def _each_topic(args: argparse.Namespace, verb: str, action: Callable[[AdminClient, str], object]) -> int:
-    """Run ``action(admin, name)`` for every named topic, report each, and fail if any failed."""
+def _each_name(args: argparse.Namespace, names: list[str], kind: str, verb: str,
+               action: Callable[[AdminClient, str], object]) -> int:
+    """Run ``action(admin, name)`` for every named topic or group (``kind``), report each, and
+    fail if any failed."""
     rows = []
     with _admin(args) as admin:
-        for name in args.names:
+        for name in names:
             try:
                 action(admin, name)
-                rows.append({"topic": name, "status": "OK", "error": None})
+                rows.append({kind: name, "status": "OK", "error": None})
             except ClusterUnreachableError:
                 raise
             except TidelogError as exc:
-                rows.append({"topic": name, "status": exc.name, "error": exc.message})
+                rows.append({kind: name, "status": exc.name, "error": exc.message})
     if args.output == "json":
         _json(rows)
     else:
-        _print_table(["TOPIC", "STATUS"], [
-            (r["topic"], "OK" if r["error"] is None else f"{r['status']}: {r['error']}") for r in rows
+        _print_table([kind.upper(), "STATUS"], [
+            (r[kind], "OK" if r["error"] is None else f"{r['status']}: {r['error']}") for r in rows
         ])
     failed = [r for r in rows if r["error"] is not None]
     if failed:
         first = failed[0]
         code = getattr(ErrorCode, first["status"], None)
-        return _fail(f"{len(failed)} of {len(rows)} topic(s) not {verb}: {first['status']}: {first['error']}",
+        return _fail(f"{len(failed)} of {len(rows)} {kind}(s) not {verb}: {first['status']}: {first['error']}",
                      _HINTS.get(code) if code is not None else None)
     return 0
 
 
 def topic_create(args: argparse.Namespace) -> int:
     configs = _key_values(args.config, "config")
-    return _each_topic(args, "created", lambda admin, name: admin.create_topics(
+    return _each_name(args, args.names, "topic", "created", lambda admin, name: admin.create_topics(
         [NewTopic(name, args.partitions, args.replication_factor, configs)], validate_only=args.dry_run))
 
 
@@ -535,7 +537,7 @@ def topic_describe(args: argparse.Namespace) -> int:
 
 
 def topic_delete(args: argparse.Namespace) -> int:
-    return _each_topic(args, "deleted", lambda admin, name: admin.delete_topics([name]))
+    return _each_name(args, args.names, "topic", "deleted", lambda admin, name: admin.delete_topics([name]))
 
 
 def topic_alter_config(args: argparse.Namespace) -> int:
@@ -660,29 +662,7 @@ def group_describe(args: argparse.Namespace) -> int:
 
 
 def group_delete(args: argparse.Namespace) -> int:
-    rows = []
-    with _admin(args) as admin:
-        for name in args.groups:
-            try:
-                admin.delete_group(name)
-                rows.append({"group": name, "status": "OK", "error": None})
-            except ClusterUnreachableError:
-                raise
-            except TidelogError as exc:
-                rows.append({"group": name, "status": exc.name, "error": exc.message})
-    if args.output == "json":
-        _json(rows)
-    else:
-        _print_table(["GROUP", "STATUS"], [
-            (r["group"], "OK" if r["error"] is None else f"{r['status']}: {r['error']}") for r in rows
-        ])
-    failed = [r for r in rows if r["error"] is not None]
-    if failed:
-        first = failed[0]
-        code = getattr(ErrorCode, first["status"], None)
-        return _fail(f"{len(failed)} of {len(rows)} group(s) not deleted: {first['status']}: {first['error']}",
-                     _HINTS.get(code) if code is not None else None)
-    return 0
+    return _each_name(args, args.groups, "group", "deleted", lambda admin, name: admin.delete_group(name))
 
 
 def _reset_spec(args: argparse.Namespace) -> ResetSpec:

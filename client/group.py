@@ -266,15 +266,14 @@ class GroupCoordinatorClient:
         retry with the newer epoch would also pass for a partition revoked meanwhile and
         already committed by its new owner: ``select(offsets)``, asked at each attempt, gives
         what may still be sent (a member's own partitions) or raises."""
-        deadline = time.monotonic() + timeout
-        backoff = self.retry_backoff
-        while True:
+
+        def build(member_id: str, epoch: int) -> api_pb2.OffsetCommitRequest | None:
+            nonlocal offsets
             if select is not None:
                 offsets = select(offsets)
             if not offsets:
-                return
-            member_id, epoch = member()
-            request = api_pb2.OffsetCommitRequest(
+                return None
+            return api_pb2.OffsetCommitRequest(
                 group_id=self.group_id,
                 member_id=member_id,
                 member_epoch=epoch,
@@ -285,8 +284,34 @@ class GroupCoordinatorClient:
                     for tp, offset in sorted(offsets.items())
                 ],
             )
+
+        response = await self._call_fenced("OffsetCommit", build, member, timeout,
+                                           f"committing offsets of group {self.group_id!r}")
+        if response is None:
+            return
+        for result in response.partitions:
+            if result.error != ErrorCode.NONE:
+                raise TidelogError(result.error, f"committing {result.topic}-{result.partition}")
+
+    async def _call_fenced(
+        self,
+        method: str,
+        build: Callable[[str, int], Any],
+        member: Callable[[], tuple[str, int]],
+        timeout: float,
+        what: str,
+    ) -> Any:
+        """Send ``build(member_id, epoch)`` (None: nothing to send, and None is returned) until
+        the answer is not STALE_MEMBER_EPOCH, which is retried with the member's epoch as it is
+        then, backing off, while ``timeout`` allows; an error answer raises."""
+        deadline = time.monotonic() + timeout
+        backoff = self.retry_backoff
+        while True:
+            request = build(*member())
+            if request is None:
+                return None
             response = await self.call(
-                "OffsetCommit", request, lambda r: r.error, max(0.05, deadline - time.monotonic()),
+                method, request, lambda r: r.error, max(0.05, deadline - time.monotonic()),
                 retry_on=lambda r: is_retriable(r.error),
             )
             if response.error == ErrorCode.STALE_MEMBER_EPOCH and time.monotonic() + backoff < deadline:
@@ -294,16 +319,8 @@ class GroupCoordinatorClient:
                 backoff = min(backoff * 2, _MAX_BACKOFF)
                 continue
             if response.error != ErrorCode.NONE:
-                raise TidelogError(
-                    response.error,
-                    response.error_message or f"committing offsets of group {self.group_id!r}",
-                )
-            for result in response.partitions:
-                if result.error != ErrorCode.NONE:
-                    raise TidelogError(
-                        result.error, f"committing {result.topic}-{result.partition}"
-                    )
-            return
+                raise TidelogError(response.error, response.error_message or what)
+            return response
 
     async def fetch_committed(
         self,
@@ -314,35 +331,18 @@ class GroupCoordinatorClient:
         """OffsetFetch: the committed offset of each partition (None: nothing committed);
         ``partitions`` None asks for everything the group has committed."""
         wanted = None if partitions is None else sorted(set(partitions))
-        deadline = time.monotonic() + timeout
-        backoff = self.retry_backoff
-        while True:
-            member_id, epoch = member()
-            request = api_pb2.OffsetFetchRequest(
-                group_id=self.group_id,
-                member_id=member_id,
-                member_epoch=epoch,
-                partitions=[_tp(tp) for tp in wanted or ()],
+        response = await self._call_fenced(
+            "OffsetFetch",
+            lambda member_id, epoch: api_pb2.OffsetFetchRequest(
+                group_id=self.group_id, member_id=member_id, member_epoch=epoch,
+                partitions=[_tp(tp) for tp in wanted or ()]),
+            member, timeout, f"fetching offsets of group {self.group_id!r}")
+        result: dict[TopicPartition, int | None] = {tp: None for tp in wanted or ()}
+        for entry in response.offsets:
+            result[TopicPartition(entry.topic, entry.partition)] = (
+                entry.offset if entry.offset >= 0 else None
             )
-            response = await self.call(
-                "OffsetFetch", request, lambda r: r.error, max(0.05, deadline - time.monotonic()),
-                retry_on=lambda r: is_retriable(r.error),
-            )
-            if response.error == ErrorCode.STALE_MEMBER_EPOCH and time.monotonic() + backoff < deadline:
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, _MAX_BACKOFF)
-                continue
-            if response.error != ErrorCode.NONE:
-                raise TidelogError(
-                    response.error,
-                    response.error_message or f"fetching offsets of group {self.group_id!r}",
-                )
-            result: dict[TopicPartition, int | None] = {tp: None for tp in wanted or ()}
-            for entry in response.offsets:
-                result[TopicPartition(entry.topic, entry.partition)] = (
-                    entry.offset if entry.offset >= 0 else None
-                )
-            return result
+        return result
 
 
 async def call_callback(callback: Callable[[set[TopicPartition]], Any] | None,
