@@ -218,7 +218,28 @@ class _LeaderCache:
         return self._leaders.get((topic, partition))
 
 
-class OwnedCluster:
+class _Cluster:
+    """What the nemesis and the workload need of a cluster, whoever started its nodes."""
+
+    nodes: Sequence[Any]
+    _leaders: _LeaderCache
+
+    @property
+    def bootstrap(self) -> str:
+        return ",".join(n.address for n in self.nodes)
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+
+    def controller_id(self) -> int | None:
+        return self._leaders.controller_id()
+
+    def leader_of(self, topic: str, partition: int) -> int | None:
+        return self._leaders.leader_of(topic, partition)
+
+
+class OwnedCluster(_Cluster):
     """Nodes the driver starts (and always stops) itself."""
 
     def __init__(self, work_dir: Path, count: int, *, proxies: bool, election_timeout_ms: int,
@@ -242,20 +263,6 @@ class OwnedCluster:
                                         extra, faketime=faketime))
         self._leaders = _LeaderCache(lambda: self.nodes)
         atexit.register(self.close)
-
-    @property
-    def bootstrap(self) -> str:
-        return ",".join(n.address for n in self.nodes)
-
-    def start(self) -> None:
-        for node in self.nodes:
-            node.start()
-
-    def controller_id(self) -> int | None:
-        return self._leaders.controller_id()
-
-    def leader_of(self, topic: str, partition: int) -> int | None:
-        return self._leaders.leader_of(topic, partition)
 
     def close(self) -> None:
         for node in self.nodes:
@@ -329,7 +336,7 @@ class LauncherNode:
         self.paused = False
 
 
-class LauncherCluster:
+class LauncherCluster(_Cluster):
     """The cluster in a launcher data dir; left running after the run."""
 
     proxies: ProxyNet | None = None
@@ -339,20 +346,6 @@ class LauncherCluster:
         voters = launcher.voters_of(locals_)
         self.nodes = [LauncherNode(n, voters) for n in locals_]
         self._leaders = _LeaderCache(lambda: self.nodes)
-
-    @property
-    def bootstrap(self) -> str:
-        return ",".join(n.address for n in self.nodes)
-
-    def start(self) -> None:
-        for node in self.nodes:
-            node.start()
-
-    def controller_id(self) -> int | None:
-        return self._leaders.controller_id()
-
-    def leader_of(self, topic: str, partition: int) -> int | None:
-        return self._leaders.leader_of(topic, partition)
 
     def close(self) -> None:
         for node in self.nodes:
