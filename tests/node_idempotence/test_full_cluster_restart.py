@@ -9,7 +9,7 @@ import time
 from typing import Callable
 
 import grpc
-from support.nodes import LocalCluster
+from support.nodes import LocalCluster, produce_following_leader
 from tidelog.client import Producer
 from tidelog.client.producer import AsyncProducer
 from tidelog.proto import api_pb2, api_pb2_grpc
@@ -21,31 +21,10 @@ TOPIC = "restart"
 
 
 def _produce_raw(cluster: LocalCluster, records: bytes) -> api_pb2.ProducePartitionResult:
-    """acks=all to partition 0's leader (following leader hints) of bytes as they are."""
-    deadline = time.monotonic() + DEADLINE_S
-    addresses = [n.address for n in cluster.running_nodes()]
-    index = 0
-    while True:
-        address = addresses[index % len(addresses)]
-        try:
-            with grpc.insecure_channel(address) as channel:
-                response = api_pb2_grpc.BrokerStub(channel).Produce(api_pb2.ProduceRequest(
-                    acks=-1, timeout_ms=10000, partitions=[api_pb2.ProducePartitionData(
-                        topic=TOPIC, partition=0, records=records)]), timeout=15)
-            result = response.partitions[0]
-        except grpc.RpcError:
-            result = None
-        if result is not None and result.error not in (ErrorCode.NOT_LEADER_OR_FOLLOWER,
-                                                      ErrorCode.LEADER_NOT_AVAILABLE):
-            return result
-        assert time.monotonic() < deadline, result
-        if result is not None and result.leader.leader_id >= 0 and result.leader.port:
-            hinted = f"{result.leader.host}:{result.leader.port}"
-            if hinted in addresses:
-                index = addresses.index(hinted)
-                continue
-        index += 1
-        time.sleep(0.05)
+    """acks=all to partition 0's leader of bytes as they are."""
+    return produce_following_leader(
+        cluster, TOPIC, records, deadline_s=DEADLINE_S,
+        retry_on=(ErrorCode.NOT_LEADER_OR_FOLLOWER, ErrorCode.LEADER_NOT_AVAILABLE))
 
 
 def _read_values(cluster: LocalCluster) -> list[bytes | None]:

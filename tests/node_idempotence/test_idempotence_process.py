@@ -8,7 +8,7 @@ import time
 
 import grpc
 import pytest
-from support.nodes import LocalCluster
+from support.nodes import LocalCluster, produce_following_leader
 from tidelog.client import Producer
 from tidelog.client.producer import AsyncProducer
 from tidelog.proto import api_pb2, api_pb2_grpc
@@ -64,29 +64,7 @@ def _batch(producer_id: int, epoch: int, sequence: int, *values: bytes) -> bytes
 
 def _produce(cluster: LocalCluster, topic: str, records: bytes) -> api_pb2.ProducePartitionResult:
     """acks=all to the partition leader, following leader hints; retries only 'no leader yet'."""
-    deadline = time.monotonic() + DEADLINE_S
-    addresses = [n.address for n in cluster.running_nodes()]
-    index = 0
-    while True:
-        address = addresses[index % len(addresses)]
-        try:
-            with grpc.insecure_channel(address) as channel:
-                response = api_pb2_grpc.BrokerStub(channel).Produce(api_pb2.ProduceRequest(
-                    acks=-1, timeout_ms=10000, partitions=[api_pb2.ProducePartitionData(
-                        topic=topic, partition=0, records=records)]), timeout=15)
-            result = response.partitions[0]
-        except grpc.RpcError:
-            result = None
-        if result is not None and result.error != ErrorCode.NOT_LEADER_OR_FOLLOWER:
-            return result
-        assert time.monotonic() < deadline, result
-        if result is not None and result.leader.leader_id >= 0 and result.leader.port:
-            hinted = f"{result.leader.host}:{result.leader.port}"
-            if hinted in addresses:
-                index = addresses.index(hinted)
-                continue
-        index += 1
-        time.sleep(0.05)
+    return produce_following_leader(cluster, topic, records, deadline_s=DEADLINE_S)
 
 
 def _read_all(cluster: LocalCluster, topic: str, partition: int = 0) -> list[codec.Record]:

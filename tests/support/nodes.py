@@ -29,6 +29,7 @@ from typing import Any
 
 import grpc
 from tidelog.proto import api_pb2, api_pb2_grpc
+from tidelog.proto.common_pb2 import ErrorCode
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_START_TIMEOUT = 30.0
@@ -321,3 +322,36 @@ def start_cluster(tmp_path: Path, nodes: int = 1, *, wait: bool = True,
             raise
         return cluster
     raise AssertionError("unreachable")
+
+
+def produce_following_leader(
+    cluster: LocalCluster, topic: str, records: bytes, *, deadline_s: float = 60.0,
+    retry_on: Iterable[int] = (ErrorCode.NOT_LEADER_OR_FOLLOWER,),
+) -> api_pb2.ProducePartitionResult:
+    """acks=all of ``records`` (bytes as they are) to partition 0's leader, following leader
+    hints; an unreachable node or an error in ``retry_on`` is tried again until the deadline,
+    anything else is returned."""
+    retry = set(retry_on)
+    deadline = time.monotonic() + deadline_s
+    addresses = [n.address for n in cluster.running_nodes()]
+    index = 0
+    while True:
+        address = addresses[index % len(addresses)]
+        try:
+            with grpc.insecure_channel(address) as channel:
+                response = api_pb2_grpc.BrokerStub(channel).Produce(api_pb2.ProduceRequest(
+                    acks=-1, timeout_ms=10000, partitions=[api_pb2.ProducePartitionData(
+                        topic=topic, partition=0, records=records)]), timeout=15)
+            result: api_pb2.ProducePartitionResult | None = response.partitions[0]
+        except grpc.RpcError:
+            result = None
+        if result is not None and result.error not in retry:
+            return result
+        assert time.monotonic() < deadline, result
+        if result is not None and result.leader.leader_id >= 0 and result.leader.port:
+            hinted = f"{result.leader.host}:{result.leader.port}"
+            if hinted in addresses:
+                index = addresses.index(hinted)
+                continue
+        index += 1
+        time.sleep(0.05)  # between attempts, not a wait for a condition
