@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import grpc
-from support.nodes import LocalCluster, start_cluster
+from support.nodes import LocalCluster, reconnecting_channel, start_cluster
 from tidelog.node.storage import PartitionLog
 from tidelog.proto import api_pb2, api_pb2_grpc
 from tidelog.proto import records as codec
@@ -24,7 +24,7 @@ class Router:
 
     def __init__(self, cluster: LocalCluster) -> None:
         self.cluster = cluster
-        self.channels = {n.node_id: grpc.insecure_channel(n.address) for n in cluster.nodes}
+        self.channels = {n.node_id: reconnecting_channel(n.address) for n in cluster.nodes}
         self.leaders: dict[tuple[str, int], int] = {}
 
     def broker(self, node_id: int) -> api_pb2_grpc.BrokerStub:

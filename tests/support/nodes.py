@@ -32,6 +32,16 @@ from tidelog.proto import api_pb2, api_pb2_grpc
 from tidelog.proto.common_pb2 import ErrorCode
 
 LOOPBACK = "127.0.0.1"
+
+# grpc's default reconnect backoff (1 s growing 1.6x, jittered) leaves a channel to a node that
+# was killed and restarted failing fast for seconds after the node serves again; a raw-gRPC test
+# client that outlives a restart must reconnect as quickly as tidelog.client does.
+RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                     ("grpc.max_reconnect_backoff_ms", 1000)]
+
+
+def reconnecting_channel(address: str) -> grpc.Channel:
+    return grpc.insecure_channel(address, options=RECONNECT_OPTIONS)
 DEFAULT_START_TIMEOUT = 30.0
 LOG_FILE = "node.log"
 CONFIG_FILE = "node.toml"
