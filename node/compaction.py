@@ -30,6 +30,16 @@ A pass over one partition log (`clean_log`, or `prepare_clean` in a worker threa
    parts, so a tombstone may outlive delete.retention.ms but never falls short of it). It is
    written only after every swap of the pass, so a pass cut short is simply redone.
 
+The checkpoint also names the clean section's last batch (its position, size and leader
+epoch). A log truncated below the clean offset and written again (a follower after a majority
+crash under ``flush=interval``, or a `reset_to`) would otherwise have its new batches taken for
+clean ones: never put in the offset map, and their tombstones dropped at once by an old
+segment's cleaning time, so a deleted key could come back. Each pass first finds that batch
+where the checkpoint says (Raft's log matching: the same offset and epoch mean the same prefix);
+if it is not there the whole log counts as dirty again, and while the cleanable segments do not
+yet reach the clean offset the pass waits (Kafka instead lowers the checkpoint on truncation,
+``maybeTruncateCheckpoint``; checking at the pass also covers a pass racing a truncation).
+
 Only the swaps touch the log's owner thread; reading, filtering and writing the cleaned files
 run in a worker (the log's files below the recovery point never change in place, so the worker
 reads them by name, and a segment deleted meanwhile by retention just abandons the pass). A
@@ -61,12 +71,15 @@ from tidelog.node.storage import (
 )
 from tidelog.proto.records import (
     ATTRIBUTES_OFFSET,
+    BASE_OFFSET_OFFSET,
     BATCH_LENGTH_OFFSET,
     BATCH_OVERHEAD,
     COMPRESSION_CODEC_MASK,
     CONTROL_FLAG_MASK,
     CRC_OFFSET,
+    LAST_OFFSET_DELTA_OFFSET,
     LOG_OVERHEAD,
+    PARTITION_LEADER_EPOCH_OFFSET,
     RECORDS_COUNT_OFFSET,
     BatchHeader,
     Compression,
@@ -85,6 +98,7 @@ _MAX_RELATIVE = 0xFFFFFFFF  # offsets in one segment must fit the index's u32 re
 _NEVER = -1
 
 _INT32 = struct.Struct(">i")
+_INT64 = struct.Struct(">q")
 _UINT32 = struct.Struct(">I")
 
 
@@ -109,18 +123,34 @@ class CleanerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CleanBatch:
+    """The clean section's last batch, where a pass left it: proof that the log still holds
+    that section (see the module doc)."""
+
+    segment_base: int  # the segment file holding it
+    position: int  # its byte position there
+    size: int  # its bytes, so the segment ends right after it
+    epoch: int  # its partitionLeaderEpoch
+
+
+@dataclass(frozen=True, slots=True)
 class CleanerCheckpoint:
     """Where the clean section ends, when each of its segments was first cleaned (the start of
-    its tombstones' lifetime), and when the earliest kept tombstone may go (-1: none kept)."""
+    its tombstones' lifetime), when the earliest kept tombstone may go (-1: none kept), and the
+    section's last batch (None: unknown, so a clean section cannot be confirmed)."""
 
     clean_offset: int = 0
     cleaned_ms: tuple[tuple[int, int], ...] = ()  # (segment base offset, first cleaned at)
     tombstones_due_ms: int = _NEVER
+    last_batch: CleanBatch | None = None
 
     def encode(self) -> bytes:
-        body = {"version": 1, "clean_offset": self.clean_offset,
-                "cleaned_ms": [list(pair) for pair in self.cleaned_ms],
-                "tombstones_due_ms": self.tombstones_due_ms}
+        body: dict[str, object] = {"version": 1, "clean_offset": self.clean_offset,
+                                   "cleaned_ms": [list(pair) for pair in self.cleaned_ms],
+                                   "tombstones_due_ms": self.tombstones_due_ms}
+        if self.last_batch is not None:
+            b = self.last_batch
+            body["last_batch"] = [b.segment_base, b.position, b.size, b.epoch]
         return (json.dumps(body) + "\n").encode()
 
     @classmethod
@@ -128,9 +158,11 @@ class CleanerCheckpoint:
         body = json.loads(data)
         if body.get("version") != 1:
             raise ValueError(f"unknown {CLEANER_CHECKPOINT} version {body.get('version')!r}")
+        last = body.get("last_batch")
         return cls(int(body["clean_offset"]),
                    tuple((int(base), int(ms)) for base, ms in body["cleaned_ms"]),
-                   int(body.get("tombstones_due_ms", _NEVER)))
+                   int(body.get("tombstones_due_ms", _NEVER)),
+                   None if last is None else CleanBatch(*(int(v) for v in last)))
 
 
 def read_checkpoint(directory: str | os.PathLike[str]) -> CleanerCheckpoint:
@@ -369,6 +401,50 @@ def needs_cleaning(segments: list[CleanableSegment], checkpoint: CleanerCheckpoi
     return checkpoint.tombstones_due_ms != _NEVER and checkpoint.tombstones_due_ms <= now_ms
 
 
+def _clean_batch_at(segment: CleanableSegment, expected: CleanBatch, clean_offset: int) -> bool:
+    """Whether ``segment`` still ends with the batch ``expected`` describes, ending at
+    ``clean_offset`` (one read of its header)."""
+    if (segment.base_offset != expected.segment_base
+            or segment.size != expected.position + expected.size):
+        return False
+    try:
+        with open(segment.path, "rb") as file:
+            file.seek(expected.position)
+            header = file.read(BATCH_OVERHEAD)
+    except FileNotFoundError:
+        return False
+    if len(header) < BATCH_OVERHEAD:
+        return False
+    base = _INT64.unpack_from(header, BASE_OFFSET_OFFSET)[0]
+    return (_INT32.unpack_from(header, BATCH_LENGTH_OFFSET)[0] + LOG_OVERHEAD == expected.size
+            and _INT32.unpack_from(header, PARTITION_LEADER_EPOCH_OFFSET)[0] == expected.epoch
+            and base + _INT32.unpack_from(header, LAST_OFFSET_DELTA_OFFSET)[0] + 1 == clean_offset)
+
+
+def confirm_checkpoint(segments: list[CleanableSegment],
+                       checkpoint: CleanerCheckpoint) -> CleanerCheckpoint | None:
+    """``checkpoint`` if the log still holds the clean section it describes; an empty one
+    (everything dirty, every tombstone's lifetime starting afresh) if the log was truncated
+    below it and written again; None while ``segments`` do not reach the clean offset, so it
+    cannot be told yet (the log is shorter after a truncation, or the high watermark is still
+    catching up after a restart)."""
+    clean_offset = checkpoint.clean_offset
+    if clean_offset <= 0 or not segments or segments[0].base_offset >= clean_offset:
+        return checkpoint  # no segment here is claimed clean
+    for segment in segments:
+        if segment.next_offset < clean_offset:
+            continue
+        expected = checkpoint.last_batch
+        if (segment.next_offset == clean_offset and expected is not None
+                and _clean_batch_at(segment, expected, clean_offset)):
+            return checkpoint
+        log.warning("%s: the log no longer holds the clean section the %s describes (ending at "
+                    "%d); it was truncated and written again, so everything is dirty again",
+                    os.path.dirname(segment.path), CLEANER_CHECKPOINT, clean_offset)
+        return CleanerCheckpoint()
+    return None
+
+
 def prepare_clean(directory: str | os.PathLike[str], segments: list[CleanableSegment],
                   config: CleanerConfig, now_ms: int, *, force: bool = False) -> PreparedClean | None:
     """Read, filter and write the cleaned files of one pass over ``segments`` (the log's
@@ -377,7 +453,12 @@ def prepare_clean(directory: str | os.PathLike[str], segments: list[CleanableSeg
     directory = str(directory)
     if not segments:
         return None
-    checkpoint = read_checkpoint(directory)
+    confirmed = confirm_checkpoint(segments, read_checkpoint(directory))
+    if confirmed is None:
+        log.debug("%s: the cleanable segments do not reach the clean offset yet; pass postponed",
+                  directory)
+        return None
+    checkpoint = confirmed
     if not force and not needs_cleaning(segments, checkpoint, config, now_ms):
         return None
     try:
@@ -405,8 +486,16 @@ def _prepare(directory: str, segments: list[CleanableSegment], checkpoint: Clean
     group: list[tuple[CleanableSegment, list[bytes], bool, int]] = []
     group_size = 0
 
+    last_batch: CleanBatch | None = None
+
     def write_group() -> None:
+        nonlocal last_batch
         base = group[0][0].base_offset
+        # A segment's last batch always survives, so the group's output ends with it.
+        size = sum(len(b) for item in group for b in item[1])
+        last = next((item[1][-1] for item in reversed(group) if item[1]), None)
+        last_batch = None if last is None else CleanBatch(
+            base, size - len(last), len(last), _INT32.unpack_from(last, PARTITION_LEADER_EPOCH_OFFSET)[0])
         # Merged tombstones keep the latest start: kept at least delete.retention.ms.
         cleaned_ms_after.append((base, max(item[3] for item in group)))
         if len(group) > 1 or group[0][2]:
@@ -446,7 +535,8 @@ def _prepare(directory: str, segments: list[CleanableSegment], checkpoint: Clean
         bytes_after=sum(s.size for s in segments) - sum(
             sum(r.size for r in c.replaces) - c.size for c in cleaned),
         clean_offset=segments[-1].next_offset)
-    after = CleanerCheckpoint(segments[-1].next_offset, tuple(cleaned_ms_after), rules.tombstones_due_ms)
+    after = CleanerCheckpoint(segments[-1].next_offset, tuple(cleaned_ms_after), rules.tombstones_due_ms,
+                              last_batch)
     return PreparedClean(directory, tuple(cleaned), after, stats)
 
 
@@ -484,12 +574,14 @@ def clean_log(partition_log: PartitionLog, max_offset: int, config: CleanerConfi
 
 __all__ = [
     "CLEANER_CHECKPOINT",
+    "CleanBatch",
     "CleanStats",
     "CleanerCheckpoint",
     "CleanerConfig",
     "CompactionError",
     "PreparedClean",
     "clean_log",
+    "confirm_checkpoint",
     "discard_prepared",
     "finish_clean",
     "has_keyless_record",
