@@ -235,6 +235,8 @@ class AsyncConsumer:
         self._leaving: asyncio.Task[None] | None = None
         # The membership `unsubscribe` is ending: its revocation commits as that member.
         self._departing: GroupMembership | None = None
+        # While closing: the one deadline (monotonic) of the final commit and the leave.
+        self._close_deadline: float | None = None
         if topics:
             self.subscribe(topics)
 
@@ -947,14 +949,14 @@ class AsyncConsumer:
             # earlier polls returned, which the positions already count.
             await self.callback_runner(None, partitions)
         if revoking and not lost and self._commits_in_flight:
-            await asyncio.wait(list(self._commits_in_flight))
+            await asyncio.wait(list(self._commits_in_flight), timeout=self._closing_budget(None))
         if revoking and not lost and self.enable_auto_commit and self._coordinator is not None:
             positions = {
                 tp: pos for tp, pos in self._positions().items()
                 if tp in partitions and self._committed.get(tp) != pos
             }
             try:
-                await self._commit(positions, self.request_timeout, strict=False)
+                await self._commit(positions, self._closing_budget(self.request_timeout), strict=False)
             except TidelogError as exc:
                 log.warning("group %s: committing the positions of revoked partitions failed: %s",
                             self.group_id, exc)
@@ -1177,26 +1179,45 @@ class AsyncConsumer:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    async def close(self) -> None:
+    def _closing_budget(self, default: float | None) -> float | None:
+        """``default`` seconds, or while closing what is left of close()'s deadline."""
+        if self._close_deadline is None:
+            return default
+        return max(0.0, self._close_deadline - time.monotonic())
+
+    async def _finish_within_close(self, task: asyncio.Task[Any] | None) -> None:
+        if task is None:
+            return
+        await asyncio.wait({task}, timeout=self._closing_budget(None))
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    async def close(self, timeout: float | None = None) -> None:
         """Close; a group member commits (under auto-commit), runs on_revoke and leaves its
-        group at once, so its partitions move on without waiting for the session timeout."""
+        group at once, so its partitions move on without waiting for the session timeout.
+
+        ``timeout`` seconds (default request_timeout_ms) is ONE deadline for the final commit
+        and the leave heartbeat together, as Kafka's close(Duration): an unreachable
+        coordinator costs at most that (the session timeout then removes the member). The
+        rebalance callbacks are the application's and are not cut short."""
         if self._closed:
             return
+        budget = self.request_timeout if timeout is None else max(0.0, timeout)
+        self._close_deadline = time.monotonic() + budget
         try:
             if self._membership is not None:
-                await self._membership.leave(self.request_timeout)
+                await self._membership.leave(budget)
             elif self._coordinator is not None and self.enable_auto_commit and self._assignment:
                 try:
                     await self._commit(
                         {tp: p for tp, p in self._positions().items() if self._committed.get(tp) != p},
-                        self.request_timeout,
+                        self._closing_budget(budget) or 0.0,
                     )
                 except TidelogError as exc:
                     log.warning("group %s: commit on close failed: %s", self.group_id, exc)
-            if self._leaving is not None:
-                await asyncio.gather(self._leaving, return_exceptions=True)
-            if self._auto_commit_task is not None:
-                await asyncio.gather(self._auto_commit_task, return_exceptions=True)
+            await self._finish_within_close(self._leaving)
+            await self._finish_within_close(self._auto_commit_task)
         finally:
             self._closed = True
         tasks = list(self._fetches.values())
@@ -1456,11 +1477,13 @@ class Consumer:
     def topics(self) -> set[str]:
         return self._thread.run(self._core.topics())
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
+        """See `AsyncConsumer.close`: ``timeout`` seconds bound the final commit and the leave
+        together; on_revoke runs on this thread meanwhile."""
         if self._closed:
             return
         self._closed = True
         try:
-            self._serve(self._core.close())
+            self._serve(self._core.close(timeout))
         finally:
             self._thread.stop(self._core.connections.close)

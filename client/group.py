@@ -457,14 +457,20 @@ class GroupMembership:
 
     async def leave(self, timeout: float) -> None:
         """Give up every partition (committing under auto-commit, on_revoke) and leave at once:
-        epoch -1, or -2 for a static member, which keeps its assignment for its return."""
+        epoch -1, or -2 for a static member, which keeps its assignment for its return.
+
+        ``timeout`` seconds is one deadline for all of it but the application's callbacks (the
+        host's commit keeps to its own, the consumer's close deadline): a reconciliation still
+        waiting on the coordinator past it is cut off, and a leave heartbeat there is no time
+        left for is not sent, since the session timeout removes the member anyway."""
+        deadline = time.monotonic() + timeout
         task, self._task = self._task, None
         self._stopping = True
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         self._target = None
-        await self._settle_reconciler()
+        await self._settle_reconciler(deadline)
         if self.owned:
             owned, self.owned = self.owned, frozenset()
             await self.host.revoke_partitions(owned, lost=False)
@@ -472,7 +478,12 @@ class GroupMembership:
             self._move(MemberState.UNSUBSCRIBED)
             return
         self._move(MemberState.LEAVING)
-        await self._send_leave(timeout)
+        remaining = deadline - time.monotonic()
+        if remaining > 0:
+            await self._send_leave(remaining)
+        else:
+            log.info("group %s: no time left to send the leave; the session timeout will remove the member",
+                     self.group_id)
         self._move(MemberState.UNSUBSCRIBED)
         self.member_epoch = JOIN_EPOCH
         if not self.instance_id:
@@ -598,12 +609,16 @@ class GroupMembership:
                         self.group_id, self.session_timeout, sorted(map(str, self.owned)))
             await self._lose_partitions()
 
-    async def _settle_reconciler(self) -> None:
+    async def _settle_reconciler(self, deadline: float | None = None) -> None:
         """Let a reconciliation in progress finish (it stops at its next step once the target
-        is gone) rather than cut it off between stopping a partition and committing it."""
+        is gone) rather than cut it off between stopping a partition and committing it; only
+        past ``deadline`` (a close's) is it cancelled (what it still owns is revoked after)."""
         task = self._reconciler
         if task is not None and not task.done():
-            await asyncio.wait({task})
+            await asyncio.wait({task}, timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         self._reconciler = None
 
     async def _lose_partitions(self) -> None:

@@ -192,6 +192,9 @@ class _Groups(api_pb2_grpc.GroupsServicer):
                         for tp, e in sorted(r.partition_errors.items())])
 
     async def OffsetFetch(self, request: Any, context: Any) -> api_pb2.OffsetFetchResponse:
+        delays = self.cluster.delays.get("OffsetFetch")
+        if delays:
+            await asyncio.sleep(delays.popleft())
         code = self._scripted("OffsetFetch")
         if code is not None:
             return api_pb2.OffsetFetchResponse(error=code)
@@ -314,7 +317,7 @@ class FakeGroupCluster:
         self.call(lambda: self.group_scripts.setdefault(method, deque()).extend(codes))
 
     def delay(self, method: str, seconds: list[float]) -> None:
-        """The next calls of ``method`` (FindCoordinator, OffsetCommit, or "leave": heartbeats
+        """The next calls of ``method`` (FindCoordinator, OffsetCommit, OffsetFetch, or "leave": heartbeats
         with a negative epoch) wait this long before being answered."""
         self.call(lambda: self.delays.setdefault(method, deque()).extend(seconds))
 

@@ -1,0 +1,91 @@
+"""Consumer.close(timeout): one deadline for the final commit and the leave heartbeat, as
+Kafka's close(Duration); each step used to take a whole request timeout of its own."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from support.fake_groups import FakeGroupCluster
+from support.nodes import start_cluster
+from tidelog.client import AdminClient, Consumer, NewTopic, Producer, TopicPartition
+
+from tests.client.test_group_consumer import TOPIC, member, tps, wait_until
+
+HANG = [60.0] * 100  # seconds: an unreachable coordinator, as far as any timeout here goes
+
+
+@pytest.fixture
+def groups() -> Iterator[FakeGroupCluster]:
+    cluster = FakeGroupCluster(nodes=2, session_timeout_ms=30_000, heartbeat_interval_ms=100)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+def closed_within(consumer: Consumer, timeout: float) -> float:
+    started = time.monotonic()
+    consumer.close(timeout=timeout)
+    return time.monotonic() - started
+
+
+def test_close_keeps_one_deadline_across_the_commit_and_the_leave(groups: FakeGroupCluster) -> None:
+    groups.create_topic(TOPIC, 2)
+    groups.append(TopicPartition(TOPIC, 0), [b"r0", b"r1"])
+    consumer = member(groups)  # request_timeout_ms 30 s: each step alone would take that
+    revoked: list[set[TopicPartition]] = []
+    consumer.subscribe([TOPIC], on_revoke=revoked.append)
+    got: list[Any] = []
+    wait_until(lambda: len(got) >= 2, poll=lambda: got.extend(consumer.poll(10)))
+    groups.delay("OffsetCommit", HANG)
+    groups.delay("leave", HANG)
+    elapsed = closed_within(consumer, 1.5)
+    # Deadline plus scheduling slack, far below the 30 s one hung request would take.
+    assert elapsed < 10, elapsed
+    assert revoked == [tps(2)]  # the application still got its on_revoke
+    assert groups.committed("g") == {}  # the commit never got through
+
+
+def test_close_cuts_off_a_reconciliation_stuck_on_the_coordinator(groups: FakeGroupCluster) -> None:
+    """A member whose assignment is still being taken on (its committed offsets fetched from a
+    coordinator that does not answer, which may take default_api_timeout_ms) closes in time."""
+    groups.create_topic(TOPIC, 2)
+    groups.delay("OffsetFetch", HANG)
+    consumer = member(groups)
+    consumer.subscribe([TOPIC])
+    wait_until(lambda: len(groups.owners("g")) == 2, poll=lambda: consumer.poll(10))
+    groups.delay("leave", HANG)
+    assert closed_within(consumer, 1.0) < 10
+
+
+def test_close_returns_in_time_when_the_cluster_stops_answering(tmp_path: Path) -> None:
+    """Real processes: the only node (the coordinator) is paused, so every call hangs."""
+    local = start_cluster(tmp_path, nodes=1)
+    consumer = None
+    try:
+        with AdminClient(local.bootstrap) as admin:
+            admin.create_topics([NewTopic("closing", 2)])
+        with Producer(local.bootstrap) as producer:
+            for i in range(4):
+                producer.send("closing", value=b"v%d" % i, partition=i % 2)
+            producer.flush()
+        consumer = Consumer(local.bootstrap, group_id="closing-group", auto_offset_reset="earliest",
+                            fetch_max_wait_ms=50)
+        consumer.subscribe(["closing"])
+        got: list[Any] = []
+        wait_until(lambda: len(got) >= 4, timeout=60, poll=lambda: got.extend(consumer.poll(50)))
+        local.node(1).pause()
+        started = time.monotonic()
+        consumer.close(timeout=2.0)
+        consumer = None
+        assert time.monotonic() - started < 15
+    finally:
+        for node in local.running_nodes():
+            node.resume()
+        if consumer is not None:
+            consumer.close(timeout=1.0)
+        local.stop_all()
