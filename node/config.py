@@ -219,6 +219,11 @@ NODE_KEYS: tuple[NodeKey, ...] = (
     NodeKey("group_consumer_session_timeout_ms", 45000,
             "a group member that has not heartbeated for this long is removed and its partitions move on"),
     NodeKey("group_consumer_heartbeat_interval_ms", 5000, "how often group members are told to heartbeat"),
+    NodeKey("offsets_retention_minutes", 10080,
+            "committed offsets of a group expire once it has been empty this long (KIP-211); with "
+            "members, offsets of topics it no longer subscribes to expire this long after their "
+            "commit. Fractions are allowed (0.05 = 3 s)"),
+    NodeKey("offsets_retention_check_interval_ms", 600000, "how often committed offsets are checked for expiry"),
 )
 
 
@@ -247,6 +252,8 @@ class NodeConfig:
     offsets_topic_replication_factor: int = 3
     group_consumer_session_timeout_ms: int = 45000
     group_consumer_heartbeat_interval_ms: int = 5000
+    offsets_retention_minutes: float = 10080
+    offsets_retention_check_interval_ms: int = 600000
 
     @property
     def advertised_address(self) -> Address:
@@ -271,6 +278,18 @@ def _int(name: str, value: Any, minimum: int = 0) -> int:
         raise ConfigError(f"{name} must be an integer, got {value!r}") from None
     if number < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, got {number}")
+    return number
+
+
+def _minutes(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{name} must be a number of minutes, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of minutes, got {value!r}") from None
+    if not number > 0 or number == float("inf"):
+        raise ConfigError(f"{name} must be a positive number of minutes, got {value!r}")
     return number
 
 
@@ -347,6 +366,10 @@ def build_config(values: Mapping[str, Any]) -> NodeConfig:
             "group_consumer_session_timeout_ms", values.get("group_consumer_session_timeout_ms", 45000), 1),
         group_consumer_heartbeat_interval_ms=_int(
             "group_consumer_heartbeat_interval_ms", values.get("group_consumer_heartbeat_interval_ms", 5000), 1),
+        offsets_retention_minutes=_minutes(
+            "offsets_retention_minutes", values.get("offsets_retention_minutes", 10080)),
+        offsets_retention_check_interval_ms=_int(
+            "offsets_retention_check_interval_ms", values.get("offsets_retention_check_interval_ms", 600000), 1),
     )
     own = next((v for v in config.controller_voters if v.node_id == config.node_id), None)
     if own is not None:

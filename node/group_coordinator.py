@@ -169,6 +169,8 @@ class GroupCoordinatorConfig:
     max_group_size: int = 2**31 - 1  # group.consumer.max.size
     default_rebalance_timeout_ms: int = 300_000  # the consumer's max.poll.interval.ms default
     offset_metadata_max_bytes: int = 4096  # offset.metadata.max.bytes
+    offsets_retention_ms: int = 7 * 24 * 3600 * 1000  # offsets.retention.minutes (KIP-211)
+    offsets_retention_check_interval_ms: int = 600_000  # offsets.retention.check.interval.ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +257,15 @@ class DeleteGroupResponse:
 
 
 @dataclass(frozen=True, slots=True)
+class ExpiredOffsets:
+    """What one `expire_offsets` pass removed from one group."""
+
+    group_id: str
+    partitions: tuple[TopicPartition, ...]
+    group_deleted: bool  # the group was empty with no offsets left: its records are gone too
+
+
+@dataclass(frozen=True, slots=True)
 class ExpiredMember:
     group_id: str
     member_id: str
@@ -278,6 +289,7 @@ class _Group:
         "owners",
         "instances",
         "offsets",
+        "epoch_written_ms",
     )
 
     def __init__(self, group_id: str) -> None:
@@ -292,6 +304,10 @@ class _Group:
         self.owners: dict[TopicPartition, str] = {}  # assigned or pending revocation
         self.instances: dict[str, str] = {}  # instance id -> member id
         self.offsets: dict[TopicPartition, OffsetCommitValue] = {}
+        # When the group-metadata record was last written (the record's timestamp on replay).
+        # Every member removal writes it, so for an empty group it is when the group became
+        # empty: where KIP-211's offset retention starts. Not state: it never decides an answer.
+        self.epoch_written_ms: int | None = None
 
     @property
     def group_epoch(self) -> int:
@@ -337,19 +353,24 @@ class GroupCoordinator:
         self._session_deadlines: dict[tuple[str, str], int] = {}
         self._rebalance_deadlines: dict[tuple[str, str], int] = {}
         self.skipped_records = 0  # records of types this coordinator does not know
+        # The time of the record being applied: the write call's now_ms, or the replayed
+        # record's timestamp (None: unknown, e.g. replayed without one).
+        self._record_time_ms: int | None = None
         # Set by replay, cleared by on_loaded: serving requests before the timers exist would
         # leave loaded members that never expire.
         self._loading = False
 
     # ------------------------------------------------------------------------------ replay
 
-    def replay(self, key: bytes, value: bytes | None) -> None:
-        """Apply one record of the partition (in offset order) while loading it.
+    def replay(self, key: bytes, value: bytes | None, timestamp_ms: int | None = None) -> None:
+        """Apply one record of the partition (in offset order) while loading it; its
+        ``timestamp_ms`` dates a group's emptiness for offset expiry.
 
         Records of unknown types (a newer coordinator's) are counted and skipped, as Kafka's
         loader does, so a downgrade does not make the partition unloadable.
         """
         self._loading = True
+        self._record_time_ms = timestamp_ms
         try:
             typed_key = decode_key(key)
         except UnknownGroupRecordError:
@@ -360,7 +381,10 @@ class GroupCoordinator:
     def on_loaded(self, now_ms: int) -> None:
         """Start every member's timers after a load: the log holds no deadlines."""
         self._loading = False
+        self._record_time_ms = now_ms
         for group in self._groups.values():
+            if group.epoch is not None and group.epoch_written_ms is None:
+                group.epoch_written_ms = now_ms  # undated: offset retention starts over, never early
             for member_id, meta in group.members.items():
                 self._session_deadlines[(group.group_id, member_id)] = (
                     now_ms + self.config.session_timeout_ms
@@ -387,6 +411,7 @@ class GroupCoordinator:
         elif isinstance(key, ConsumerGroupMetadataKey):
             assert value is None or isinstance(value, ConsumerGroupMetadataValue)
             group.epoch = None if value is None else value.epoch
+            group.epoch_written_ms = self._record_time_ms
         elif isinstance(key, ConsumerGroupPartitionMetadataKey):
             assert value is None or isinstance(value, ConsumerGroupPartitionMetadataValue)
             group.partition_metadata = value
@@ -471,6 +496,7 @@ class GroupCoordinator:
         least the subscribed topics (a missing topic counts as 0 partitions).
         """
         self._check_loaded()
+        self._record_time_ms = now_ms
         owned = None if owned_partitions is None else frozenset(owned_partitions)
         topics = None if subscribed_topics is None else tuple(sorted(set(subscribed_topics)))
 
@@ -854,6 +880,7 @@ class GroupCoordinator:
         rebalance timeout is fenced, so that its partitions can move on.
         """
         self._check_loaded()
+        self._record_time_ms = now_ms
         expired: list[ExpiredMember] = []
         for (gid, mid), deadline in sorted(self._session_deadlines.items()):
             if deadline <= now_ms:
@@ -870,6 +897,47 @@ class GroupCoordinator:
                 self._rebalance_deadlines.pop((e.group_id, e.member_id), None)
                 continue
             self._remove_member(group, e.member_id, records)
+        return Result(tuple(expired), tuple(records))
+
+    # ----------------------------------------------------------------------- offset expiry
+
+    def expire_offsets(self, now_ms: int) -> Result[tuple[ExpiredOffsets, ...]]:
+        """Kafka's offset retention (KIP-211, offsets.retention.minutes), run every
+        offsets_retention_check_interval_ms: tombstones for the committed offsets that expired.
+
+        * An empty group's offsets expire once it has been empty for the retention (and the
+          offset was committed at least that long ago: a reset-offsets of an empty group is
+          kept for a whole retention, where Kafka's classic groups would drop it with the rest).
+        * A group with members keeps the offsets of the topics its members subscribe to; those
+          of other topics expire the retention after their commit.
+        * A group that never had members (admin or simple-consumer commits only) loses each
+          offset the retention after its commit.
+        * An empty group left without offsets is deleted (tombstones for its records), as
+          Kafka's cleanup does.
+        """
+        self._check_loaded()
+        self._record_time_ms = now_ms
+        retention = self.config.offsets_retention_ms
+        records: list[GroupRecord] = []
+        expired: list[ExpiredOffsets] = []
+        for group_id in sorted(self._groups):
+            group = self._groups[group_id]
+            subscribed = {t for meta in group.members.values() for t in meta.subscribed_topic_names}
+            empty_since = group.epoch_written_ms if not group.members else None
+            gone = []
+            for tp, value in sorted(group.offsets.items()):
+                if tp.topic in subscribed:
+                    continue
+                since = value.commit_timestamp if empty_since is None else max(empty_since, value.commit_timestamp)
+                if now_ms - since >= retention:
+                    gone.append(tp)
+            for tp in gone:
+                self._emit(records, OffsetCommitKey(group_id, tp.topic, tp.partition), None)
+            if not group.members and not group.offsets and group_id in self._groups:
+                records.extend(self.delete_group(group_id).records)
+            deleted = group_id not in self._groups  # (offsets alone may have been all it had)
+            if gone or deleted:
+                expired.append(ExpiredOffsets(group_id, tuple(gone), deleted))
         return Result(tuple(expired), tuple(records))
 
     # ------------------------------------------------------------------------------ offsets

@@ -20,7 +20,10 @@ clock and the leadership it lacks (DESIGN.md §7):
   it get NOT_COORDINATOR and clients find the coordinator again; if this node still (or again)
   leads the partition, a new coordinator is loaded from the log.
 * **Timers.** The coordinator's `next_deadline()` arms one loop timer per hosted partition;
-  `tick(now)` removes expired members and its records are appended like a write's.
+  `tick(now)` removes expired members and its records are appended like a write's. Every
+  `offsets_retention_check_interval_ms` each loaded coordinator's `expire_offsets(now)` runs the
+  same way (KIP-211 offset retention); replayed records carry their timestamps, which date a
+  group's emptiness.
 
 The host reads leadership from `OffsetsPartition` objects (the node's `Partition`, or a fake in
 tests) and is told to `refresh()` when leaderships change; it also re-checks periodically.
@@ -206,16 +209,19 @@ class GroupHost:
         self._closed = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._refresher: asyncio.Task[None] | None = None
+        self._expirer: asyncio.Task[None] | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_periodically())
+        self._expirer = asyncio.get_running_loop().create_task(self._expire_periodically())
 
     async def close(self) -> None:
         self._closed = True
-        if self._refresher is not None:
-            self._refresher.cancel()
+        for task in (self._refresher, self._expirer):
+            if task is not None:
+                task.cancel()
         for hosted in list(self._hosted.values()):
             self._drop(hosted, "node shutting down")
         tasks = list(self._tasks)
@@ -317,7 +323,7 @@ class GroupHost:
                                 skipped += 1
                                 continue
                             try:
-                                coordinator.replay(record.key, record.value)
+                                coordinator.replay(record.key, record.value, record.timestamp)
                                 records += 1
                             except CorruptGroupRecordError as exc:
                                 # Not ours (nothing else writes here); skipping keeps every
@@ -539,6 +545,39 @@ class GroupHost:
             except CoordinatorUnavailable:
                 return
         self._schedule_timer(hosted)
+
+    # --- offset expiry ----------------------------------------------------------------------
+
+    async def _expire_periodically(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(self.config.offsets_retention_check_interval_ms / 1000)
+            for hosted in list(self._hosted.values()):
+                try:
+                    self.expire_offsets(hosted)
+                except Exception:
+                    log.exception("offset expiry of __consumer_offsets-%d failed", hosted.index)
+
+    def expire_offsets(self, hosted: _Hosted) -> None:
+        """One KIP-211 pass over a loaded coordinator; its tombstones are appended like a
+        write's (nobody waits for them: the next pass finds what did not commit)."""
+        coordinator = hosted.coordinator
+        if coordinator is None or not hosted.current():
+            return
+        now = self._now_ms()
+        try:
+            result = coordinator.expire_offsets(now)
+        except Exception as exc:
+            log.exception("group coordinator offset expiry failed")
+            self._reload(hosted, f"offset expiry failed: {exc!r}")
+            return
+        for expired in result.response:
+            log.info("group %s: %d committed offsets expired%s", expired.group_id, len(expired.partitions),
+                     "; the empty group is deleted" if expired.group_deleted else "")
+        if result.records:
+            try:
+                self._append(hosted, result.records, now)
+            except CoordinatorUnavailable:
+                return
 
     # --- introspection ----------------------------------------------------------------------
 

@@ -92,7 +92,9 @@ class Node:
         self.groups = GroupHost(
             self._offsets_partitions, self._offsets_partition_count,
             GroupCoordinatorConfig(session_timeout_ms=config.group_consumer_session_timeout_ms,
-                                   heartbeat_interval_ms=config.group_consumer_heartbeat_interval_ms))
+                                   heartbeat_interval_ms=config.group_consumer_heartbeat_interval_ms,
+                                   offsets_retention_ms=round(config.offsets_retention_minutes * 60_000),
+                                   offsets_retention_check_interval_ms=config.offsets_retention_check_interval_ms))
         self.quorum = MetadataQuorum(config, self.transport.send, self._on_image, self._on_controller_change)
         self.controller = Controller(config, self.quorum, self.transport.alive)
         self._server: grpc.aio.Server | None = None
