@@ -33,6 +33,7 @@ import functools
 import concurrent.futures
 import logging
 import queue
+import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -48,7 +49,13 @@ from tidelog.client.connection import (
     describe_rpc_error,
     is_retriable_rpc_error,
 )
-from tidelog.client.group import GroupCoordinatorClient, GroupMembership, call_callback
+from tidelog.client.group import (
+    GroupCoordinatorClient,
+    GroupMembership,
+    call_callback,
+    compile_pattern,
+    topics_matching,
+)
 from tidelog.client.types import ConsumerRecord, OffsetAndTimestamp, TopicPartition
 from tidelog.proto import api_pb2
 from tidelog.proto.common_pb2 import ErrorCode
@@ -192,6 +199,10 @@ class AsyncConsumer:
         )
         self._assignment: dict[TopicPartition, _PartitionState] = {}
         self._subscription: tuple[str, ...] = ()
+        # A pattern subscription: the topics it matches in the metadata, resolved again at every
+        # refresh (metadata_max_age_ms), become the subscription.
+        self._pattern: re.Pattern[str] | None = None
+        self._pattern_snapshot: object = None
         self._fetches: dict[int, asyncio.Task[None]] = {}
         self._reset_task: asyncio.Task[None] | None = None
         self._pulse: _Pulse | None = None
@@ -253,6 +264,7 @@ class AsyncConsumer:
         return self._pulse
 
     def _on_metadata(self) -> None:
+        self._resolve_pattern()
         if self._subscription and self._membership is None:
             self._update_subscribed_assignment()
         # A fetch still waiting on a node that no longer leads one of its partitions (a paused or
@@ -277,20 +289,37 @@ class AsyncConsumer:
                 f"unsubscribe() before assign()"
             )
         self._subscription = ()
+        self._pattern = None
         self._set_assignment(wanted)
         self.metadata.add_topics(tp.topic for tp in wanted)
 
     def subscribe(
         self,
-        topics: Iterable[str],
+        topics: Iterable[str] = (),
         on_assign: Callable[[set[TopicPartition]], Any] | None = None,
         on_revoke: Callable[[set[TopicPartition]], Any] | None = None,
+        *,
+        pattern: str | re.Pattern[str] | None = None,
     ) -> None:
         """With a ``group_id``: join the group and read the partitions of ``topics`` it assigns
         this consumer. Without: read every partition of ``topics`` (on_assign/on_revoke are not
-        called then: nothing is ever revoked)."""
+        called then: nothing is ever revoked).
+
+        ``pattern`` (a regex, str or compiled, instead of ``topics``, as kafka-python's and
+        aiokafka's ``subscribe(pattern=...)``) subscribes to every non-internal topic whose
+        whole name matches; the consumer resolves it against the cluster's topics at each
+        metadata refresh (metadata_max_age_ms), so a topic created later joins the assignment
+        after the next refresh and a deleted one leaves it."""
         if isinstance(topics, str):
             topics = [topics]
+        topics = list(topics)
+        if pattern is not None and topics:
+            raise ValueError("subscribe to topics or to a pattern, not both")
+        self._pattern = None if pattern is None else compile_pattern(pattern)
+        self._pattern_snapshot = None
+        if self._pattern is not None:
+            self.metadata.track_all_topics()
+            topics = list(topics_matching(self._pattern, self.metadata.snapshot.topics))
         self._subscription = tuple(dict.fromkeys(topics))
         self.metadata.add_topics(self._subscription)
         if self._coordinator is None:
@@ -319,6 +348,7 @@ class AsyncConsumer:
     def unsubscribe(self) -> None:
         """Stop reading; a group member leaves its group (in the background)."""
         self._subscription = ()
+        self._pattern = None
         membership, self._membership = self._membership, None
         if membership is not None:
             # Leaving gives the partitions up (commit, on_revoke) and needs the loop.
@@ -340,6 +370,22 @@ class AsyncConsumer:
         self.unsubscribe()
         if self._leaving is not None:
             await asyncio.gather(self._leaving, return_exceptions=True)
+
+    def _resolve_pattern(self) -> None:
+        """A pattern subscription takes the topics it matches in the latest metadata."""
+        snapshot = self.metadata.snapshot
+        if self._pattern is None or snapshot is self._pattern_snapshot:
+            return
+        self._pattern_snapshot = snapshot
+        matched = topics_matching(self._pattern, snapshot.topics)
+        if matched == self._subscription:
+            return
+        log.info("subscription pattern %r now matches %s", self._pattern.pattern, ", ".join(matched) or "no topic")
+        self._subscription = matched
+        if self._membership is not None:
+            self._membership.subscribe(matched)  # the next heartbeat carries it
+        else:
+            self._update_subscribed_assignment()
 
     def _update_subscribed_assignment(self) -> None:
         if self._membership is not None:
@@ -1132,10 +1178,10 @@ class AsyncConsumer:
             raise self._membership.fatal_error
         self._maybe_auto_commit()
         if (self._subscription and not self._assignment and self._membership is None) or (
-            self._assignment and self.metadata.maybe_expired()
+            (self._assignment or self._pattern is not None) and self.metadata.maybe_expired()
         ):
             self.metadata.request_update()
-        if not self._assignment and not self._subscription:
+        if not self._assignment and not self._subscription and self._pattern is None:
             raise RuntimeError("the consumer has no assignment: call assign() or subscribe() first")
         while True:
             if self._membership is not None:
@@ -1333,14 +1379,17 @@ class Consumer:
 
     def subscribe(
         self,
-        topics: Iterable[str],
+        topics: Iterable[str] = (),
         on_assign: Callable[[set[TopicPartition]], Any] | None = None,
         on_revoke: Callable[[set[TopicPartition]], Any] | None = None,
+        *,
+        pattern: str | re.Pattern[str] | None = None,
     ) -> None:
-        """See `AsyncConsumer.subscribe`. The callbacks run on this thread inside `poll` (or
-        `close`), as in Kafka's consumer, and may call any method, `commit` included."""
+        """See `AsyncConsumer.subscribe` (``pattern``: a regex subscription). The callbacks run
+        on this thread inside `poll` (or `close`), as in Kafka's consumer, and may call any
+        method, `commit` included."""
         topics = [topics] if isinstance(topics, str) else list(topics)
-        self._call(lambda: self._core.subscribe(topics, on_assign, on_revoke))
+        self._call(lambda: self._core.subscribe(topics, on_assign, on_revoke, pattern=pattern))
 
     def commit(self, offsets: Mapping[TopicPartition, int] | None = None, timeout: float | None = None) -> None:
         """Commit ``offsets`` (default: every assigned partition's position) and wait."""

@@ -33,6 +33,7 @@ import asyncio
 import enum
 import inspect
 import logging
+import re
 import time
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -100,6 +101,26 @@ MEMBER_TRANSITIONS: Mapping[MemberState, frozenset[MemberState]] = MappingProxyT
 
 class IllegalMemberTransition(RuntimeError):
     """The membership tried a move MEMBER_TRANSITIONS forbids."""
+
+
+def compile_pattern(pattern: str | re.Pattern[str]) -> re.Pattern[str]:
+    """A subscription pattern: a compiled regex as given, or a string compiled (ValueError if
+    it is not a valid regex)."""
+    if isinstance(pattern, re.Pattern):
+        return pattern
+    if not isinstance(pattern, str):
+        raise TypeError(f"pattern must be a str or re.Pattern, not {type(pattern).__name__}")
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"invalid subscription pattern {pattern!r}: {exc}") from None
+
+
+def topics_matching(pattern: re.Pattern[str], topics: Iterable[str]) -> tuple[str, ...]:
+    """The topics a pattern subscription covers: whole-name matches, as Java's
+    ``Pattern.matcher(topic).matches()`` and KIP-848's SubscribedTopicRegex, leaving out the
+    internal ``__`` topics (Kafka's exclude.internal.topics)."""
+    return tuple(sorted(t for t in topics if not t.startswith("__") and pattern.fullmatch(t)))
 
 
 class MembershipHost(Protocol):
