@@ -13,6 +13,14 @@ are bounded by the record format's int16 lengths, subscribed topic names must be
 names (unknown ones are fine: they have 0 partitions until created, as in Kafka), and offsets
 may be committed only for partitions that exist (UNKNOWN_TOPIC_OR_PARTITION otherwise, as
 Kafka's broker answers).
+
+A commit carries no record batches (offsets are protobuf fields), so nothing in it can be a
+CORRUPT_MESSAGE: bytes that do not parse are refused by gRPC before this service sees them, and
+every field is checked here or by the coordinator (OFFSET_METADATA_TOO_LARGE,
+UNKNOWN_TOPIC_OR_PARTITION). A commit whose records would not fit one batch of the offsets
+topic (max.message.bytes) gets Kafka's INVALID_COMMIT_OFFSET_SIZE before the coordinator
+applies anything: a batch the log refused would make the coordinator reload its whole partition,
+holding up every group there.
 """
 
 from __future__ import annotations
@@ -30,10 +38,17 @@ from tidelog.node.group_coordinator import (
     GroupErrorCode,
     GroupState,
 )
-from tidelog.node.group_host import CoordinatorUnavailable, GroupHost
-from tidelog.node.group_records import TopicPartition, coordinator_partition
+from tidelog.node.group_host import CoordinatorUnavailable, GroupHost, encode_group_batch
+from tidelog.node.group_records import (
+    GroupRecord,
+    OffsetCommitKey,
+    OffsetCommitValue,
+    TopicPartition,
+    coordinator_partition,
+)
 from tidelog.node.metadata import MetadataImage
 from tidelog.proto import api_pb2, api_pb2_grpc, common_pb2
+from tidelog.proto.records import BATCH_OVERHEAD
 from tidelog.proto.common_pb2 import ErrorCode
 
 if TYPE_CHECKING:
@@ -49,6 +64,10 @@ MAX_ID_BYTES = 32767
 # elect a leader before answering COORDINATOR_NOT_AVAILABLE (the client retries anyway).
 FIND_WAIT_S = 5.0
 CREATE_TIMEOUT_MS = 10000
+# More than one OffsetCommit record adds to its batch besides the group id, topic and metadata
+# bytes (key 10, value 24, record framing at most 32): below this estimate no commit needs
+# encoding to know that it fits.
+COMMIT_RECORD_MAX_OVERHEAD = 80
 
 
 def _error(code: int) -> int:
@@ -281,6 +300,9 @@ class GroupsService(api_pb2_grpc.GroupsServicer):
                 unknown.add(tp)
                 continue
             offsets[tp] = CommittedOffset(p.offset, p.leader_epoch, p.metadata)
+        too_large = self._commit_too_large(group_id, offsets)
+        if too_large is not None:
+            return failed(ErrorCode.INVALID_COMMIT_OFFSET_SIZE, too_large)
         # An empty member id is an admin (or simple consumer) commit, whatever epoch it sends.
         admin = not request.member_id
         member_epoch = -1 if admin else request.member_epoch
@@ -303,6 +325,30 @@ class GroupsService(api_pb2_grpc.GroupsServicer):
             return api_pb2.OffsetCommitResponse(error=ErrorCode.NONE, partitions=results)
 
         return await self._call(call, failed, "OffsetCommit")
+
+    def _commit_too_large(self, group_id: str, offsets: Mapping[TopicPartition, CommittedOffset]) -> str | None:
+        """Why the commit's records cannot be one batch of the offsets topic, or None."""
+        topic = self.node.image.topics.get(CONSUMER_OFFSETS_TOPIC)
+        if topic is None or not offsets:
+            return None
+        limit = int(self.node.topic_configs(topic)["max.message.bytes"])
+        # The coordinator writes nothing for metadata over its limit (OFFSET_METADATA_TOO_LARGE).
+        stored = {tp: c for tp, c in offsets.items()
+                  if len(c.metadata.encode("utf-8")) <= self.host.config.offset_metadata_max_bytes}
+        group_bytes = len(group_id.encode("utf-8"))
+        estimate = BATCH_OVERHEAD + sum(
+            COMMIT_RECORD_MAX_OVERHEAD + group_bytes + len(tp.topic.encode("utf-8")) + len(c.metadata.encode("utf-8"))
+            for tp, c in stored.items())
+        if estimate <= limit:
+            return None
+        size = len(encode_group_batch(tuple(
+            GroupRecord.of(OffsetCommitKey(group_id, tp.topic, tp.partition),
+                           OffsetCommitValue(c.offset, c.leader_epoch, c.metadata, 0))
+            for tp, c in sorted(stored.items())), 0))
+        if size <= limit:
+            return None
+        return (f"the commit's {len(stored)} offsets make a {size}-byte batch, over {CONSUMER_OFFSETS_TOPIC}'s "
+                f"max.message.bytes of {limit}; commit fewer partitions (or shorter metadata) at a time")
 
     async def OffsetFetch(self, request: api_pb2.OffsetFetchRequest,
                           context: grpc.aio.ServicerContext) -> api_pb2.OffsetFetchResponse:
