@@ -407,12 +407,9 @@ def _clean_batch_at(segment: CleanableSegment, expected: CleanBatch, clean_offse
     if (segment.base_offset != expected.segment_base
             or segment.size != expected.position + expected.size):
         return False
-    try:
-        with open(segment.path, "rb") as file:
-            file.seek(expected.position)
-            header = file.read(BATCH_OVERHEAD)
-    except FileNotFoundError:
-        return False
+    with open(segment.path, "rb") as file:  # gone: retention got there first, the pass ends
+        file.seek(expected.position)
+        header = file.read(BATCH_OVERHEAD)
     if len(header) < BATCH_OVERHEAD:
         return False
     base = _INT64.unpack_from(header, BASE_OFFSET_OFFSET)[0]
@@ -453,15 +450,14 @@ def prepare_clean(directory: str | os.PathLike[str], segments: list[CleanableSeg
     directory = str(directory)
     if not segments:
         return None
-    confirmed = confirm_checkpoint(segments, read_checkpoint(directory))
-    if confirmed is None:
-        log.debug("%s: the cleanable segments do not reach the clean offset yet; pass postponed",
-                  directory)
-        return None
-    checkpoint = confirmed
-    if not force and not needs_cleaning(segments, checkpoint, config, now_ms):
-        return None
     try:
+        checkpoint = confirm_checkpoint(segments, read_checkpoint(directory))
+        if checkpoint is None:
+            log.debug("%s: the cleanable segments do not reach the clean offset yet; pass postponed",
+                      directory)
+            return None
+        if not force and not needs_cleaning(segments, checkpoint, config, now_ms):
+            return None
         return _prepare(directory, segments, checkpoint, config, now_ms)
     except FileNotFoundError:
         # Retention or a reset removed a segment under the pass; the next one starts afresh.
