@@ -68,6 +68,10 @@ DEFAULT_COMMIT_TIMEOUT_MS = 5000
 REFRESH_INTERVAL_S = 0.5
 # A load that failed (an undecodable log, a coordinator bug) is retried after this long.
 RELOAD_BACKOFF_S = 2.0
+# Offset expiry appends its tombstones in batches of about this many bytes, well below any
+# sane max.message.bytes of __consumer_offsets (Kafka's default is 1 MiB).
+EXPIRY_BATCH_BYTES = 64 * 1024
+EXPIRY_RECORD_OVERHEAD = 32  # a record's framing beyond its key and value, at most
 
 
 class CoordinatorUnavailable(Exception):
@@ -573,11 +577,29 @@ class GroupHost:
         for expired in result.response:
             log.info("group %s: %d committed offsets expired%s", expired.group_id, len(expired.partitions),
                      "; the empty group is deleted" if expired.group_deleted else "")
-        if result.records:
-            try:
-                self._append(hosted, result.records, now)
-            except CoordinatorUnavailable:
-                return
+        # Several batches, appended back to back (no call runs between them): one pass may
+        # expire a whole partition's worth (the first after an upgrade), which as one batch
+        # exceeds max.message.bytes; the refused batch reloaded the coordinator and the next
+        # pass failed alike, forever. A later batch failing reloads from what the log took.
+        chunk: list[GroupRecord] = []
+        size = 0
+        for record in result.records:
+            record_size = len(record.key) + len(record.value or b"") + EXPIRY_RECORD_OVERHEAD
+            if chunk and size + record_size > EXPIRY_BATCH_BYTES:
+                if not self._append_expired(hosted, chunk, now):
+                    return
+                chunk, size = [], 0
+            chunk.append(record)
+            size += record_size
+        if chunk:
+            self._append_expired(hosted, chunk, now)
+
+    def _append_expired(self, hosted: _Hosted, records: list[GroupRecord], now: int) -> bool:
+        try:
+            self._append(hosted, tuple(records), now)
+        except CoordinatorUnavailable:
+            return False
+        return True
 
     # --- introspection ----------------------------------------------------------------------
 
