@@ -283,7 +283,8 @@ class AsyncConsumer:
         for tp in wanted:
             if not isinstance(tp, TopicPartition):
                 raise TypeError(f"assign() takes TopicPartition objects, not {type(tp).__name__}")
-        if self._membership is not None and self._membership.topics:
+        # A pattern that matches nothing yet still makes this consumer a subscribed member.
+        if self._membership is not None and (self._membership.topics or self._pattern is not None):
             raise RuntimeError(
                 f"this consumer is subscribed as a member of group {self.group_id!r}: "
                 f"unsubscribe() before assign()"

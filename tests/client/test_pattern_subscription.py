@@ -33,6 +33,20 @@ def test_topics_and_a_pattern_together_are_refused() -> None:
         consumer.close(timeout=0)
 
 
+def test_assign_is_refused_while_a_pattern_subscription_matches_nothing_yet() -> None:
+    """A group member subscribed by pattern is a member even while the pattern matches no
+    topic; assign() beside it left a heartbeating membership and a manual assignment mixed
+    (the pattern forgotten), where Kafka refuses: unsubscribe() first."""
+    consumer = Consumer("127.0.0.1:1", group_id="g")
+    try:
+        consumer.subscribe(pattern="nothing-matches-.*")
+        with pytest.raises(RuntimeError):
+            consumer.assign([TopicPartition("orders", 0)])
+        assert consumer.assignment() == set()
+    finally:
+        consumer.close(timeout=0)
+
+
 def wait_until(condition: Any, poll: Any, timeout: float = 60.0) -> Any:
     deadline = time.monotonic() + timeout
     while True:
