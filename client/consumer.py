@@ -243,6 +243,9 @@ class AsyncConsumer:
         self.callback_runner: Callable[[Callable[[set[TopicPartition]], Any] | None,
                                         frozenset[TopicPartition]], Awaitable[None]] | None = None
         self.pending_callbacks = 0  # poll returns early while the application owes one
+        # Rebalance callbacks running or waiting for the application (GroupMembership's
+        # callbacks_running): a close past its deadline does not cut them short.
+        self.callbacks_running = 0
         self._leaving: asyncio.Task[None] | None = None
         # The membership `unsubscribe` is ending: its revocation commits as that member.
         self._departing: GroupMembership | None = None
@@ -994,7 +997,11 @@ class AsyncConsumer:
         if revoking and not lost and self.callback_runner is not None:
             # Commit only once the application is back in poll: by then it has handled what
             # earlier polls returned, which the positions already count.
-            await self.callback_runner(None, partitions)
+            self.callbacks_running += 1
+            try:
+                await self.callback_runner(None, partitions)
+            finally:
+                self.callbacks_running -= 1
         if revoking and not lost and self._commits_in_flight:
             await asyncio.wait(list(self._commits_in_flight), timeout=self._closing_budget(None))
         if revoking and not lost and self.enable_auto_commit and self._coordinator is not None:
@@ -1046,10 +1053,14 @@ class AsyncConsumer:
     ) -> None:
         if callback is None:
             return
-        if self.callback_runner is not None:
-            await self.callback_runner(callback, partitions)
-        else:
-            await call_callback(callback, partitions, what)
+        self.callbacks_running += 1
+        try:
+            if self.callback_runner is not None:
+                await self.callback_runner(callback, partitions)
+            else:
+                await call_callback(callback, partitions, what)
+        finally:
+            self.callbacks_running -= 1
 
     def _owned_offsets(self, strict: bool) -> Callable[[Mapping[TopicPartition, int]], Mapping[TopicPartition, int]]:
         """What a member may commit at this moment: offsets of partitions it owns (a partition

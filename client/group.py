@@ -137,6 +137,11 @@ class MembershipHost(Protocol):
         """The membership is lost: stop fetching and delivering every partition now, before
         the revocation (as lost) that follows, which may wait behind a pending callback."""
 
+    @property
+    def callbacks_running(self) -> int:
+        """How many application callbacks (on_assign, on_revoke, or the application's return
+        to poll before a revocation) are running or waiting to run now."""
+
 
 @dataclass(frozen=True, slots=True)
 class Coordinator:
@@ -633,13 +638,16 @@ class GroupMembership:
     async def _settle_reconciler(self, deadline: float | None = None) -> None:
         """Let a reconciliation in progress finish (it stops at its next step once the target
         is gone) rather than cut it off between stopping a partition and committing it; only
-        past ``deadline`` (a close's) is it cancelled (what it still owns is revoked after)."""
+        past ``deadline`` (a close's) is it cancelled (what it still owns is revoked after),
+        and only while it waits on the coordinator: cancelled inside the application's
+        callback, the callback was cut short and its partitions, still owned, were revoked
+        again with the rest. Once its callback returns it ends (the target is gone)."""
         task = self._reconciler
         if task is not None and not task.done():
             await asyncio.wait({task}, timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
-            if not task.done():
+            if not task.done() and not self.host.callbacks_running:
                 task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+            await asyncio.gather(task, return_exceptions=True)
         self._reconciler = None
 
     async def _lose_partitions(self) -> None:

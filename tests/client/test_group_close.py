@@ -89,3 +89,37 @@ def test_close_returns_in_time_when_the_cluster_stops_answering(tmp_path: Path) 
         if consumer is not None:
             consumer.close(timeout=1.0)
         local.stop_all()
+
+
+def test_a_close_past_its_deadline_does_not_revoke_twice_what_on_revoke_is_handling(
+        groups: FakeGroupCluster) -> None:
+    """A rebalance takes a partition away and its on_revoke (slower than close's timeout) runs
+    inside close: the callback is the application's and is not cut short, and the partition
+    is not handed to on_revoke a second time with the rest when the member leaves."""
+    groups.create_topic(TOPIC, 2)
+    a = member(groups)
+    b = None
+    revoked: list[set[TopicPartition]] = []
+
+    def on_revoke(partitions: set[TopicPartition]) -> None:
+        revoked.append(partitions)
+        if len(revoked) == 1:
+            time.sleep(1.5)  # the application's slow handler, longer than close's timeout
+
+    try:
+        a.subscribe([TOPIC], on_revoke=on_revoke)
+        wait_until(lambda: a.assignment() == tps(2), poll=lambda: a.poll(10))
+        b = member(groups)
+        b.subscribe([TOPIC])
+        b.poll(0)  # starts b's heartbeats: the coordinator asks a for one partition
+        # a's revocation now waits for a's application thread, which next enters close().
+        wait_until(lambda: a._core.pending_callbacks > 0)
+        a.close(timeout=0.3)
+        a = None
+        assert len(revoked) == 2, revoked
+        first, second = revoked
+        assert len(first) == 1 and not (first & second) and first | second == tps(2), revoked
+    finally:
+        for consumer in (a, b):
+            if consumer is not None:
+                consumer.close(timeout=0)
