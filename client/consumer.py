@@ -64,6 +64,9 @@ from tidelog.proto.records import CorruptRecordError, Record, decode_batches
 
 log = logging.getLogger(__name__)
 
+# While closing past its deadline, how often to check whether a rebalance callback has returned.
+_CALLBACK_CHECK_S = 0.01
+
 EARLIEST_TIMESTAMP = -2
 LATEST_TIMESTAMP = -1
 
@@ -1247,6 +1250,10 @@ class AsyncConsumer:
         if task is None:
             return
         await asyncio.wait({task}, timeout=self._closing_budget(None))
+        # Past the deadline only waits on the coordinator are cut off: an unsubscribe's leave
+        # in the middle of the application's on_revoke (an AsyncConsumer's) finishes it first.
+        while not task.done() and self.callbacks_running:
+            await asyncio.wait({task}, timeout=_CALLBACK_CHECK_S)
         if not task.done():
             task.cancel()
         await asyncio.gather(task, return_exceptions=True)

@@ -3,6 +3,7 @@ Kafka's close(Duration); each step used to take a whole request timeout of its o
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -11,7 +12,7 @@ import pytest
 
 from support.fake_groups import FakeGroupCluster
 from support.nodes import start_cluster
-from tidelog.client import AdminClient, Consumer, NewTopic, Producer, TopicPartition
+from tidelog.client import AdminClient, AsyncConsumer, Consumer, NewTopic, Producer, TopicPartition
 
 from tests.client.test_group_consumer import TOPIC, member, tps, wait_until
 
@@ -123,3 +124,39 @@ def test_a_close_past_its_deadline_does_not_revoke_twice_what_on_revoke_is_handl
         for consumer in (a, b):
             if consumer is not None:
                 consumer.close(timeout=0)
+
+
+def test_closing_an_async_consumer_that_is_unsubscribing_lets_its_on_revoke_finish(
+        groups: FakeGroupCluster) -> None:
+    """unsubscribe() leaves in the background (AsyncConsumer); a close right after, with a
+    deadline shorter than the application's on_revoke, must not cancel that callback."""
+    groups.create_topic(TOPIC, 2)
+
+    async def scenario() -> list[str]:
+        events: list[str] = []
+        consumer = AsyncConsumer(groups.bootstrap, group_id="g", fetch_max_wait_ms=50)
+
+        async def on_revoke(partitions: set[TopicPartition]) -> None:
+            events.append("on_revoke started")
+            try:
+                await asyncio.sleep(1.0)  # the application's slow handler, longer than close's timeout
+            except asyncio.CancelledError:
+                events.append("on_revoke cancelled")
+                raise
+            events.append("on_revoke finished")
+
+        try:
+            consumer.subscribe([TOPIC], on_revoke=on_revoke)
+            async with asyncio.timeout(15):
+                while consumer.assignment() != tps(2):
+                    await consumer.poll(10)
+            consumer.unsubscribe()
+            async with asyncio.timeout(15):
+                while not events:
+                    await asyncio.sleep(0.01)
+            await consumer.close(timeout=0.2)
+        finally:
+            await consumer.close(timeout=0)
+        return events
+
+    assert asyncio.run(scenario()) == ["on_revoke started", "on_revoke finished"]
