@@ -11,10 +11,17 @@ clock and the leadership it lacks (DESIGN.md §7):
   will commit, because a Raft leader never truncates its own log — and then `on_loaded(now)`.
   Meanwhile calls get COORDINATOR_LOAD_IN_PROGRESS.
 * **Apply on append, answer after commit.** A write call applies its records to the coordinator
-  at once; the records are appended to the partition as ONE record batch (no `await` between
-  the call and the append, so appends are in call order), and the answer waits until the high
-  watermark passes that batch. A call without records (and every read) waits until everything
-  appended before it is committed.
+  at once and stages them (no `await` between the call and the staging, so records reach the
+  log in call order); the answer waits until the high watermark passes the batch that holds
+  them. A call without records (and every read) waits until everything applied before it is
+  committed.
+* **Group commit.** While a batch this coordinator appended is not yet committed, the records
+  of later calls wait in one staged batch, appended as ONE record batch when that batch
+  commits (or when it reaches `STAGED_BATCH_BYTES`). At low load every call is appended at
+  once; under load one batch per replication round carries every call of that round, so the
+  Raft append, the fsyncs and the replica fetches are paid per round instead of per call —
+  they were most of a commit's CPU (issue #6's bench). Answers still wait for the commit of
+  their own records: acks=all durability is unchanged.
 * **Failure.** If an append fails or the partition's leadership (or its epoch) changes, the
   coordinator is dropped: its state may hold records that will never commit. Calls waiting on
   it get NOT_COORDINATOR and clients find the coordinator again; if this node still (or again)
@@ -63,6 +70,15 @@ T = TypeVar("T")
 REPLAY_CHUNK_BYTES = 1 << 20
 # Kafka's offsets.commit.timeout.ms: how long an answer waits for its records to commit.
 DEFAULT_COMMIT_TIMEOUT_MS = 5000
+# A staged batch is appended at once when it reaches this size (even with a batch in flight),
+# well under __consumer_offsets' max.message.bytes (1 MiB by default): a call's records are
+# checked against that limit alone (group_service.py), so the sum of many must stay below it.
+STAGED_BATCH_BYTES = 64 << 10
+# Offsets of waiters whose records are staged, not yet appended: above every real offset, so
+# the high watermark never releases them before their batch is appended and committed.
+STAGED = 1 << 62
+# Bytes a record adds to a batch beyond its key and value (varint lengths, deltas, headers).
+_RECORD_OVERHEAD = 24
 # Leadership is re-checked this often even without a notification (a missed one must not leave
 # a partition without its coordinator).
 REFRESH_INTERVAL_S = 0.5
@@ -137,10 +153,14 @@ class _Hosted:
         "coordinator",
         "dropped",
         "epoch",
+        "in_flight",
         "index",
         "last_appended",
         "load_task",
         "partition",
+        "staged",
+        "staged_bytes",
+        "staged_calls",
         "timer",
         "timer_at",
         "waiters",
@@ -155,6 +175,15 @@ class _Hosted:
         # The last offset appended on behalf of this coordinator (or replayed into it): every
         # answer waits until the high watermark has passed it.
         self.last_appended = -1
+        # Records applied but not yet appended (group commit), the bytes they take and how
+        # many calls (or ticks) staged them; their waiters sit at the tail of `waiters` with
+        # offset STAGED until the batch is appended.
+        self.staged: list[GroupRecord] = []
+        self.staged_bytes = 0
+        self.staged_calls = 0
+        # The last offset of the last batch this coordinator appended: while the high
+        # watermark has not passed it, new records are staged.
+        self.in_flight = -1
         self.dropped = False
         self.load_task: asyncio.Task[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -164,7 +193,13 @@ class _Hosted:
         self.waiters: deque[tuple[int, asyncio.Future[None], float]] = deque()
         self.watcher: asyncio.Task[None] | None = None
 
+    def barrier(self) -> int:
+        """The offset a call must see committed: everything applied before it."""
+        return STAGED if self.staged else self.last_appended
+
     def fail_waiters(self, error: CoordinatorUnavailable) -> None:
+        self.staged.clear()
+        self.staged_bytes = self.staged_calls = 0
         while self.waiters:
             _, future, _ = self.waiters.popleft()
             if not future.done():
@@ -399,9 +434,9 @@ class GroupHost:
             self._reload(hosted, f"call failed: {exc!r}")
             raise CoordinatorUnavailable(ErrorCode.UNKNOWN_SERVER_ERROR, f"coordinator error: {exc!r}") from None
         if result.records:
-            self._append(hosted, result.records, now)
+            self._stage(hosted, result.records)
         self._schedule_timer(hosted)
-        await self._wait_committed(hosted, hosted.last_appended)
+        await self._wait_committed(hosted, hosted.barrier())
         return result.response
 
     async def read(self, group_id: str, call: Callable[[GroupCoordinator], T]) -> T:
@@ -412,7 +447,7 @@ class GroupHost:
         except Exception as exc:
             log.exception("group coordinator read for %r failed", group_id)
             raise CoordinatorUnavailable(ErrorCode.UNKNOWN_SERVER_ERROR, f"coordinator error: {exc!r}") from None
-        await self._wait_committed(hosted, hosted.last_appended)
+        await self._wait_committed(hosted, hosted.barrier())
         return response
 
     async def list_groups(self) -> tuple[list[GroupListing], bool]:
@@ -428,7 +463,7 @@ class GroupHost:
                 loading = True
                 continue
             listings.extend(hosted.coordinator.list_groups())
-            waits.append(self._wait_committed(hosted, hosted.last_appended))
+            waits.append(self._wait_committed(hosted, hosted.barrier()))
         results = await asyncio.gather(*waits, return_exceptions=True)
         if any(isinstance(r, CoordinatorUnavailable) for r in results):
             loading = True
@@ -437,21 +472,46 @@ class GroupHost:
                 raise r
         return sorted(listings, key=lambda g: g.group_id), loading
 
-    def _append(self, hosted: _Hosted, records: tuple[GroupRecord, ...], now: int) -> None:
-        """Append one call's records as one batch, before any other call can run."""
+    def _stage(self, hosted: _Hosted, records: tuple[GroupRecord, ...]) -> None:
+        """Add one call's records to the staged batch, before any other call can run; append
+        the batch now unless one this coordinator appended is still uncommitted."""
+        size = sum(len(r.key) + len(r.value or b"") + _RECORD_OVERHEAD for r in records)
+        if hosted.staged and hosted.staged_bytes + size > STAGED_BATCH_BYTES:
+            self._append_staged(hosted)  # full: it goes now, in flight or not
+        hosted.staged.extend(records)
+        hosted.staged_bytes += size
+        hosted.staged_calls += 1
+        if hosted.partition.high_watermark > hosted.in_flight or hosted.staged_bytes >= STAGED_BATCH_BYTES:
+            self._append_staged(hosted)
+        else:
+            self._ensure_watcher(hosted)  # appends it when the batch in flight commits
+
+    def _append_staged(self, hosted: _Hosted) -> None:
+        """Append the staged records as one batch; their waiters then wait for its offset."""
+        records, calls = hosted.staged, hosted.staged_calls
+        hosted.staged = []
+        hosted.staged_bytes = hosted.staged_calls = 0
         try:
-            appended = hosted.partition.append(encode_group_batch(records, now))
+            appended = hosted.partition.append(encode_group_batch(tuple(records), self._now_ms()))
         except Exception as exc:  # noqa: BLE001 - whatever failed, the applied state must go
             # Leadership gone (NotLeader, closed) or the batch refused (too large): the records
             # are applied in memory but not in the log, so this coordinator must go.
             code = ErrorCode.NOT_COORDINATOR
             message = f"append to __consumer_offsets-{hosted.index} failed: {exc}"
             if isinstance(exc, RecordTooLargeError):
-                code = ErrorCode.INVALID_REQUEST
-                message = f"the call's records exceed __consumer_offsets' max.message.bytes: {exc}"
+                message = f"the records exceed __consumer_offsets' max.message.bytes: {exc}"
+                # One call's own records are refused for good; several calls' together are
+                # not (each fits alone), so those retry on the reloaded coordinator.
+                code = ErrorCode.INVALID_REQUEST if calls == 1 else ErrorCode.NOT_COORDINATOR
             self._reload(hosted, message)
             raise CoordinatorUnavailable(code, message) from None
-        hosted.last_appended = appended.last_offset
+        hosted.last_appended = hosted.in_flight = appended.last_offset
+        waiters = hosted.waiters
+        index = len(waiters) - 1
+        while index >= 0 and waiters[index][0] == STAGED:
+            _, future, deadline = waiters[index]
+            waiters[index] = (appended.last_offset, future, deadline)
+            index -= 1
 
     async def _wait_committed(self, hosted: _Hosted, last_offset: int) -> None:
         """Until the high watermark passes ``last_offset`` in the epoch that appended it."""
@@ -462,11 +522,14 @@ class GroupHost:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         hosted.waiters.append((last_offset, future, loop.time() + self._commit_timeout_s))
+        self._ensure_watcher(hosted)
+        await future
+
+    def _ensure_watcher(self, hosted: _Hosted) -> None:
         if hosted.watcher is None or hosted.watcher.done():  # done: ended, or cancelled at birth
-            hosted.watcher = loop.create_task(self._watch(hosted))
+            hosted.watcher = asyncio.get_running_loop().create_task(self._watch(hosted))
             self._tasks.add(hosted.watcher)
             hosted.watcher.add_done_callback(self._tasks.discard)
-        await future
 
     def _lost(self, hosted: _Hosted) -> None:
         """The partition's leadership (or epoch) changed under the coordinator: drop it."""
@@ -479,12 +542,13 @@ class GroupHost:
 
     async def _watch(self, hosted: _Hosted) -> None:
         """Answer the waiters as the high watermark passes them (one task per partition, not
-        one wake-up per waiting call), fail them when leadership goes, time out the old ones."""
+        one wake-up per waiting call), append the staged batch when the one in flight commits,
+        fail them when leadership goes, time out the old ones."""
         loop = asyncio.get_running_loop()
         partition = hosted.partition
         waiters = hosted.waiters
         try:
-            while waiters:
+            while waiters or hosted.staged:
                 if not hosted.current():
                     try:
                         self._lost(hosted)
@@ -496,6 +560,11 @@ class GroupHost:
                     _, future, _ = waiters.popleft()
                     if not future.done():
                         future.set_result(None)
+                if hosted.staged and high_watermark > hosted.in_flight:
+                    try:
+                        self._append_staged(hosted)
+                    except CoordinatorUnavailable:
+                        return  # reloaded: the waiters were failed with the coordinator
                 now = loop.time()
                 while waiters and waiters[0][2] <= now:
                     _, future, _ = waiters.popleft()
@@ -504,9 +573,10 @@ class GroupHost:
                             ErrorCode.REQUEST_TIMED_OUT,
                             f"__consumer_offsets-{hosted.index} did not commit within "
                             f"{self._commit_timeout_s * 1000:.0f} ms; the change may still commit"))
-                if not waiters:
+                if not waiters and not hosted.staged:
                     return
-                await asyncio.wait((partition.wait_change(),), timeout=waiters[0][2] - now)
+                timeout = waiters[0][2] - now if waiters else self._commit_timeout_s
+                await asyncio.wait((partition.wait_change(),), timeout=timeout)
         finally:
             hosted.watcher = None
 
@@ -545,7 +615,7 @@ class GroupHost:
                      expired.reason)
         if result.records:
             try:
-                self._append(hosted, result.records, now)
+                self._stage(hosted, result.records)
             except CoordinatorUnavailable:
                 return
         self._schedule_timer(hosted)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import tempfile
@@ -41,6 +42,53 @@ from support.nodes import LocalCluster, start_cluster
 
 RETRIABLE = {ErrorCode.NOT_COORDINATOR, ErrorCode.COORDINATOR_LOAD_IN_PROGRESS, ErrorCode.COORDINATOR_NOT_AVAILABLE,
              ErrorCode.REQUEST_TIMED_OUT}
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads) so far; 0 if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def machine_busy() -> tuple[int, int]:
+    """(total, idle + iowait) jiffies of the whole machine, from /proc/stat."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    return sum(values), values[3] + values[4]
+
+
+class CpuMeter:
+    """CPU per call of each node and of this load generator over one phase, and how busy the
+    whole machine was meanwhile (the machine is shared: a busy one explains a bad tail)."""
+
+    def __init__(self, local: LocalCluster) -> None:
+        self.pids = {n.node_id: n.pid for n in local.nodes if n.pid is not None}
+        self.start()
+
+    def start(self) -> None:
+        self.nodes = {i: process_cpu_s(pid) for i, pid in self.pids.items()}
+        self.own = time.process_time()
+        self.machine = machine_busy()
+
+    def line(self, calls: int, coordinator: int) -> str:
+        if not calls:
+            return "no calls"
+        per = {i: (process_cpu_s(pid) - self.nodes[i]) / calls * 1e6 for i, pid in self.pids.items()}
+        own = (time.process_time() - self.own) / calls * 1e6
+        total, idle = machine_busy()
+        span = total - self.machine[0]
+        busy = 100 * (os.cpu_count() or 1) * (1 - (idle - self.machine[1]) / span) if span else float("nan")
+        others = " ".join(f"{per[i]:.0f}" for i in sorted(per) if i != coordinator)
+        return (f"CPU per call: coordinator {per.get(coordinator, float('nan')):.0f} us, other nodes {others} us, "
+                f"load generator {own:.0f} us, all {sum(per.values()) + own:.0f} us; "
+                f"machine busy {busy:.0f}% of {100 * (os.cpu_count() or 1)}%")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -129,13 +177,21 @@ async def commits(cluster: Cluster, args: argparse.Namespace) -> None:
         nonlocal counter, errors
         counter += 1
         started = time.perf_counter()
-        answer = await stub.OffsetCommit(commit_request(group_id, topic, partition, counter), timeout=10)
-        if answer.error != ErrorCode.NONE or answer.partitions[0].error != ErrorCode.NONE:
+        if args.reads:
+            answer = await stub.OffsetFetch(api_pb2.OffsetFetchRequest(
+                group_id=group_id, member_epoch=-1,
+                partitions=[common_pb2.TopicPartition(topic=topic, partition=partition)]), timeout=10)
+            failed = answer.error != ErrorCode.NONE
+        else:
+            answer = await stub.OffsetCommit(commit_request(group_id, topic, partition, counter), timeout=10)
+            failed = answer.error != ErrorCode.NONE or answer.partitions[0].error != ErrorCode.NONE
+        if failed:
             errors += 1
         return time.perf_counter() - started
 
     # Closed loop.
     latencies: list[float] = []
+    meter = CpuMeter(cluster.local)
     stop_at = time.perf_counter() + args.seconds
 
     async def worker(index: int) -> None:
@@ -147,12 +203,14 @@ async def commits(cluster: Cluster, args: argparse.Namespace) -> None:
     elapsed = time.perf_counter() - started
     print(f"commits closed loop ({args.in_flight} in flight, coordinator node {node_id}): "
           f"{len(latencies) / elapsed:,.0f} commits/s; {latency_line(latencies)}; errors {errors}", flush=True)
+    print(f"  {meter.line(len(latencies), node_id)}", flush=True)
 
     # Open loop at --rate.
     errors = 0
     latencies = []
     tasks: list[asyncio.Task[float]] = []
     interval = 1.0 / args.rate
+    meter.start()
     started = time.perf_counter()
     total = int(args.rate * args.seconds)
     for i in range(total):
@@ -164,6 +222,7 @@ async def commits(cluster: Cluster, args: argparse.Namespace) -> None:
     elapsed = time.perf_counter() - started
     print(f"commits open loop at {args.rate:,.0f}/s offered: {total / elapsed:,.0f} commits/s answered; "
           f"{latency_line(latencies)}; errors {errors}", flush=True)
+    print(f"  {meter.line(total, node_id)}", flush=True)
 
 
 async def joins(cluster: Cluster, args: argparse.Namespace) -> None:
@@ -249,6 +308,8 @@ def main() -> None:
     parser.add_argument("--partitions", type=int, default=8)
     parser.add_argument("--heartbeat-interval-ms", type=int, default=1000)
     parser.add_argument("--only", choices=("commits", "joins"))
+    parser.add_argument("--reads", action="store_true",
+                        help="OffsetFetch instead of OffsetCommit: the per-call cost without an append")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="group-bench-") as tmp:
         local = start_cluster(Path(tmp), nodes=args.nodes,
