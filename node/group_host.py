@@ -517,6 +517,10 @@ class GroupHost:
         """Until the high watermark passes ``last_offset`` in the epoch that appended it."""
         if not hosted.current():
             self._lost(hosted)
+        if last_offset == STAGED and not hosted.staged:
+            # The staged batch was appended since the caller took its barrier (list_groups
+            # gathers its waits): it waits for that batch, at or below the last appended.
+            last_offset = hosted.last_appended
         if hosted.partition.high_watermark > last_offset:
             return
         loop = asyncio.get_running_loop()
@@ -666,7 +670,8 @@ class GroupHost:
 
     def _append_expired(self, hosted: _Hosted, records: list[GroupRecord], now: int) -> bool:
         try:
-            self._append(hosted, tuple(records), now)
+            # Staged like a call's records (group commit); a chunk is at most one batch.
+            self._stage(hosted, tuple(records))
         except CoordinatorUnavailable:
             return False
         return True
