@@ -81,7 +81,7 @@ _METADATA_ERRORS = frozenset(
     }
 )
 _PREFETCH_ANSWERS = 2
-# _decode builds a ConsumerRecord as (topic, partition) + Record: the fields must line up.
+# The codec builds a ConsumerRecord as (topic, partition) + a Record's fields: they must line up.
 assert ConsumerRecord._fields[2:] == Record._fields
 # How late a long-poll fetch may be, beyond its max wait, before the leaders are looked up again.
 _FETCH_GRACE = 2.0
@@ -897,10 +897,8 @@ class AsyncConsumer:
         records: list[ConsumerRecord] = []
         next_offset = fetch_offset
         kd, vd = self.key_deserializer, self.value_deserializer
-        topic, partition = tp.topic, tp.partition
-        # Without deserializers a ConsumerRecord is (topic, partition) + the codec's Record,
-        # built by one tuple concatenation instead of a call to the NamedTuple's __new__.
-        prefix = (topic, partition)
+        # The codec builds each ConsumerRecord itself, as (topic, partition) + a Record's fields.
+        head = (tp.topic, tp.partition)
         new = tuple.__new__
         for batch in decode_batches(buf):
             if batch.next_offset <= fetch_offset:
@@ -908,30 +906,16 @@ class AsyncConsumer:
             next_offset = batch.next_offset
             if batch.is_control:
                 continue
-            if kd is None and vd is None:
-                if batch.base_offset >= fetch_offset:
-                    records += [new(ConsumerRecord, prefix + r) for r in batch.records()]
-                else:
-                    records += [
-                        new(ConsumerRecord, prefix + r)
-                        for r in batch.records()
-                        if r.offset >= fetch_offset
-                    ]
-                continue
-            for record in batch.records():
-                if record.offset < fetch_offset:
-                    continue
-                records.append(
-                    ConsumerRecord(
-                        topic,
-                        partition,
-                        record.offset,
-                        record.timestamp,
-                        kd(record.key) if kd else record.key,
-                        vd(record.value) if vd else record.value,
-                        record.headers,
-                    )
-                )
+            decoded = batch.records_as(ConsumerRecord, head)
+            if batch.base_offset < fetch_offset:
+                decoded = [r for r in decoded if r.offset >= fetch_offset]
+            if kd is not None or vd is not None:
+                decoded = [
+                    new(ConsumerRecord, (topic, partition, offset, timestamp, kd(key) if kd else key,
+                                         vd(value) if vd else value, headers))
+                    for topic, partition, offset, timestamp, key, value, headers in decoded
+                ]
+            records += decoded
         return records, next_offset
 
     def _drain(self, max_records: int) -> list[ConsumerRecord]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from typing import NamedTuple
 
 import crc32c
 import lz4.frame
@@ -83,6 +84,52 @@ def test_we_read_what_kafka_python_writes(records, codec):
     (header,) = scan_batches(batch)
     assert header.record_count == len(records)
     assert decode_records(batch) == _expected(records, 0)
+
+
+# Records whose varints take one, two and three bytes: values and keys across the 64-byte and
+# 8192-byte steps of a zig-zag varint, timestamp deltas across the same steps (milliseconds
+# apart up to hours), and batches of more than 64 records (two-byte offset deltas).
+_sizes = st.sampled_from([0, 1, 63, 64, 65, 200, 8191, 8192, 9000])
+_wide_bytes = st.none() | _sizes.flatmap(lambda n: st.binary(min_size=n, max_size=n))
+_wide_batches = st.tuples(
+    st.integers(min_value=0, max_value=2**41),
+    st.lists(st.tuples(st.sampled_from([0, 1, 63, 64, 8191, 8192, 3_600_000]), _wide_bytes,
+                       _wide_bytes, headers), min_size=1, max_size=150),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_wide_batches, codecs)
+def test_every_varint_width_decodes_as_kafka_python_writes_it(batch_spec, codec):
+    base_timestamp, specs = batch_spec
+    builder = DefaultRecordBatchBuilder(
+        magic=2, compression_type=KAFKA_CODEC[codec], is_transactional=False,
+        producer_id=-1, producer_epoch=-1, base_sequence=-1, batch_size=1 << 30,
+    )
+    want = []
+    for i, (delta, key, value, record_headers) in enumerate(specs):
+        builder.append(i, base_timestamp + delta, key, value, list(record_headers))
+        want.append(Record(i, base_timestamp + delta, key, value, record_headers))
+    assert decode_records(bytes(builder.build())) == want
+
+
+def test_records_as_builds_the_callers_record_type_with_its_fields_in_front():
+    class Wide(NamedTuple):
+        topic: str
+        partition: int
+        offset: int
+        timestamp: int
+        key: bytes | None
+        value: bytes | None
+        headers: tuple = ()
+
+    batch = encode_batch([Record(0, 5, b"k", b"v", (("h", b"x"),)), Record(0, 6, None, None)],
+                         base_offset=3, compression="lz4")
+    (decoded,) = decode_batches(batch)
+    assert decoded.records_as(Wide, ("t", 2)) == [
+        Wide("t", 2, 3, 5, b"k", b"v", (("h", b"x"),)), Wide("t", 2, 4, 6, None, None, ())]
+    assert all(type(w) is Wide for w in decoded.records_as(Wide, ("t", 2)))
+    assert [type(x) for x in decoded.records()] == [Record, Record]
 
 
 def test_header_fields_sit_at_kafkas_byte_positions():
