@@ -22,11 +22,12 @@ grows, and once more when the segment rolls, so the last entry of a rolled segme
 
 Durability and recovery
 -----------------------
-`flush` fdatasyncs every segment with unflushed bytes and advances `flushed_offset`. It also
-appends the pending index entries to the index files and, when a segment rolled or
-``recovery_point_interval_bytes`` were flushed since the last time, fsyncs the index files and
-rewrites ``recovery-point`` (one file rewrite per interval keeps a flush after every 1 MiB batch
-close to the cost of the data fdatasync itself). On open:
+`flush` fdatasyncs every segment with unflushed bytes and advances `flushed_offset`. When a
+segment rolled or ``recovery_point_interval_bytes`` were flushed since the last time, it also
+appends the pending index entries to the index files, fsyncs them and rewrites
+``recovery-point`` (one file rewrite per interval keeps a flush after every 1 MiB batch close to
+the cost of the data fdatasync itself; the active segment's index entries past the recovery
+point are rebuilt by the scan at open, so writing them in between would buy nothing). On open:
 
 * everything before the recovery point is trusted and not read: segments before it are opened
   lazily (their indexes are loaded on first use and rebuilt, with a warning, if damaged), and the
@@ -1447,13 +1448,22 @@ class PartitionLog:
             return self._flush_locked(force_checkpoint=False)
 
     def _flush_locked(self, force_checkpoint: bool) -> int:
+        checkpoint = self._checkpoint
         with self._state_lock:
             target = self._end_offset
             active = self._segments[-1]
+            appended = self._appended_bytes
+            due = (force_checkpoint or checkpoint is None or checkpoint.segment != active.base_offset
+                   or appended - self._checkpoint_mark >= self.config.recovery_point_interval_bytes)
             to_sync = [(s, s.size) for s in self._segments if s.flushed_size < s.size]
             index_work = []
             for s in self._segments:
-                if not s.loaded:
+                if not s.loaded or (s is active and not due):
+                    # The active segment's entries past the recovery point are rebuilt by the
+                    # scan at open anyway (it cuts the files back to the point's counts), so
+                    # they are written with the next recovery point, not on every flush: a
+                    # flush is then the data fdatasync and nothing else, and its thread needs
+                    # the GIL once instead of once per index syscall.
                     continue
                 assert s.index_relative is not None and s.time_timestamps is not None
                 entries, time_entries = len(s.index_relative), len(s.time_timestamps)
@@ -1472,10 +1482,6 @@ class PartitionLog:
                 max_timestamp_offset=active.max_timestamp_offset,
                 bytes_since_index=active.bytes_since_index,
                 log_start=self._bases[0], start_epoch=self._start_epoch)
-            appended = self._appended_bytes
-        checkpoint = self._checkpoint
-        due = (force_checkpoint or checkpoint is None or checkpoint.segment != point.segment
-               or appended - self._checkpoint_mark >= self.config.recovery_point_interval_bytes)
         if (not to_sync and not index_work and epochs is None and not dir_dirty
                 and (checkpoint == point or not due)):
             return self._flushed_offset
