@@ -37,7 +37,7 @@ from tidelog.node.group_service import GroupsService
 from tidelog.node.metadata import MetadataImage, RegisterNode, TopicImage
 from tidelog.node.partitions import PartitionManager, _write_atomically, group_id_for
 from tidelog.node.services import AdminService, BrokerService
-from tidelog.node.transport import ReplicationService, Transport
+from tidelog.node.transport import ReplicationService, Transport, add_replication_service
 from tidelog.proto import api_pb2, api_pb2_grpc, replication_pb2, replication_pb2_grpc
 from tidelog.replication.messages import Message
 
@@ -306,7 +306,7 @@ class Node:
         api_pb2_grpc.add_AdminServicer_to_server(AdminService(self), server)
         api_pb2_grpc.add_GroupsServicer_to_server(GroupsService(self), server)
         self._replication_service = ReplicationService(self.transport, self.register)
-        replication_pb2_grpc.add_ReplicationServicer_to_server(self._replication_service, server)
+        add_replication_service(self._replication_service, server)
         try:
             self.port = server.add_insecure_port(str(config.listen))
         except RuntimeError as exc:

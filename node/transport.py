@@ -8,6 +8,11 @@ message. Arriving envelopes also mark the peer alive, which is the node's livene
 
 Envelopes also carry the partitions the sender leads (`LeaderEntry`), in full whenever they
 change, so every node can route clients for partitions it does not host.
+
+The stream's envelopes are `replication.proto`'s bytes, but encoded and decoded here rather than
+by protobuf: a fetch response's records (nearly all the bytes) are joined once into the written
+envelope, and the received ones are handed on as a memoryview into the envelope gRPC delivered,
+where protobuf's set, encode, grow, serialize, parse and read would copy them six times.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import asyncio
 import enum
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import grpc
@@ -80,21 +85,8 @@ def fill_proto(out: pb.RaftMessage, message: Message) -> None:
     cls = type(message)
     # The two fetch messages are nearly all the traffic; they get field-by-field code.
     if cls is FetchResponse:
-        sub = out.fetch_response
-        sub.group_id = message.group_id
-        sub.src = message.src
-        sub.dst = message.dst
-        sub.epoch = message.epoch
-        if message.leader_id is not None:
-            sub.leader_id = message.leader_id
-        sub.error = message.error.value
-        sub.fetch_id = message.fetch_id
-        sub.fetch_offset = message.fetch_offset
-        sub.last_fetched_epoch = message.last_fetched_epoch
-        sub.records = message.records
-        sub.high_watermark = message.high_watermark
-        sub.diverging_epoch = message.diverging_epoch
-        sub.diverging_end_offset = message.diverging_end_offset
+        _fill_fetch_response(out.fetch_response, message)  # type: ignore[arg-type]
+        out.fetch_response.records = message.records  # type: ignore[attr-defined]
         return
     if cls is FetchRequest:
         request = out.fetch_request
@@ -119,6 +111,201 @@ def fill_proto(out: pb.RaftMessage, message: Message) -> None:
             getattr(other, name).extend(value)
         else:
             setattr(other, name, value)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _read_varint(data: bytes, position: int) -> tuple[int, int]:
+    byte = data[position]
+    if byte < 0x80:
+        return byte, position + 1
+    value = byte & 0x7F
+    shift = 7
+    position += 1
+    while True:
+        byte = data[position]
+        value |= (byte & 0x7F) << shift
+        position += 1
+        if byte < 0x80:
+            return value, position
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint longer than 10 bytes")
+
+
+def _signed(value: int) -> int:
+    # int32 and int64 fields carry negative numbers as 64-bit two's complement varints.
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+# Protobuf keys (field number << 3 | wire type) of replication.proto's fields used here.
+_ENVELOPE_MESSAGE = b"\x12"  # Envelope.messages = 2, length-delimited
+_RAFT_FETCH_RESPONSE = b"\x32"  # RaftMessage.fetch_response = 6, length-delimited
+_FETCH_RESPONSE_RECORDS = b"\x52"  # FetchResponse.records = 10, length-delimited
+_WIRE_VARINT, _WIRE_I64, _WIRE_LEN, _WIRE_I32 = 0, 1, 2, 5
+
+
+def encode_envelope(src: int, messages: list[Message], leaders: Mapping[str, int] | None = None) -> bytes:
+    """The bytes of a `pb.Envelope` (``leaders`` set: a complete list of what ``src`` leads).
+
+    Protobuf merges concatenated encodings, and fields may come in any order, so the small
+    fields are encoded by protobuf and a fetch response's records are appended after them:
+    the records are copied once, by the final join.
+    """
+    head = pb.Envelope(src=src)
+    if leaders is not None:
+        head.leaders_complete = True
+        head.leaders.extend(pb.LeaderEntry(group_id=g, epoch=e) for g, e in leaders.items())
+    pieces: list[bytes] = [head.SerializeToString()]
+    for message in messages:
+        if type(message) is FetchResponse and message.records:
+            records = message.records
+            head_of_response = pb.FetchResponse()
+            _fill_fetch_response(head_of_response, message)
+            inner = head_of_response.SerializeToString()
+            length = len(records)
+            response_length = len(inner) + 1 + len(_varint(length)) + length
+            raft_length = 1 + len(_varint(response_length)) + response_length
+            pieces.append(b"".join((_ENVELOPE_MESSAGE, _varint(raft_length), _RAFT_FETCH_RESPONSE,
+                                    _varint(response_length), inner, _FETCH_RESPONSE_RECORDS,
+                                    _varint(length))))
+            pieces.append(records)
+        else:
+            raw = to_proto(message).SerializeToString()
+            pieces.append(_ENVELOPE_MESSAGE + _varint(len(raw)) + raw)
+    return b"".join(pieces)
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A decoded `pb.Envelope`: its Raft messages, and ``leaders`` when it lists them all."""
+
+    src: int
+    messages: list[Message]
+    leaders: dict[str, int] | None
+    malformed: int  # Raft messages that could not be decoded and were left out
+
+
+def _skip(data: bytes, position: int, wire_type: int) -> int:
+    if wire_type == _WIRE_VARINT:
+        return _read_varint(data, position)[1]
+    if wire_type == _WIRE_LEN:
+        length, position = _read_varint(data, position)
+        return position + length
+    if wire_type == _WIRE_I64:
+        return position + 8
+    if wire_type == _WIRE_I32:
+        return position + 4
+    raise ValueError(f"unsupported wire type {wire_type}")
+
+
+def _decode_fetch_response(data: bytes, view: memoryview, position: int, end: int) -> FetchResponse:
+    """A `pb.FetchResponse` in ``data[position:end]``; its records stay a view of ``data``."""
+    ints = [0] * 14
+    leader_id: int | None = None
+    group_id = ""
+    records: bytes | memoryview = b""
+    while position < end:
+        key, position = _read_varint(data, position)
+        field, wire_type = key >> 3, key & 7
+        if wire_type == _WIRE_VARINT and field < 14:
+            value, position = _read_varint(data, position)
+            if field == 5:
+                leader_id = _signed(value)
+            else:
+                ints[field] = _signed(value)
+        elif wire_type == _WIRE_LEN and field in (1, 10):
+            length, position = _read_varint(data, position)
+            if position + length > end:
+                raise ValueError("field runs past its message")
+            if field == 1:
+                group_id = str(data[position:position + length], "utf-8")
+            else:
+                records = view[position:position + length]
+            position += length
+        else:
+            position = _skip(data, position, wire_type)
+    if position != end:
+        raise ValueError("fetch response runs past its message")
+    return FetchResponse(group_id, ints[2], ints[3], ints[4], leader_id, FetchError(ints[6]), ints[7], ints[8],
+                         ints[9], records, ints[11], ints[12], ints[13])  # type: ignore[arg-type]
+
+
+def decode_envelope(data: bytes) -> Envelope:
+    """`pb.Envelope` bytes as an `Envelope` (the stream's request deserializer): records are
+    memoryviews of ``data``. A Raft message that cannot be decoded is counted and left out;
+    a broken envelope raises ValueError, which fails the stream (the sender reconnects)."""
+    view = memoryview(data)
+    size = len(data)
+    position = 0
+    src = 0
+    messages: list[Message] = []
+    entries: list[pb.LeaderEntry] = []
+    complete = False
+    malformed = 0
+    try:
+        while position < size:
+            key, position = _read_varint(data, position)
+            field, wire_type = key >> 3, key & 7
+            if wire_type == _WIRE_VARINT:
+                value, position = _read_varint(data, position)
+                if field == 1:
+                    src = _signed(value)
+                elif field == 4:
+                    complete = bool(value)
+                continue
+            if wire_type != _WIRE_LEN:
+                position = _skip(data, position, wire_type)
+                continue
+            length, position = _read_varint(data, position)
+            end = position + length
+            if end > size:
+                raise ValueError("field runs past the envelope")
+            if field == 2:
+                try:
+                    messages.append(_decode_raft_message(data, view, position, end))
+                except Exception:
+                    malformed += 1
+            elif field == 3:
+                entries.append(pb.LeaderEntry.FromString(data[position:end]))
+            position = end
+    except IndexError:
+        raise ValueError("truncated envelope") from None
+    leaders = {e.group_id: e.epoch for e in entries} if complete else None
+    return Envelope(src, messages, leaders, malformed)
+
+
+def _decode_raft_message(data: bytes, view: memoryview, position: int, end: int) -> Message:
+    key, inner = _read_varint(data, position)
+    if key == _RAFT_FETCH_RESPONSE[0]:
+        length, inner = _read_varint(data, inner)
+        if inner + length == end:
+            return _decode_fetch_response(data, view, inner, end)
+    return from_proto(pb.RaftMessage.FromString(data[position:end]))
+
+
+def _fill_fetch_response(sub: pb.FetchResponse, message: FetchResponse) -> None:
+    """Every field but the records."""
+    sub.group_id = message.group_id
+    sub.src = message.src
+    sub.dst = message.dst
+    sub.epoch = message.epoch
+    if message.leader_id is not None:
+        sub.leader_id = message.leader_id
+    sub.error = message.error.value
+    sub.fetch_id = message.fetch_id
+    sub.fetch_offset = message.fetch_offset
+    sub.last_fetched_epoch = message.last_fetched_epoch
+    sub.high_watermark = message.high_watermark
+    sub.diverging_epoch = message.diverging_epoch
+    sub.diverging_end_offset = message.diverging_end_offset
 
 
 def from_proto(message: pb.RaftMessage) -> Message:
@@ -219,7 +406,7 @@ class Transport:
             peer.queue.append((message, len(records) + 64))
             peer.wakeup.set()
 
-    async def _envelopes(self, peer: _Peer) -> AsyncIterator[pb.Envelope]:
+    async def _envelopes(self, peer: _Peer) -> AsyncIterator[bytes]:
         while not self._closing:
             if not peer.wakeup.is_set():
                 # Under load messages queued during the previous write are already waiting:
@@ -231,12 +418,10 @@ class Transport:
                 except TimeoutError:
                     pass
             peer.wakeup.clear()
-            envelope = pb.Envelope(src=self.node_id)
+            leaders = None
             if peer.send_leaders:
                 peer.send_leaders = False
-                envelope.leaders_complete = True
-                envelope.leaders.extend(pb.LeaderEntry(group_id=g, epoch=e)
-                                        for g, e in self._local_leaders().items())
+                leaders = self._local_leaders()
             queued, peer.queue = peer.queue, []
             # Keep each write under the gRPC message limit; records dominate the size.
             budget = self._max_message_bytes // 2
@@ -248,10 +433,7 @@ class Transport:
                     peer.wakeup.set()
                     queued = queued[:index]
                     break
-            entries = envelope.messages
-            for message, _ in queued:
-                fill_proto(entries.add(), message)
-            yield envelope
+            yield encode_envelope(self.node_id, [message for message, _ in queued], leaders)
 
     async def _run(self, peer: _Peer) -> None:
         backoff = 0.05
@@ -281,10 +463,12 @@ class Transport:
                     continue
                 was_up = True
                 backoff = 0.05
-                stub = replication_pb2_grpc.ReplicationStub(channel)
+                # The envelopes are already bytes (encode_envelope): no request serializer.
+                stream = channel.stream_stream(STREAM_METHOD, request_serializer=None,
+                                               response_deserializer=pb.Envelope.FromString)
                 peer.send_leaders = True
                 peer.wakeup.set()
-                call = stub.Stream(self._envelopes(peer))
+                call = stream(self._envelopes(peer))
                 peer.connected = True
                 async for _ in call:
                     pass
@@ -304,16 +488,13 @@ class Transport:
 
     # --- receiving ------------------------------------------------------------------------
 
-    def on_envelope(self, envelope: pb.Envelope) -> None:
+    def on_envelope(self, envelope: Envelope) -> None:
         self._last_seen[envelope.src] = asyncio.get_running_loop().time()
-        if envelope.leaders_complete:
-            self.remote_leaders[envelope.src] = {e.group_id: e.epoch for e in envelope.leaders}
-        for raw in envelope.messages:
-            try:
-                message = from_proto(raw)
-            except Exception:
-                log.warning("dropping a malformed Raft message from node %d", envelope.src)
-                continue
+        if envelope.leaders is not None:
+            self.remote_leaders[envelope.src] = envelope.leaders
+        if envelope.malformed:
+            log.warning("dropping %d malformed Raft message(s) from node %d", envelope.malformed, envelope.src)
+        for message in envelope.messages:
             if message.dst != self.node_id:
                 continue
             try:
@@ -351,7 +532,7 @@ class ReplicationService(replication_pb2_grpc.ReplicationServicer):
         self._register = register
         self._streams: set[asyncio.Task[Any]] = set()
 
-    async def Stream(self, request_iterator: AsyncIterator[pb.Envelope], context: grpc.aio.ServicerContext
+    async def Stream(self, request_iterator: AsyncIterator[Envelope], context: grpc.aio.ServicerContext
                      ) -> AsyncIterator[pb.Envelope]:
         task = asyncio.current_task()
         if task is not None:
@@ -373,3 +554,21 @@ class ReplicationService(replication_pb2_grpc.ReplicationServicer):
     async def Register(self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext
                        ) -> pb.RegisterResponse:
         return await self._register(request)  # type: ignore[no-any-return]
+
+
+STREAM_METHOD = "/tidelog.internal.Replication/Stream"
+
+
+def add_replication_service(service: ReplicationService, server: grpc.aio.Server) -> None:
+    """`replication_pb2_grpc.add_ReplicationServicer_to_server`, but with the stream's envelopes
+    decoded by `decode_envelope` (records as views of the received bytes)."""
+    handlers = {
+        "Stream": grpc.stream_stream_rpc_method_handler(
+            service.Stream, request_deserializer=decode_envelope,
+            response_serializer=pb.Envelope.SerializeToString),
+        "Register": grpc.unary_unary_rpc_method_handler(
+            service.Register, request_deserializer=pb.RegisterRequest.FromString,
+            response_serializer=pb.RegisterResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("tidelog.internal.Replication", handlers),))
+    server.add_registered_method_handlers("tidelog.internal.Replication", handlers)

@@ -1198,8 +1198,9 @@ class RaftGroup:
 
     # --- membership -----------------------------------------------------------------------------
 
-    def _scan_for_voters(self, buf: bytes) -> None:
+    def _scan_for_voters(self, buf: bytes | memoryview) -> None:
         # Walk batch lengths and the control bit only: the log already checked these bytes.
+        # ``buf`` may be a memoryview (a node's transport hands records on uncopied).
         position = 0
         size = len(buf)
         while position < size:
@@ -1208,7 +1209,7 @@ class RaftGroup:
             (attributes,) = _INT16.unpack_from(buf, position + ATTRIBUTES_OFFSET)
             # Control batches are rare but every leader change makes one; decode only those that
             # can hold a voters record (keyLength 4 as a zig-zag varint, then the key).
-            if attributes & CONTROL_FLAG_MASK and buf.find(_VOTERS_KEY_FIELD, position, end) >= 0:
+            if attributes & CONTROL_FLAG_MASK and bytes(buf[position:end]).find(_VOTERS_KEY_FIELD) >= 0:
                 for batch in decode_batches(buf[position:end]):
                     for record in batch.records():
                         if record.key == VOTERS_KEY and record.value is not None:
