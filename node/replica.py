@@ -92,7 +92,7 @@ class RaftLogAdapter:
         self.snapshot_dir = snapshot_dir
         # (buffer, headers) the produce path already scanned, so the leader append need not
         # scan the same bytes again; matched by identity.
-        self._pending: tuple[bytes, list[BatchHeader]] | None = None
+        self._pending: tuple[bytes | memoryview, list[BatchHeader]] | None = None
         self._active_segment = partition_log.segment_base_offsets[-1]
         # A snapshot written in a worker thread must not land after a truncation removed its
         # offset (a later, different history could reach that offset and a restart would trust
@@ -102,7 +102,7 @@ class RaftLogAdapter:
         self._truncations = 0
         self._snapshot_write: list[asyncio.Future[None]] = []  # writes not known to be finished
 
-    def expect(self, batches: bytes, headers: list[BatchHeader]) -> None:
+    def expect(self, batches: bytes | memoryview, headers: list[BatchHeader]) -> None:
         self._pending = (batches, headers)
 
     @property
@@ -125,14 +125,13 @@ class RaftLogAdapter:
             return max(self.log.start_epoch, NO_EPOCH)
         return max(self.log.latest_epoch, NO_EPOCH)
 
-    def append(self, batches: bytes, epoch: int) -> tuple[int, int]:
+    def append(self, batches: bytes | memoryview, epoch: int) -> tuple[int, int]:
         pending, self._pending = self._pending, None
-        result = self.log.append(batches, epoch)
+        checked = pending[1] if pending is not None and pending[0] is batches else None
+        # The produce path already CRC-checked these bytes: the log takes its headers.
+        result = self.log.append(batches, epoch, checked_headers=checked)
         if self.producers is not None:
-            if pending is not None and pending[0] is batches:
-                headers = pending[1]
-            else:
-                headers = codec.scan_batches(batches, verify_crc=False)
+            headers = checked if checked is not None else codec.scan_batches(batches, verify_crc=False)
             self._snapshot_if_rolled(result.base_offset)
             self.producers.update(headers, _wall_ms(), first_offset=result.base_offset)
         return result.base_offset, result.last_offset
@@ -459,7 +458,7 @@ class Replica:
         self.group.receive(message, self._now())
         self._process()
 
-    def propose(self, batches: bytes | bytearray) -> tuple[Proposal, asyncio.Future[Proposal]]:
+    def propose(self, batches: bytes | bytearray | memoryview) -> tuple[Proposal, asyncio.Future[Proposal]]:
         """Append as leader; the future resolves when committed, fails with NotLeader if lost."""
         if self.closed:
             raise ReplicaClosed(self.group_id)
@@ -468,7 +467,11 @@ class Replica:
             # take proposals again (clients retry NOT_LEADER_OR_FOLLOWER).
             raise NotLeader(self.group.leader_id, self.group.epoch)
         try:
-            proposal = self.group.propose(bytes(batches), self._now())
+            # A view of immutable bytes (a produce request's records) is appended as it is: the
+            # log writes it before this returns. Only a mutable buffer is copied.
+            if isinstance(batches, bytearray) or (isinstance(batches, memoryview) and not batches.readonly):
+                batches = bytes(batches)
+            proposal = self.group.propose(batches, self._now())  # type: ignore[arg-type]
         except NotLeaderError as exc:
             raise NotLeader(exc.leader_id, exc.epoch) from None
         future: asyncio.Future[Proposal] = self._loop.create_future()

@@ -1121,14 +1121,17 @@ class PartitionLog:
 
     # --- appending -----------------------------------------------------------------------
 
-    def append(self, batches: bytes | bytearray | memoryview, epoch: int) -> AppendResult:
+    def append(self, batches: bytes | bytearray | memoryview, epoch: int, *,
+               checked_headers: list[BatchHeader] | None = None) -> AppendResult:
         """Append producer batches as the leader of ``epoch``: check them (CRC and all, via
         the codec; CorruptRecordError propagates and nothing is written), give them the next
-        offsets and the epoch, and write them with one syscall."""
+        offsets and the epoch, and write them with one syscall. ``checked_headers`` are the
+        codec's `scan_batches` of exactly these (immutable) bytes, CRCs checked, when the
+        caller already has them: they are not scanned again."""
         self._check_usable()
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
-        headers = scan_batches(batches)
+        headers = checked_headers if checked_headers is not None else scan_batches(batches)
         if not headers:
             raise InvalidAppendError("nothing to append: no batches")
         if epoch < self.latest_epoch:
