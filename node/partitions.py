@@ -165,7 +165,8 @@ class Partition:
 
     # --- writes ---------------------------------------------------------------------------
 
-    def append(self, batches: bytes, headers: list[codec.BatchHeader] | None = None) -> Appended | CheckResult:
+    def append(self, batches: bytes | memoryview, headers: list[codec.BatchHeader] | None = None
+               ) -> Appended | CheckResult:
         """Append validated batches as the leader (NotLeader otherwise).
 
         With ``headers`` (the request's scan), batches of an idempotent producer are checked

@@ -36,7 +36,7 @@ from tidelog.node.group_host import GroupHost, OffsetsPartition
 from tidelog.node.group_service import GroupsService
 from tidelog.node.metadata import MetadataImage, RegisterNode, TopicImage
 from tidelog.node.partitions import PartitionManager, _write_atomically, group_id_for
-from tidelog.node.services import AdminService, BrokerService
+from tidelog.node.services import AdminService, BrokerService, add_broker_service
 from tidelog.node.transport import ReplicationService, Transport, add_replication_service
 from tidelog.proto import api_pb2, api_pb2_grpc, replication_pb2, replication_pb2_grpc
 from tidelog.replication.messages import Message
@@ -302,7 +302,7 @@ class Node:
             ("grpc.so_reuseport", 0),
         ]
         server = grpc.aio.server(options=options)
-        api_pb2_grpc.add_BrokerServicer_to_server(BrokerService(self), server)
+        add_broker_service(BrokerService(self), server)
         api_pb2_grpc.add_AdminServicer_to_server(AdminService(self), server)
         api_pb2_grpc.add_GroupsServicer_to_server(GroupsService(self), server)
         self._replication_service = ReplicationService(self.transport, self.register)

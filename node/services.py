@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -21,6 +22,7 @@ from tidelog.node.partitions import Partition, PartitionClosed, StorageFailed
 from tidelog.node.producer_state import CheckResult, Verdict
 from tidelog.node.replica import NotLeader, ReplicaClosed
 from tidelog.node.storage import OffsetOutOfRangeError
+from tidelog.node.wire import WIRE_LEN, WIRE_VARINT, length_delimited, read_varint, signed, skip_field
 from tidelog.proto import api_pb2, api_pb2_grpc
 from tidelog.proto import records as codec
 from tidelog.proto.common_pb2 import ErrorCode
@@ -34,6 +36,96 @@ EARLIEST_TIMESTAMP = -2
 LATEST_TIMESTAMP = -1
 DEFAULT_PRODUCE_TIMEOUT_MS = 30000
 DEFAULT_FETCH_MAX_BYTES = 52428800  # Kafka's fetch.max.bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ProducePartitionData:
+    """`api_pb2.ProducePartitionData` as `decode_produce_request` reads it."""
+
+    topic: str
+    partition: int
+    records: memoryview  # a view of the request's bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ProduceRequest:
+    """`api_pb2.ProduceRequest` as `decode_produce_request` reads it."""
+
+    acks: int
+    timeout_ms: int
+    partitions: list[ProducePartitionData]
+
+
+def decode_produce_request(data: bytes) -> ProduceRequest:
+    """The Produce method's request deserializer: the fields of `api_pb2.ProduceRequest`, with
+    each partition's records a view of ``data`` instead of the two copies protobuf makes (its
+    parse, then the attribute read). Raises ValueError (gRPC answers INTERNAL, as it does when
+    protobuf cannot parse a request) on bytes that are not such a message."""
+    view = memoryview(data)
+    acks = timeout_ms = 0
+    partitions: list[ProducePartitionData] = []
+    position, size = 0, len(data)
+    try:
+        while position < size:
+            key, position = read_varint(data, position)
+            field, wire_type = key >> 3, key & 7
+            if field in (1, 2) and wire_type == WIRE_VARINT:
+                value, position = read_varint(data, position)
+                if field == 1:
+                    acks = signed(value)
+                else:
+                    timeout_ms = signed(value)
+            elif field == 3 and wire_type == WIRE_LEN:
+                start, position = length_delimited(data, position)
+                partitions.append(_decode_produce_partition(data, view, start, position))
+            else:
+                position = skip_field(data, position, wire_type)
+    except IndexError:
+        raise ValueError("truncated produce request") from None
+    if position != size:
+        raise ValueError("a field runs past the end of the produce request")
+    return ProduceRequest(acks, timeout_ms, partitions)
+
+
+def _decode_produce_partition(data: bytes, view: memoryview, position: int, end: int) -> ProducePartitionData:
+    topic = ""
+    partition = 0
+    records = view[0:0]
+    while position < end:
+        key, position = read_varint(data, position)
+        field, wire_type = key >> 3, key & 7
+        if field == 2 and wire_type == WIRE_VARINT:
+            value, position = read_varint(data, position)
+            partition = signed(value)
+        elif field in (1, 3) and wire_type == WIRE_LEN:
+            start, position = length_delimited(data, position)
+            if position > end:
+                raise ValueError("a field runs past the end of its partition")
+            if field == 1:
+                topic = str(data[start:position], "utf-8")
+            else:
+                records = view[start:position]
+        else:
+            position = skip_field(data, position, wire_type)
+    if position != end:
+        raise ValueError("a field runs past the end of its partition")
+    return ProducePartitionData(topic, partition, records)
+
+
+def add_broker_service(service: BrokerService, server: grpc.aio.Server) -> None:
+    """`api_pb2_grpc.add_BrokerServicer_to_server`, with Produce's requests decoded by
+    `decode_produce_request` (records as views of the received bytes)."""
+    handlers = {}
+    for method in api_pb2.DESCRIPTOR.services_by_name["Broker"].methods:
+        request_class = getattr(api_pb2, method.input_type.name)
+        response_class = getattr(api_pb2, method.output_type.name)
+        assert not method.client_streaming and not method.server_streaming, method.name
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            getattr(service, method.name),
+            request_deserializer=decode_produce_request if method.name == "Produce" else request_class.FromString,
+            response_serializer=response_class.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("tidelog.Broker", handlers),))
+    server.add_registered_method_handlers("tidelog.Broker", handlers)
 
 
 class _Rejected(Exception):
@@ -89,7 +181,7 @@ class BrokerService(api_pb2_grpc.BrokerServicer):
 
     # --- Produce --------------------------------------------------------------------------
 
-    async def Produce(self, request: api_pb2.ProduceRequest, context: grpc.aio.ServicerContext
+    async def Produce(self, request: ProduceRequest, context: grpc.aio.ServicerContext
                       ) -> api_pb2.ProduceResponse:
         self.node.request_started()
         try:
@@ -97,7 +189,7 @@ class BrokerService(api_pb2_grpc.BrokerServicer):
         finally:
             self.node.request_finished()
 
-    async def _produce(self, request: api_pb2.ProduceRequest) -> api_pb2.ProduceResponse:
+    async def _produce(self, request: ProduceRequest) -> api_pb2.ProduceResponse:
         node = self.node
         image = node.image
         acks = request.acks
@@ -178,7 +270,8 @@ class BrokerService(api_pb2_grpc.BrokerServicer):
                 raise exc
 
     @staticmethod
-    def _validate(configs: Mapping[str, str], records: bytes) -> tuple[bytes, list[codec.BatchHeader]]:
+    def _validate(configs: Mapping[str, str], records: bytes | memoryview
+                  ) -> tuple[bytes | memoryview, list[codec.BatchHeader]]:
         if not records:
             raise _Rejected(ErrorCode.CORRUPT_MESSAGE, "no record batches in the request")
         try:
@@ -199,7 +292,7 @@ class BrokerService(api_pb2_grpc.BrokerServicer):
             # Kafka answers INVALID_RECORD (KIP-467), not retriable; our enum lacks it, and
             # CORRUPT_MESSAGE is retriable, so a producer would retry it until it times out.
             raise _Rejected(ErrorCode.INVALID_REQUEST, "compacted topic cannot accept message without key")
-        return records, headers  # bytes: proposed and written without another copy
+        return records, headers  # proposed and written without another copy
 
     # --- InitProducerId -------------------------------------------------------------------
 

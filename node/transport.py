@@ -25,6 +25,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import grpc
+from tidelog.node.wire import WIRE_LEN, WIRE_VARINT, encode_varint, read_varint, signed, skip_field
 from tidelog.proto import replication_pb2 as pb
 from tidelog.proto import replication_pb2_grpc
 from tidelog.replication.messages import (
@@ -113,43 +114,10 @@ def fill_proto(out: pb.RaftMessage, message: Message) -> None:
             setattr(other, name, value)
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _read_varint(data: bytes, position: int) -> tuple[int, int]:
-    byte = data[position]
-    if byte < 0x80:
-        return byte, position + 1
-    value = byte & 0x7F
-    shift = 7
-    position += 1
-    while True:
-        byte = data[position]
-        value |= (byte & 0x7F) << shift
-        position += 1
-        if byte < 0x80:
-            return value, position
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint longer than 10 bytes")
-
-
-def _signed(value: int) -> int:
-    # int32 and int64 fields carry negative numbers as 64-bit two's complement varints.
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
 # Protobuf keys (field number << 3 | wire type) of replication.proto's fields used here.
 _ENVELOPE_MESSAGE = b"\x12"  # Envelope.messages = 2, length-delimited
 _RAFT_FETCH_RESPONSE = b"\x32"  # RaftMessage.fetch_response = 6, length-delimited
 _FETCH_RESPONSE_RECORDS = b"\x52"  # FetchResponse.records = 10, length-delimited
-_WIRE_VARINT, _WIRE_I64, _WIRE_LEN, _WIRE_I32 = 0, 1, 2, 5
 
 
 def encode_envelope(src: int, messages: list[Message], leaders: Mapping[str, int] | None = None) -> bytes:
@@ -171,15 +139,15 @@ def encode_envelope(src: int, messages: list[Message], leaders: Mapping[str, int
             _fill_fetch_response(head_of_response, message)
             inner = head_of_response.SerializeToString()
             length = len(records)
-            response_length = len(inner) + 1 + len(_varint(length)) + length
-            raft_length = 1 + len(_varint(response_length)) + response_length
-            pieces.append(b"".join((_ENVELOPE_MESSAGE, _varint(raft_length), _RAFT_FETCH_RESPONSE,
-                                    _varint(response_length), inner, _FETCH_RESPONSE_RECORDS,
-                                    _varint(length))))
+            response_length = len(inner) + 1 + len(encode_varint(length)) + length
+            raft_length = 1 + len(encode_varint(response_length)) + response_length
+            pieces.append(b"".join((_ENVELOPE_MESSAGE, encode_varint(raft_length), _RAFT_FETCH_RESPONSE,
+                                    encode_varint(response_length), inner, _FETCH_RESPONSE_RECORDS,
+                                    encode_varint(length))))
             pieces.append(records)
         else:
             raw = to_proto(message).SerializeToString()
-            pieces.append(_ENVELOPE_MESSAGE + _varint(len(raw)) + raw)
+            pieces.append(_ENVELOPE_MESSAGE + encode_varint(len(raw)) + raw)
     return b"".join(pieces)
 
 
@@ -193,19 +161,6 @@ class Envelope:
     malformed: int  # Raft messages that could not be decoded and were left out
 
 
-def _skip(data: bytes, position: int, wire_type: int) -> int:
-    if wire_type == _WIRE_VARINT:
-        return _read_varint(data, position)[1]
-    if wire_type == _WIRE_LEN:
-        length, position = _read_varint(data, position)
-        return position + length
-    if wire_type == _WIRE_I64:
-        return position + 8
-    if wire_type == _WIRE_I32:
-        return position + 4
-    raise ValueError(f"unsupported wire type {wire_type}")
-
-
 def _decode_fetch_response(data: bytes, view: memoryview, position: int, end: int) -> FetchResponse:
     """A `pb.FetchResponse` in ``data[position:end]``; its records stay a view of ``data``."""
     ints = [0] * 14
@@ -213,16 +168,16 @@ def _decode_fetch_response(data: bytes, view: memoryview, position: int, end: in
     group_id = ""
     records: bytes | memoryview = b""
     while position < end:
-        key, position = _read_varint(data, position)
+        key, position = read_varint(data, position)
         field, wire_type = key >> 3, key & 7
-        if wire_type == _WIRE_VARINT and field < 14:
-            value, position = _read_varint(data, position)
+        if wire_type == WIRE_VARINT and field < 14:
+            value, position = read_varint(data, position)
             if field == 5:
-                leader_id = _signed(value)
+                leader_id = signed(value)
             else:
-                ints[field] = _signed(value)
-        elif wire_type == _WIRE_LEN and field in (1, 10):
-            length, position = _read_varint(data, position)
+                ints[field] = signed(value)
+        elif wire_type == WIRE_LEN and field in (1, 10):
+            length, position = read_varint(data, position)
             if position + length > end:
                 raise ValueError("field runs past its message")
             if field == 1:
@@ -231,7 +186,7 @@ def _decode_fetch_response(data: bytes, view: memoryview, position: int, end: in
                 records = view[position:position + length]
             position += length
         else:
-            position = _skip(data, position, wire_type)
+            position = skip_field(data, position, wire_type)
     if position != end:
         raise ValueError("fetch response runs past its message")
     return FetchResponse(group_id, ints[2], ints[3], ints[4], leader_id, FetchError(ints[6]), ints[7], ints[8],
@@ -252,19 +207,19 @@ def decode_envelope(data: bytes) -> Envelope:
     malformed = 0
     try:
         while position < size:
-            key, position = _read_varint(data, position)
+            key, position = read_varint(data, position)
             field, wire_type = key >> 3, key & 7
-            if wire_type == _WIRE_VARINT:
-                value, position = _read_varint(data, position)
+            if wire_type == WIRE_VARINT:
+                value, position = read_varint(data, position)
                 if field == 1:
-                    src = _signed(value)
+                    src = signed(value)
                 elif field == 4:
                     complete = bool(value)
                 continue
-            if wire_type != _WIRE_LEN:
-                position = _skip(data, position, wire_type)
+            if wire_type != WIRE_LEN:
+                position = skip_field(data, position, wire_type)
                 continue
-            length, position = _read_varint(data, position)
+            length, position = read_varint(data, position)
             end = position + length
             if end > size:
                 raise ValueError("field runs past the envelope")
@@ -283,9 +238,9 @@ def decode_envelope(data: bytes) -> Envelope:
 
 
 def _decode_raft_message(data: bytes, view: memoryview, position: int, end: int) -> Message:
-    key, inner = _read_varint(data, position)
+    key, inner = read_varint(data, position)
     if key == _RAFT_FETCH_RESPONSE[0]:
-        length, inner = _read_varint(data, inner)
+        length, inner = read_varint(data, inner)
         if inner + length == end:
             return _decode_fetch_response(data, view, inner, end)
     return from_proto(pb.RaftMessage.FromString(data[position:end]))
