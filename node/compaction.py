@@ -30,15 +30,17 @@ A pass over one partition log (`clean_log`, or `prepare_clean` in a worker threa
    parts, so a tombstone may outlive delete.retention.ms but never falls short of it). It is
    written only after every swap of the pass, so a pass cut short is simply redone.
 
-The checkpoint also names the clean section's last batch (its position, size and leader
-epoch). A log truncated below the clean offset and written again (a follower after a majority
-crash under ``flush=interval``, or a `reset_to`) would otherwise have its new batches taken for
-clean ones: never put in the offset map, and their tombstones dropped at once by an old
-segment's cleaning time, so a deleted key could come back. Each pass first finds that batch
-where the checkpoint says (Raft's log matching: the same offset and epoch mean the same prefix);
-if it is not there the whole log counts as dirty again, and while the cleanable segments do not
-yet reach the clean offset the pass waits (Kafka instead lowers the checkpoint on truncation,
-``maybeTruncateCheckpoint``; checking at the pass also covers a pass racing a truncation).
+The checkpoint also names the clean section's last batch (its position, size, leader epoch
+and last offset, which may lie before the clean offset: a follower cut inside a gap it copied
+from its leader, then rolled, has a segment ending in a gap). A log truncated below the clean
+offset and written again (a follower after a majority crash under ``flush=interval``, or a
+`reset_to`) would otherwise have its new batches taken for clean ones: never put in the offset
+map, and their tombstones dropped at once by an old segment's cleaning time, so a deleted key
+could come back. Each pass first finds that batch where the checkpoint says (Raft's log
+matching: the same offset and epoch mean the same prefix); if it is not there the whole log
+counts as dirty again, and while the cleanable segments do not yet reach the clean offset the
+pass waits (Kafka instead lowers the checkpoint on truncation, ``maybeTruncateCheckpoint``;
+checking at the pass also covers a pass racing a truncation).
 
 Only the swaps touch the log's owner thread; reading, filtering and writing the cleaned files
 run in a worker (the log's files below the recovery point never change in place, so the worker
@@ -131,6 +133,7 @@ class CleanBatch:
     position: int  # its byte position there
     size: int  # its bytes, so the segment ends right after it
     epoch: int  # its partitionLeaderEpoch
+    last_offset: int  # with the epoch, what proves the prefix (Raft's log matching)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +153,7 @@ class CleanerCheckpoint:
                                    "tombstones_due_ms": self.tombstones_due_ms}
         if self.last_batch is not None:
             b = self.last_batch
-            body["last_batch"] = [b.segment_base, b.position, b.size, b.epoch]
+            body["last_batch"] = [b.segment_base, b.position, b.size, b.epoch, b.last_offset]
         return (json.dumps(body) + "\n").encode()
 
     @classmethod
@@ -158,8 +161,13 @@ class CleanerCheckpoint:
         body = json.loads(data)
         if body.get("version") != 1:
             raise ValueError(f"unknown {CLEANER_CHECKPOINT} version {body.get('version')!r}")
+        clean_offset = int(body["clean_offset"])
         last = body.get("last_batch")
-        return cls(int(body["clean_offset"]),
+        if last is not None and len(last) == 4:
+            # Written before the last offset was recorded, when the batch had to end exactly
+            # at the clean offset to be confirmed.
+            last = [*last, clean_offset - 1]
+        return cls(clean_offset,
                    tuple((int(base), int(ms)) for base, ms in body["cleaned_ms"]),
                    int(body.get("tombstones_due_ms", _NEVER)),
                    None if last is None else CleanBatch(*(int(v) for v in last)))
@@ -402,10 +410,12 @@ def needs_cleaning(segments: list[CleanableSegment], checkpoint: CleanerCheckpoi
 
 
 def _clean_batch_at(segment: CleanableSegment, expected: CleanBatch, clean_offset: int) -> bool:
-    """Whether ``segment`` still ends with the batch ``expected`` describes, ending at
-    ``clean_offset`` (one read of its header)."""
+    """Whether ``segment`` still ends with the batch ``expected`` describes (one read of its
+    header). The batch may end before ``clean_offset``, the segment's end: the same last offset
+    and epoch prove the same prefix, and as the segment's last batch nothing follows it there."""
     if (segment.base_offset != expected.segment_base
-            or segment.size != expected.position + expected.size):
+            or segment.size != expected.position + expected.size
+            or expected.last_offset >= clean_offset):
         return False
     with open(segment.path, "rb") as file:  # gone: retention got there first, the pass ends
         file.seek(expected.position)
@@ -415,7 +425,7 @@ def _clean_batch_at(segment: CleanableSegment, expected: CleanBatch, clean_offse
     base = _INT64.unpack_from(header, BASE_OFFSET_OFFSET)[0]
     return (_INT32.unpack_from(header, BATCH_LENGTH_OFFSET)[0] + LOG_OVERHEAD == expected.size
             and _INT32.unpack_from(header, PARTITION_LEADER_EPOCH_OFFSET)[0] == expected.epoch
-            and base + _INT32.unpack_from(header, LAST_OFFSET_DELTA_OFFSET)[0] + 1 == clean_offset)
+            and base + _INT32.unpack_from(header, LAST_OFFSET_DELTA_OFFSET)[0] == expected.last_offset)
 
 
 def confirm_checkpoint(segments: list[CleanableSegment],
@@ -491,7 +501,9 @@ def _prepare(directory: str, segments: list[CleanableSegment], checkpoint: Clean
         size = sum(len(b) for item in group for b in item[1])
         last = next((item[1][-1] for item in reversed(group) if item[1]), None)
         last_batch = None if last is None else CleanBatch(
-            base, size - len(last), len(last), _INT32.unpack_from(last, PARTITION_LEADER_EPOCH_OFFSET)[0])
+            base, size - len(last), len(last), _INT32.unpack_from(last, PARTITION_LEADER_EPOCH_OFFSET)[0],
+            _INT64.unpack_from(last, BASE_OFFSET_OFFSET)[0]
+            + _INT32.unpack_from(last, LAST_OFFSET_DELTA_OFFSET)[0])
         # Merged tombstones keep the latest start: kept at least delete.retention.ms.
         cleaned_ms_after.append((base, max(item[3] for item in group)))
         if len(group) > 1 or group[0][2]:

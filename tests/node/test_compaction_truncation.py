@@ -8,11 +8,19 @@ tombstones are dropped at once by an old segment's cleaning time, so a deleted k
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
-from tidelog.node.compaction import CleanerCheckpoint, clean_log, read_checkpoint, write_checkpoint
+from tidelog.node.compaction import (
+    CLEANER_CHECKPOINT,
+    CleanerCheckpoint,
+    clean_log,
+    read_checkpoint,
+    write_checkpoint,
+)
 from tidelog.node.storage import PartitionLog
+from tidelog.proto.records import Record, encode_batch
 
 from tests.node.test_compaction import CLEANER, LOG, Clock, Entry, compacted, contents, put
 
@@ -74,4 +82,50 @@ def test_a_checkpoint_without_its_last_batch_means_everything_is_dirty(plog: Par
     checkpoint = read_checkpoint(plog.directory)
     assert checkpoint.clean_offset == limit and checkpoint.last_batch is not None
     # The checkpoint the pass wrote is confirmed: the next pass has nothing dirty to do.
+    assert clean_log(plog, plog.end_offset, CLEANER, now_ms=5_000) is None
+
+
+def test_a_segment_cut_inside_a_gap_is_confirmed_at_its_next_pass(plog: PartitionLog) -> None:
+    """A follower copies its leader's compaction gaps; truncated inside one and rolled at once,
+    its segment's last batch ends before the next segment's base. The checkpoint a pass writes
+    for it must still be confirmed, or every pass re-cleans the whole log and restarts every
+    tombstone's lifetime, so no tombstone ever expires."""
+    def replicate(offset: int, key: bytes, value: bytes | None) -> None:
+        plog.append_replicated(encode_batch([Record(0, 1000, key, value)], base_offset=offset,
+                                            partition_leader_epoch=1))
+        plog.flush()
+
+    replicate(0, b"a", b"a0")
+    replicate(1, b"b", None)
+    replicate(5, b"c", b"c5")  # the leader's cleaner removed offsets 2-4
+    assert plog.truncate_to(3) == 3  # inside the gap
+    # The next append rolls at once: the new segment starts at 3, its predecessor's last batch
+    # (the tombstone) ends at 2.
+    put(plog, (b"d", b"x" * LOG.segment_bytes), epoch=2)
+    assert plog.segment_base_offsets == (0, 3)
+    assert [s.next_offset for s in plog.cleanable_segments(plog.end_offset)] == [3]
+
+    assert clean_log(plog, plog.end_offset, CLEANER, now_ms=1_000) is not None
+    checkpoint = read_checkpoint(plog.directory)
+    assert checkpoint.clean_offset == 3
+    assert checkpoint.tombstones_due_ms == 1_000 + CLEANER.delete_retention_ms
+    # Confirmed: nothing is dirty and the tombstone is not due, so no pass, same lifetime.
+    assert clean_log(plog, plog.end_offset, CLEANER, now_ms=1_500) is None
+    assert read_checkpoint(plog.directory) == checkpoint
+    # Once due, the tombstone goes (its batch stays, empty, as the segment's last).
+    assert clean_log(plog, plog.end_offset, CLEANER, now_ms=2_000) is not None
+    assert contents(plog, 0)[:2] == [(0, b"a", b"a0"), (3, b"d", b"x" * LOG.segment_bytes)]
+
+
+def test_a_checkpoint_naming_its_last_batch_without_last_offset_is_still_confirmed(
+        plog: PartitionLog) -> None:
+    """Checkpoints written before the last offset was recorded named a batch ending at the clean
+    offset; an upgrade must not re-clean every compacted log once."""
+    write(plog, [(b"k%d" % (i % 5), b"v%d" % i) for i in range(40)], epoch=1)
+    assert clean_log(plog, plog.end_offset, CLEANER, now_ms=5_000) is not None
+    path = Path(plog.directory) / CLEANER_CHECKPOINT
+    body = json.loads(path.read_bytes())
+    assert body["last_batch"][4] == body["clean_offset"] - 1
+    del body["last_batch"][4]
+    path.write_text(json.dumps(body))
     assert clean_log(plog, plog.end_offset, CLEANER, now_ms=5_000) is None
