@@ -966,8 +966,9 @@ class RaftGroup:
             )
         )  # fmt: skip
 
-    def _answer_fetch(self, m: FetchRequest) -> None:
-        records = self._log.read(m.fetch_offset, self._config.max_fetch_bytes)
+    def _answer_fetch(self, m: FetchRequest, records: bytes | None = None) -> None:
+        if records is None:
+            records = self._log.read(m.fetch_offset, self._config.max_fetch_bytes)
         self._send(
             FetchResponse(
                 self.group_id,
@@ -990,8 +991,15 @@ class RaftGroup:
         if self._parked:
             parked = self._parked
             self._parked = {}
+            # Followers in step park at the same offset: they get one read of the log between
+            # them (the bytes are immutable), not one each.
+            read: dict[int, bytes] = {}
             for request, _ in parked.values():
-                self._answer_fetch(request)
+                records = read.get(request.fetch_offset)
+                if records is None:
+                    records = read[request.fetch_offset] = self._log.read(request.fetch_offset,
+                                                                          self._config.max_fetch_bytes)
+                self._answer_fetch(request, records)
 
     def _after_leader_append(self) -> None:
         self._request_flush()
