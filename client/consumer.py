@@ -34,6 +34,7 @@ import concurrent.futures
 import logging
 import queue
 import re
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -249,6 +250,9 @@ class AsyncConsumer:
         # Rebalance callbacks running or waiting for the application (GroupMembership's
         # callbacks_running): a close past its deadline does not cut them short.
         self.callbacks_running = 0
+        # Tasks inside a callback run on the loop (AsyncConsumer): a close or a blocking
+        # unsubscribe awaited there would wait for that very callback to return.
+        self._callback_tasks: set[asyncio.Task[Any]] = set()
         self._leaving: asyncio.Task[None] | None = None
         # The membership `unsubscribe` is ending: its revocation commits as that member.
         self._departing: GroupMembership | None = None
@@ -373,7 +377,9 @@ class AsyncConsumer:
 
     async def unsubscribe_and_wait(self) -> None:
         """`unsubscribe`, returning once the group has been left (Kafka's blocking unsubscribe:
-        the sync Consumer runs on_revoke inside it)."""
+        the sync Consumer runs on_revoke inside it). RuntimeError when awaited inside
+        on_assign/on_revoke: leaving waits for the callback to return."""
+        self._refuse_inside_callback("unsubscribe_and_wait()")
         self.unsubscribe()
         if self._leaving is not None:
             await asyncio.gather(self._leaving, return_exceptions=True)
@@ -1041,13 +1047,25 @@ class AsyncConsumer:
         if callback is None:
             return
         self.callbacks_running += 1
+        task = asyncio.current_task()
         try:
             if self.callback_runner is not None:
                 await self.callback_runner(callback, partitions)
             else:
+                if task is not None:
+                    self._callback_tasks.add(task)
                 await call_callback(callback, partitions, what)
         finally:
             self.callbacks_running -= 1
+            if task is not None:
+                self._callback_tasks.discard(task)
+
+    def _refuse_inside_callback(self, what: str) -> None:
+        if asyncio.current_task() in self._callback_tasks:
+            raise RuntimeError(
+                f"{what} cannot be awaited inside a rebalance callback (on_assign/on_revoke): it "
+                f"waits for the callback to return; return first, or run it in a task of its own"
+            )
 
     def _owned_offsets(self, strict: bool) -> Callable[[Mapping[TopicPartition, int]], Mapping[TopicPartition, int]]:
         """What a member may commit at this moment: offsets of partitions it owns (a partition
@@ -1249,7 +1267,11 @@ class AsyncConsumer:
         ``timeout`` seconds (default request_timeout_ms) is ONE deadline for the final commit
         and the leave heartbeat together, as Kafka's close(Duration): an unreachable
         coordinator costs at most that (the session timeout then removes the member). The
-        rebalance callbacks are the application's and are not cut short."""
+        rebalance callbacks are the application's and are not cut short.
+
+        RuntimeError when awaited inside on_assign/on_revoke: close waits for the callback to
+        return, so it would wait for itself."""
+        self._refuse_inside_callback("close()")
         if self._closed:
             return
         budget = self.request_timeout if timeout is None else max(0.0, timeout)
@@ -1294,6 +1316,9 @@ class Consumer:
         # (callback, partitions, loop future) items, and markers of finished calls.
         self._app_calls: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._deferred: deque[tuple[Any, frozenset[TopicPartition], asyncio.Future[None]]] = deque()
+        # The thread running a rebalance callback now: close() or unsubscribe() from there would
+        # wait for the callback to return, that is for ever.
+        self._callback_thread: int | None = None
         self._call(lambda: setattr(self._core, "callback_runner", self._run_on_app_thread))
 
     @staticmethod
@@ -1307,7 +1332,8 @@ class Consumer:
         return self._thread.run(run())
 
     # on_assign/on_revoke run on the application's thread, inside poll() or close(), as in
-    # Kafka's consumer: so they may call anything, commit() included, and a revocation (its
+    # Kafka's consumer: so they may call anything but close() and unsubscribe() (which wait for
+    # them), commit() included, and a revocation (its
     # commit, on_revoke, and the news to the coordinator) waits until the application is back
     # in poll, having handled what earlier polls returned. Heartbeats go on meanwhile; the
     # rebalance timeout (max_poll_interval_ms) bounds the wait.
@@ -1331,10 +1357,13 @@ class Consumer:
         if future.done():
             return  # given up (the consumer is closing)
         if callback is not None:
+            outer, self._callback_thread = self._callback_thread, threading.get_ident()
             try:
                 callback(set(partitions))
             except Exception:  # noqa: BLE001 - user code; reported, never fatal to the membership
                 log.exception("a rebalance callback raised")
+            finally:
+                self._callback_thread = outer
 
         def settle() -> None:
             if not future.done():
@@ -1345,6 +1374,13 @@ class Consumer:
     def _run_deferred(self) -> None:
         while self._deferred:
             self._run_app_call(self._deferred.popleft())
+
+    def _refuse_inside_callback(self, what: str) -> None:
+        if self._callback_thread == threading.get_ident():
+            raise RuntimeError(
+                f"Consumer.{what} cannot be called inside a rebalance callback (on_assign/on_revoke): "
+                f"it waits for the callback to return; call it after poll() returns"
+            )
 
     def _serve(self, coro: Any, defer_after: Callable[[Any], bool] = lambda result: False) -> Any:
         """Run ``coro`` on the loop, running meanwhile the callbacks the loop asks of this
@@ -1390,7 +1426,8 @@ class Consumer:
     ) -> None:
         """See `AsyncConsumer.subscribe` (``pattern``: a regex subscription). The callbacks run
         on this thread inside `poll` (or `close`), as in Kafka's consumer, and may call any
-        method, `commit` included."""
+        method, `commit` included, but `close` and `unsubscribe`, which wait for them to return
+        (RuntimeError)."""
         topics = [topics] if isinstance(topics, str) else list(topics)
         self._call(lambda: self._core.subscribe(topics, on_assign, on_revoke, pattern=pattern))
 
@@ -1439,7 +1476,9 @@ class Consumer:
 
     def unsubscribe(self) -> None:
         """Leave the group (committing under auto-commit, on_revoke on this thread) and return
-        once it is left, as Kafka's consumer does."""
+        once it is left, as Kafka's consumer does. RuntimeError inside on_assign/on_revoke:
+        leaving waits for the callback to return."""
+        self._refuse_inside_callback("unsubscribe()")
         self._serve(self._core.unsubscribe_and_wait())
 
     def assignment(self) -> set[TopicPartition]:
@@ -1531,7 +1570,12 @@ class Consumer:
 
     def close(self, timeout: float | None = None) -> None:
         """See `AsyncConsumer.close`: ``timeout`` seconds bound the final commit and the leave
-        together; on_revoke runs on this thread meanwhile."""
+        together; on_revoke runs on this thread meanwhile.
+
+        RuntimeError inside on_assign/on_revoke: they run inside poll (or close) on this thread,
+        and close would wait for the callback to return, that is for ever. Close after poll
+        returns instead."""
+        self._refuse_inside_callback("close()")
         if self._closed:
             return
         self._closed = True
