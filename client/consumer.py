@@ -1267,14 +1267,18 @@ class AsyncConsumer:
         ``timeout`` seconds (default request_timeout_ms) is ONE deadline for the final commit
         and the leave heartbeat together, as Kafka's close(Duration): an unreachable
         coordinator costs at most that (the session timeout then removes the member). The
-        rebalance callbacks are the application's and are not cut short.
+        rebalance callbacks are the application's and are not cut short. With no time left
+        (``timeout`` 0) the leave heartbeat is still sent, but its answer is not waited for.
+        A negative ``timeout`` is a ValueError, as in Kafka's close(Duration).
 
         RuntimeError when awaited inside on_assign/on_revoke: close waits for the callback to
         return, so it would wait for itself."""
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"close timeout must be >= 0, not {timeout}")
         self._refuse_inside_callback("close()")
         if self._closed:
             return
-        budget = self.request_timeout if timeout is None else max(0.0, timeout)
+        budget = self.request_timeout if timeout is None else timeout
         self._close_deadline = time.monotonic() + budget
         try:
             if self._membership is not None:
@@ -1570,11 +1574,14 @@ class Consumer:
 
     def close(self, timeout: float | None = None) -> None:
         """See `AsyncConsumer.close`: ``timeout`` seconds bound the final commit and the leave
-        together; on_revoke runs on this thread meanwhile.
+        together; on_revoke runs on this thread meanwhile. With ``timeout`` 0 the leave is sent
+        without waiting for its answer; a negative one is a ValueError.
 
         RuntimeError inside on_assign/on_revoke: they run inside poll (or close) on this thread,
         and close would wait for the callback to return, that is for ever. Close after poll
         returns instead."""
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"close timeout must be >= 0, not {timeout}")
         self._refuse_inside_callback("close()")
         if self._closed:
             return

@@ -30,6 +30,7 @@ with epoch -1, its partitions lost, and joins again at the next poll.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import enum
 import inspect
 import logging
@@ -50,7 +51,7 @@ from tidelog.client.connection import (
     is_retriable_rpc_error,
 )
 from tidelog.client.types import TopicPartition
-from tidelog.proto import api_pb2, common_pb2
+from tidelog.proto import api_pb2, api_pb2_grpc, common_pb2
 from tidelog.proto.common_pb2 import ErrorCode
 from tidelog.proto.errors import TidelogError, is_retriable
 
@@ -430,6 +431,8 @@ class GroupMembership:
         self.poll_timeout = rebalance_timeout_ms / 1000.0
         self.last_poll = time.monotonic()
         self._poll_expired = False
+        # A leave heartbeat close sent without waiting for its answer (no time left).
+        self._fired_leave: asyncio.Task[None] | None = None
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -487,8 +490,8 @@ class GroupMembership:
 
         ``timeout`` seconds is one deadline for all of it but the application's callbacks (the
         host's commit keeps to its own, the consumer's close deadline): a reconciliation still
-        waiting on the coordinator past it is cut off, and a leave heartbeat there is no time
-        left for is not sent, since the session timeout removes the member anyway."""
+        waiting on the coordinator past it is cut off, and with no time left for the leave
+        heartbeat it is still sent, but not waited for (`_fire_leave`)."""
         deadline = time.monotonic() + timeout
         task, self._task = self._task, None
         self._stopping = True
@@ -508,18 +511,17 @@ class GroupMembership:
         if remaining > 0:
             await self._send_leave(remaining)
         else:
-            log.info("group %s: no time left to send the leave; the session timeout will remove the member",
-                     self.group_id)
+            self._fire_leave()
         self._move(MemberState.UNSUBSCRIBED)
         self.member_epoch = JOIN_EPOCH
         if not self.instance_id:
             self.member_id = ""
 
-    async def _send_leave(self, timeout: float, *, for_good: bool = False) -> None:
+    def _leave_request(self, *, for_good: bool = False) -> api_pb2.ConsumerGroupHeartbeatRequest:
         """The leave heartbeat: epoch -1, or -2 for a static member (its assignment waits for
         its return) unless ``for_good``."""
         epoch = STATIC_LEAVE_EPOCH if self.instance_id and not for_good else LEAVE_EPOCH
-        request = api_pb2.ConsumerGroupHeartbeatRequest(
+        return api_pb2.ConsumerGroupHeartbeatRequest(
             group_id=self.group_id,
             member_id=self.member_id,
             member_epoch=epoch,
@@ -527,9 +529,39 @@ class GroupMembership:
             rebalance_timeout_ms=-1,
             client_id=self.client_id,
         )
+
+    def _fire_leave(self) -> None:
+        """Send the leave heartbeat without waiting for its answer (a close with no time left):
+        otherwise the group waits a whole session timeout to move the partitions on. It goes on a channel of its own, in a task that is not the
+        consumer's, since the consumer's channels and tasks end as its close returns; its
+        answer is only logged. Without a known coordinator there is nowhere to send it."""
+        coordinator = self.coordinator.coordinator
+        if coordinator is None:
+            log.info("group %s: no time left to find the coordinator; the session timeout will "
+                     "remove the member", self.group_id)
+            return
+        self._fired_leave = asyncio.get_running_loop().create_task(
+            self._send_fired_leave(coordinator.address, self._leave_request(), self._heartbeat_timeout()),
+            context=contextvars.Context())
+
+    async def _send_fired_leave(self, address: str, request: api_pb2.ConsumerGroupHeartbeatRequest,
+                                timeout: float) -> None:
+        channel = grpc.aio.insecure_channel(address)
+        try:
+            response = await api_pb2_grpc.GroupsStub(channel).ConsumerGroupHeartbeat(request, timeout=timeout)
+            if response.error != ErrorCode.NONE:
+                log.info("group %s: leaving answered %s; the session timeout will remove the member",
+                         self.group_id, ErrorCode.Name(response.error))
+        except grpc.aio.AioRpcError as exc:
+            log.info("group %s: leaving failed (%s); the session timeout will remove the member",
+                     self.group_id, describe_rpc_error(exc, address))
+        finally:
+            await channel.close()
+
+    async def _send_leave(self, timeout: float, *, for_good: bool = False) -> None:
         try:
             await self.coordinator.call(
-                "ConsumerGroupHeartbeat", request, lambda r: r.error, timeout
+                "ConsumerGroupHeartbeat", self._leave_request(for_good=for_good), lambda r: r.error, timeout
             )
         except TidelogError as exc:
             # The session timeout removes the member anyway; leaving is only the fast path.
