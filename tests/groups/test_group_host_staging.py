@@ -22,10 +22,21 @@ from test_group_host import (
 )
 from tidelog.node import group_host
 from tidelog.node.group_coordinator import GroupCoordinatorConfig, GroupErrorCode
-from tidelog.node.group_host import CoordinatorUnavailable
+from tidelog.node.group_host import CoordinatorUnavailable, GroupHost
 from tidelog.node.group_records import TopicPartition
 from tidelog.proto import records as codec
 from tidelog.proto.common_pb2 import ErrorCode
+
+
+async def host_for(partition: FakePartition, linger_ms: float = 0,
+                   config: GroupCoordinatorConfig | None = None) -> GroupHost:
+    """A loaded host over ``partition`` (no append linger unless asked: the batching asserted
+    here is then the in-flight rule's alone)."""
+    host = GroupHost(lambda: {0: partition}, lambda: 1, config or GroupCoordinatorConfig(),
+                     append_linger_ms=linger_ms)
+    host.refresh()
+    await eventually(lambda: any(s.loaded for s in host.describe()), "the coordinator to load")
+    return host
 
 
 def records_per_batch(partition: FakePartition, since: int) -> list[int]:
@@ -37,7 +48,7 @@ def records_per_batch(partition: FakePartition, since: int) -> list[int]:
 def test_calls_during_an_uncommitted_batch_share_one_batch_appended_when_it_commits() -> None:
     async def scenario() -> None:
         partition = FakePartition()
-        host = await loaded_host({0: partition})
+        host = await host_for(partition)
         partition.commit()  # the leader-change batch
         start = partition.end_offset
         first = asyncio.ensure_future(host.write("g", commit_call("g", 1)))
@@ -70,7 +81,7 @@ def test_calls_during_an_uncommitted_batch_share_one_batch_appended_when_it_comm
 def test_losing_leadership_fails_staged_calls_and_their_records_never_reach_the_log() -> None:
     async def scenario() -> None:
         partition = FakePartition()
-        host = await loaded_host({0: partition})
+        host = await host_for(partition)
         partition.commit()
         first = asyncio.ensure_future(host.write("g", commit_call("g", 1)))
         staged = asyncio.ensure_future(host.write("g", commit_call("g", 2)))
@@ -98,7 +109,7 @@ def test_a_full_staged_batch_is_appended_without_waiting(monkeypatch: pytest.Mon
 
     async def scenario() -> None:
         partition = FakePartition()
-        host = await loaded_host({0: partition})
+        host = await host_for(partition)
         partition.commit()
         start = partition.end_offset
         writes = [asyncio.ensure_future(host.write("g", commit_call("g", o))) for o in (1, 2, 3)]
@@ -114,7 +125,7 @@ def test_a_full_staged_batch_is_appended_without_waiting(monkeypatch: pytest.Mon
 def test_a_timer_expiry_staged_without_a_waiting_call_is_appended_when_the_batch_in_flight_commits() -> None:
     async def scenario() -> None:
         partition = FakePartition(auto_commit=True)
-        host = await loaded_host({0: partition}, config=GroupCoordinatorConfig(session_timeout_ms=300))
+        host = await host_for(partition, config=GroupCoordinatorConfig(session_timeout_ms=300))
         joined = await host.write("g", lambda c, now: c.heartbeat("g", "", 0, None, ["orders"], [], 1000, now,
                                                                    {"orders": 1}))
         assert joined.error == GroupErrorCode.NONE
@@ -139,5 +150,29 @@ def test_a_timer_expiry_staged_without_a_waiting_call_is_appended_when_the_batch
         new.commit()
         assert (await successor.read("g", lambda c: c.describe_group("g"))).members == ()
         await successor.close()
+
+    run(scenario)
+
+
+def test_a_call_soon_after_an_append_waits_for_the_linger_even_when_that_batch_committed() -> None:
+    async def scenario() -> None:
+        partition = FakePartition()
+        host = await host_for(partition, linger_ms=200)
+        partition.commit()
+        start = partition.end_offset
+        first = asyncio.ensure_future(host.write("g", commit_call("g", 1)))
+        await settle()
+        appended_at = asyncio.get_running_loop().time()
+        partition.commit()
+        assert (await first).error == GroupErrorCode.NONE
+        later = [asyncio.ensure_future(host.write("g", commit_call("g", o))) for o in (2, 3)]
+        await settle()
+        assert records_per_batch(partition, start) == [1]  # committed, but within the linger
+        await eventually(lambda: len(records_per_batch(partition, start)) == 2, "the lingering batch")
+        assert asyncio.get_running_loop().time() - appended_at >= 0.2
+        assert records_per_batch(partition, start) == [1, 2]
+        partition.commit()
+        assert [(await w).error for w in later] == [GroupErrorCode.NONE] * 2
+        await host.close()
 
     run(scenario)
