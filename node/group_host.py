@@ -78,11 +78,12 @@ STAGED_BATCH_BYTES = 64 << 10
 # A batch is appended at most this often per partition (Kafka's coordinator has the same knob,
 # group.coordinator.append.linger.ms, 10 ms by default in 3.x/4.0): under load each batch then
 # carries several ms of calls, so the per-batch Raft round (fsyncs, the followers' fetches) is
-# paid a few hundred times a second at most. An isolated call is appended at once; a call
-# under load waits at most this long more. Issue #6's bench on 2 cores: 4-8 ms took the CPU per
-# commit from ~1,000-1,100 us to ~650-830 us (all processes) and closed-loop commits/s from
-# ~1,250-1,650 to ~1,800-2,100.
-DEFAULT_APPEND_LINGER_MS = 5.0
+# paid ~125 times a second at most. An isolated call is appended at once; a call under load
+# waits at most this long more. Issue #6's bench on 2 cores (3 nodes, RF 3), linger 0 / 5 / 8 /
+# 10 ms: CPU per commit (all processes, closed loop) ~1,000-1,140 / 1,000-1,260 / 570-730 /
+# 720 us, and the followers' share ~125-160 / 100-150 / 36-56 / 49 us each; open loop at
+# 1,000/s p50 ~10-15 ms at every value (8 ms: 8.9-10.9 ms), so 8.
+DEFAULT_APPEND_LINGER_MS = 8.0
 # Offsets of waiters whose records are staged, not yet appended: above every real offset, so
 # the high watermark never releases them before their batch is appended and committed.
 STAGED = 1 << 62
