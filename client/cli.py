@@ -1079,19 +1079,26 @@ def perf_produce(args: argparse.Namespace) -> int:
     progress = _Progress(args.num_records, not args.no_progress)
     with _perf_producer(args) as producer:
         producer.partitions_for(args.topic, timeout=min(args.timeout, _TOPIC_GRACE))
+        # The loop is the measuring tool's own per-record cost, counted in the client's CPU:
+        # names are bound once, and the throttle and the progress bar are only called when on.
+        topic, throughput, send, monotonic = args.topic, args.throughput, producer.send, time.monotonic
+        track = progress.enabled
         started, cpu_started = time.monotonic(), time.process_time()
         for i in range(args.num_records):
-            sent_at = time.monotonic()
+            sent_at = monotonic()
 
             def done(future: Any, sent_at: float = sent_at) -> None:
-                if future.exception() is not None:
-                    errors.append(future.exception())
+                error = future.exception()
+                if error is None:
+                    latencies.append((monotonic() - sent_at) * 1000)
                 else:
-                    latencies.append((time.monotonic() - sent_at) * 1000)
+                    errors.append(error)
 
-            producer.send(args.topic, payload).add_done_callback(done)
-            _throttle(started, i + 1, args.throughput)
-            progress.update(i + 1)
+            send(topic, payload).add_done_callback(done)
+            if throughput > 0:
+                _throttle(started, i + 1, throughput)
+            if track:
+                progress.update(i + 1)
         producer.flush()
         elapsed, cpu = time.monotonic() - started, time.process_time() - cpu_started
     progress.finish(args.num_records)

@@ -181,7 +181,7 @@ def _settle_handles(
     handles: list[object], results: list[RecordMetadata] | None, exc: BaseException | None
 ) -> None:
     """Complete a batch's futures: the sync producer's in one pass (`settle`), others one by one."""
-    if handles and type(handles[0]) is RecordFuture:
+    if handles and isinstance(handles[0], RecordFuture):
         settle(handles, results, exc)  # type: ignore[arg-type]
     elif exc is not None:
         for handle in handles:
@@ -899,6 +899,7 @@ class Producer:
         self._closed = False
         # Shared by every record's future (see RecordFuture).
         self._future_condition = threading.Condition()
+        self._new_future = RecordFuture.bound_to(self._future_condition)
 
     @staticmethod
     async def _create(bootstrap: Any, options: dict[str, Any]) -> AsyncProducer:
@@ -924,7 +925,7 @@ class Producer:
         if self._closed:
             raise RuntimeError("the producer is closed")
         core = self._core
-        future: concurrent.futures.Future[RecordMetadata] = RecordFuture(self._future_condition)
+        future: concurrent.futures.Future[RecordMetadata] = self._new_future()
         try:
             blocked = 0.0  # of max_block_ms, spent waiting for the topic's metadata
             route = core._routes.get(topic)
