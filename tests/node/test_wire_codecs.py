@@ -14,7 +14,15 @@ from tidelog.node.services import decode_produce_request
 from tidelog.node.transport import decode_envelope, encode_envelope, from_proto
 from tidelog.proto import api_pb2
 from tidelog.proto import replication_pb2 as pb
-from tidelog.replication.messages import FetchError, FetchRequest, FetchResponse, VoteRequest
+from tidelog.replication.messages import (
+    BeginQuorumEpoch,
+    EndQuorumEpoch,
+    FetchError,
+    FetchRequest,
+    FetchResponse,
+    VoteRequest,
+    VoteResponse,
+)
 
 INT32 = st.integers(-(2**31), 2**31 - 1)
 INT64 = st.integers(-(2**63), 2**63 - 1)
@@ -93,3 +101,22 @@ def test_bytes_that_are_not_a_produce_request_raise_value_error(
             decode_produce_request(candidate)
         except ValueError:
             pass
+
+
+def test_every_raft_message_kind_crosses_and_a_malformed_one_is_counted() -> None:
+    others = [VoteResponse("t-1@abc", 1, 2, 5, False, True, None), BeginQuorumEpoch("t-1@abc", 1, 2, 6),
+              EndQuorumEpoch("t-1@abc", 1, 2, 6, (3, 2))]
+    broken = b"\x12\x03\x32\x05\x08"  # a fetch response claiming 5 bytes inside 3
+    envelope = decode_envelope(encode_envelope(1, others[:1]) + broken + encode_envelope(0, others[1:]))
+    assert envelope.malformed == 1 and envelope.messages == others
+
+
+def test_a_produce_request_skips_unknown_fields_as_protobuf_does() -> None:
+    # Field 9 (varint) and field 10 (length-delimited) are unknown at both levels.
+    partition = b"\x0a\x01t" + b"\x48\x05" + b"\x10\x02" + b"\x52\x02ab" + b"\x1a\x03xyz"
+    data = b"\x08\x01" + b"\x48\x07" + b"\x1a" + bytes([len(partition)]) + partition + b"\x52\x01z"
+    parsed = api_pb2.ProduceRequest.FromString(data)
+    decoded = decode_produce_request(data)
+    assert decoded.acks == parsed.acks == 1
+    assert [(p.topic, p.partition, bytes(p.records)) for p in decoded.partitions] == [("t", 2, b"xyz")] == \
+        [(p.topic, p.partition, p.records) for p in parsed.partitions]
