@@ -1,7 +1,7 @@
 """Consumer-group coordinator figures (issue 6): offset commits/s and group join time.
 
     python tests/bench/group_bench.py [--nodes 3] [--seconds 10] [--in-flight 64] [--rate 1000]
-                                      [--groups 100] [--members 4] [--partitions 8]
+                                      [--groups 100] [--members 4] [--partitions 8] [--reads]
                                       [--heartbeat-interval-ms 1000] [--only commits|joins]
 
 Starts a --nodes cluster (tests/support/nodes.py) in a temporary directory; `__consumer_offsets`
@@ -12,6 +12,10 @@ gets replication factor min(3, nodes). It talks raw gRPC, so the figures are the
 * commits, open loop: one commit every 1/--rate s for --seconds whatever the answers do, so the
   latency is the one a client sees at that load (the target: >= 1,000/s with p99 <= 20 ms on
   3 nodes, RF 3).
+* after each commit phase, the CPU per call of each node process (/proc) and of this load
+  generator, and how busy the whole machine was: the nodes and the generator share its cores
+  (with anything else running), so a busy machine explains a long tail. --reads makes the same
+  calls OffsetFetch, which append nothing: the per-call cost without the log.
 * joins: --groups groups x --members members subscribe to one --partitions topic at once; each
   member heartbeats again at once when its assignment changed (to acknowledge a revocation or
   take new partitions), else every heartbeat interval (node config, default here 1000 ms), as a
