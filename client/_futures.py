@@ -19,7 +19,7 @@ import concurrent.futures
 import threading
 import time
 from itertools import repeat
-from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, LOGGER as _LOGGER, PENDING
 from typing import Any, Callable, Sequence
 
 _DONE = frozenset({CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED})
@@ -32,6 +32,10 @@ class RecordFuture(concurrent.futures.Future):  # type: ignore[type-arg]
     _state = PENDING
     _result = None
     _exception = None
+    # The first callback is kept as is and a list is made only for a second: applications
+    # often add one callback per record, and a list per future is one more object for the
+    # garbage collector to walk while the record is in flight.
+    _callback: Callable[[Any], object] | None = None
     _done_callbacks: Any = ()
     _waiter_list: list[Any] | None = None
 
@@ -63,7 +67,9 @@ class RecordFuture(concurrent.futures.Future):  # type: ignore[type-arg]
         condition.acquire()
         try:
             if self._state not in _DONE:
-                if self._done_callbacks:
+                if self._callback is None:
+                    self._callback = fn
+                elif self._done_callbacks:
                     self._done_callbacks.append(fn)
                 else:
                     self._done_callbacks = [fn]
@@ -71,6 +77,15 @@ class RecordFuture(concurrent.futures.Future):  # type: ignore[type-arg]
         finally:
             condition.release()
         super().add_done_callback(fn)  # done already: the base class calls it at once
+
+    def _invoke_callbacks(self) -> None:
+        callback = self._callback
+        if callback is not None:
+            try:
+                callback(self)
+            except Exception:  # noqa: BLE001 - as the base class: logged, never raised
+                _LOGGER.exception("exception calling callback for %r", self)
+        super()._invoke_callbacks()  # the rest, in the order they were added
 
     def _wait_until_done(self, timeout: float | None) -> None:
         with self._condition:
@@ -136,7 +151,7 @@ def settle(
                         waiter.add_result(future)
                     else:
                         waiter.add_exception(future)
-            if future._done_callbacks:
+            if future._callback is not None:
                 with_callbacks.append(future)
         condition.notify_all()
     finally:

@@ -451,11 +451,12 @@ def encode_batch(
     is_transactional: bool = False,
     is_control: bool = False,
 ) -> bytes:
-    """One batch holding ``records``; record i gets offset ``base_offset + i``."""
+    """One batch holding ``records`` (Records, or plain tuples of a Record's fields); record i
+    gets offset ``base_offset + i``."""
     if not records:
         raise ValueError("a batch needs at least one record")
     codec = Compression.parse(compression)
-    base_timestamp = records[0].timestamp
+    base_timestamp = records[0][1]  # the timestamp: a producer passes plain tuples of the fields
     payload, max_timestamp = _encode_records(records, base_timestamp)
     if codec is not Compression.NONE:
         payload = _compress(codec, payload)
