@@ -73,6 +73,7 @@ log = logging.getLogger("tidelog.chaos")
 RECOVERY_TIMEOUT_S = 90.0
 FINAL_READ_TIMEOUT_S = 60.0
 START_TIMEOUT_S = 60.0
+PORT_ATTEMPTS = 3  # placements of an owned cluster whose port was taken before a node bound it
 PRODUCER_WINDOW = 32  # sends in flight per producer thread
 DELIVERY_TIMEOUT_MS = 30000
 # A send still without an outcome this long after delivery_timeout_ms is recorded as unknown
@@ -244,27 +245,62 @@ class OwnedCluster(_Cluster):
 
     def __init__(self, work_dir: Path, count: int, *, proxies: bool, election_timeout_ms: int,
                  segment_bytes: int, faketime: Path | None = None) -> None:
-        ports = _free_ports(count)
-        ids = list(range(1, count + 1))
-        self.proxies = ProxyNet(dict(zip(ids, ports))) if proxies else None
-        voters = ",".join(f"{i}@{LOOPBACK}:{p}" for i, p in zip(ids, ports))
-        config: dict[str, object] = {
-            "controller_voters": voters,
+        self._work_dir = work_dir
+        self._count = count
+        self._want_proxies = proxies
+        self._config: dict[str, object] = {
             "election_timeout_ms": election_timeout_ms,
             "flush": "always",
             "topic_defaults": {"segment.bytes": str(segment_bytes)},
         }
+        self._faketime = faketime
+        self.proxies: ProxyNet | None = None
         self.nodes: list[OwnedNode] = []
-        for node_id, port in zip(ids, ports):
-            node_config = {"node_id": node_id, "listen": f"{LOOPBACK}:{port}",
-                           "data_dir": str(work_dir / f"node-{node_id}"), **config}
-            extra = self.proxies.peer_args(node_id) if self.proxies is not None else []
-            self.nodes.append(OwnedNode(node_id, port, work_dir / f"node-{node_id}", node_config,
-                                        extra, faketime=faketime))
+        self._place()
         self._leaders = _LeaderCache(lambda: self.nodes)
         atexit.register(self.close)
 
-    def close(self) -> None:
+    def _place(self) -> None:
+        """Nodes (and proxies) on ports free right now."""
+        ports = _free_ports(self._count)
+        ids = list(range(1, self._count + 1))
+        self.proxies = ProxyNet(dict(zip(ids, ports))) if self._want_proxies else None
+        voters = ",".join(f"{i}@{LOOPBACK}:{p}" for i, p in zip(ids, ports))
+        self.nodes = []
+        for node_id, port in zip(ids, ports):
+            data_dir = self._work_dir / f"node-{node_id}"
+            node_config = {"node_id": node_id, "listen": f"{LOOPBACK}:{port}", "data_dir": str(data_dir),
+                           "controller_voters": voters, **self._config}
+            extra = self.proxies.peer_args(node_id) if self.proxies is not None else []
+            self.nodes.append(OwnedNode(node_id, port, data_dir, node_config, extra, faketime=self._faketime))
+
+    def start_serving(self, timeout: float) -> list[str]:
+        """Start the nodes and wait until they serve (see `wait_serving`). A port picked free can
+        be taken by another process before the node binds it (a machine running tests beside the
+        harness): then the fresh cluster is thrown away and placed again on other ports."""
+        for attempt in range(PORT_ATTEMPTS):
+            self.start()
+            problems = wait_serving(self.nodes, timeout, give_up=self._port_taken)
+            if not problems or not self._port_taken() or attempt == PORT_ATTEMPTS - 1:
+                return problems
+            log.warning("a node's port was taken before it could listen; starting the cluster on other ports")
+            self._shut()
+            for node in self.nodes:
+                shutil.rmtree(node.data_dir, ignore_errors=True)
+            self._place()
+        raise AssertionError("unreachable")
+
+    def _port_taken(self) -> bool:
+        for node in self.nodes:
+            if not node.running():
+                try:
+                    if "cannot listen" in node.log_path.read_text(errors="replace"):
+                        return True
+                except OSError:
+                    pass
+        return False
+
+    def _shut(self) -> None:
         for node in self.nodes:
             node.resume()
         for node in self.nodes:
@@ -272,6 +308,9 @@ class OwnedCluster(_Cluster):
         if self.proxies is not None:
             self.proxies.close()
             self.proxies = None
+
+    def close(self) -> None:
+        self._shut()
         atexit.unregister(self.close)
 
 
@@ -353,9 +392,11 @@ class LauncherCluster(_Cluster):
             node.start()  # leave the operator's cluster as we found it: running
 
 
-def wait_serving(nodes: Sequence[Any], timeout: float) -> list[str]:
+def wait_serving(nodes: Sequence[Any], timeout: float, give_up: Callable[[], bool] = lambda: False
+                 ) -> list[str]:
     """Wait until every node answers DescribeCluster with a controller and every node
-    registered; returns what is still wrong at the deadline (empty when all is well)."""
+    registered; returns what is still wrong at the deadline, or as soon as ``give_up()``
+    (empty when all is well)."""
     deadline = time.monotonic() + timeout
     ids = {n.node_id for n in nodes}
     while True:
@@ -368,7 +409,7 @@ def wait_serving(nodes: Sequence[Any], timeout: float) -> list[str]:
             if answer is None or answer.controller_id < 0 or \
                     not {n.node_id for n in answer.nodes} >= ids:
                 problems.append(f"node {node.node_id} does not serve yet")
-        if not problems or time.monotonic() > deadline:
+        if not problems or time.monotonic() > deadline or give_up():
             return problems
         time.sleep(0.2)
 
@@ -781,8 +822,11 @@ def run_chaos(config: ChaosConfig) -> RunReport:
     stop_consumers = threading.Event()
     workers: list[threading.Thread] = []
     try:
-        cluster.start()
-        problems = wait_serving(cluster.nodes, START_TIMEOUT_S)
+        if isinstance(cluster, OwnedCluster):
+            problems = cluster.start_serving(START_TIMEOUT_S)
+        else:
+            cluster.start()
+            problems = wait_serving(cluster.nodes, START_TIMEOUT_S)
         if problems:
             report.problems += ["cluster did not start: " + p for p in problems]
             return report

@@ -154,3 +154,36 @@ def test_the_harness_sees_acknowledged_writes_lost_by_every_replica(tmp_path: Pa
     # Lost when the final read reached the high watermark; unseen if the damaged replicas kept
     # the partition from being read to the end: either way, not valid.
     assert verdict.anomaly_kinds & {AnomalyKind.LOST_WRITE, AnomalyKind.UNSEEN}, verdict.to_json(limit=3)
+
+
+def test_an_owned_cluster_whose_port_is_taken_before_it_binds_starts_on_other_ports(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A port picked free can be taken before the node binds it (tests beside the harness did
+    that and voided a run): the harness places the cluster again instead of giving up."""
+    import socket
+
+    from tidelog.cluster import chaos
+
+    squatter = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+    real_free_ports = chaos._free_ports
+    placements: list[list[int]] = []
+
+    def free_ports(count: int) -> list[int]:
+        ports = real_free_ports(count)
+        if not placements:
+            ports[0] = taken
+        placements.append(ports)
+        return ports
+
+    monkeypatch.setattr(chaos, "_free_ports", free_ports)
+    cluster = chaos.OwnedCluster(tmp_path / "nodes", 1, proxies=False, election_timeout_ms=1000,
+                                 segment_bytes=262144)
+    try:
+        assert cluster.start_serving(60) == []
+        assert len(placements) == 2 and cluster.nodes[0].port != taken
+    finally:
+        cluster.close()
+        squatter.close()
