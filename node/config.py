@@ -224,6 +224,9 @@ NODE_KEYS: tuple[NodeKey, ...] = (
             "members, offsets of topics it no longer subscribes to expire this long after their "
             "commit. Fractions are allowed (0.05 = 3 s)"),
     NodeKey("offsets_retention_check_interval_ms", 600000, "how often committed offsets are checked for expiry"),
+    NodeKey("group_coordinator_append_linger_ms", 8,
+            "while a group coordinator's last batch is uncommitted or younger than this, later calls' "
+            "records wait to share the next batch (Kafka's group.coordinator.append.linger.ms)"),
 )
 
 
@@ -254,6 +257,7 @@ class NodeConfig:
     group_consumer_heartbeat_interval_ms: int = 5000
     offsets_retention_minutes: float = 10080
     offsets_retention_check_interval_ms: int = 600000
+    group_coordinator_append_linger_ms: int = 8
 
     @property
     def advertised_address(self) -> Address:
@@ -370,6 +374,8 @@ def build_config(values: Mapping[str, Any]) -> NodeConfig:
             "offsets_retention_minutes", values.get("offsets_retention_minutes", 10080)),
         offsets_retention_check_interval_ms=_int(
             "offsets_retention_check_interval_ms", values.get("offsets_retention_check_interval_ms", 600000), 1),
+        group_coordinator_append_linger_ms=_int(
+            "group_coordinator_append_linger_ms", values.get("group_coordinator_append_linger_ms", 8), 0),
     )
     own = next((v for v in config.controller_voters if v.node_id == config.node_id), None)
     if own is not None:

@@ -94,7 +94,8 @@ class Node:
             GroupCoordinatorConfig(session_timeout_ms=config.group_consumer_session_timeout_ms,
                                    heartbeat_interval_ms=config.group_consumer_heartbeat_interval_ms,
                                    offsets_retention_ms=round(config.offsets_retention_minutes * 60_000),
-                                   offsets_retention_check_interval_ms=config.offsets_retention_check_interval_ms))
+                                   offsets_retention_check_interval_ms=config.offsets_retention_check_interval_ms),
+            append_linger_ms=config.group_coordinator_append_linger_ms)
         self.quorum = MetadataQuorum(config, self.transport.send, self._on_image, self._on_controller_change)
         self.controller = Controller(config, self.quorum, self.transport.alive)
         self._server: grpc.aio.Server | None = None

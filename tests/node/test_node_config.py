@@ -31,3 +31,11 @@ def test_repeated_flags_and_a_toml_table_give_the_same_overrides(tmp_path: Path)
 def test_malformed_peer_addresses_are_config_errors(tmp_path: Path, bad: list[str]) -> None:
     with pytest.raises(ConfigError):
         load_config(None, {"node_id": 1, "data_dir": str(tmp_path), "peer_addresses": bad})
+
+
+def test_the_group_coordinators_append_linger_is_a_node_key(tmp_path: Path) -> None:
+    base = {"node_id": 1, "data_dir": str(tmp_path)}
+    assert load_config(None, base).group_coordinator_append_linger_ms == 8
+    assert load_config(None, {**base, "group_coordinator_append_linger_ms": 0}).group_coordinator_append_linger_ms == 0
+    with pytest.raises(ConfigError, match="group_coordinator_append_linger_ms"):
+        load_config(None, {**base, "group_coordinator_append_linger_ms": -1})
