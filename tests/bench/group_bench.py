@@ -312,12 +312,15 @@ def main() -> None:
     parser.add_argument("--partitions", type=int, default=8)
     parser.add_argument("--heartbeat-interval-ms", type=int, default=1000)
     parser.add_argument("--only", choices=("commits", "joins"))
+    parser.add_argument("--linger-ms", type=int, default=None,
+                        help="the nodes' group_coordinator_append_linger_ms (default: the node's)")
     parser.add_argument("--reads", action="store_true",
                         help="OffsetFetch instead of OffsetCommit: the per-call cost without an append")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="group-bench-") as tmp:
+        linger = {} if args.linger_ms is None else {"group_coordinator_append_linger_ms": args.linger_ms}
         local = start_cluster(Path(tmp), nodes=args.nodes,
-                              group_consumer_heartbeat_interval_ms=args.heartbeat_interval_ms)
+                              group_consumer_heartbeat_interval_ms=args.heartbeat_interval_ms, **linger)
         try:
             create_topic(local, "bench-offsets", args.partitions)
             create_topic(local, "bench-joins", args.partitions)
