@@ -92,23 +92,26 @@ async def _produce_loop(cluster: LocalCluster, topic: str, partitions: int, batc
     return sent, latencies
 
 
-def test_produce_throughput_rf3_acks_all(tmp_path: Path) -> None:
+# Both ends of the target's batch range (256 KiB-1 MiB of 1 KiB records); in flight: 3 MiB of
+# payload, so the client keeps every partition's leader busy either way.
+@pytest.mark.parametrize("batch_kib,in_flight", [(256, 12), (1024, 6)], ids=["256KiB", "1MiB"])
+def test_produce_throughput_rf3_acks_all(tmp_path: Path, batch_kib: int, in_flight: int) -> None:
     cluster = start_cluster(tmp_path, nodes=3)
     try:
         _create(cluster, "bench", partitions=6)
-        batch = _lz4_batch(256, 1024)  # 256 KiB of 1 KiB records, lz4
+        batch = _lz4_batch(batch_kib, 1024)  # batch_kib 1 KiB records, lz4
         # CPU per MB as well: on a shared machine it moves less than MB/s does, and with every
         # process on 2 cores it is what bounds the throughput.
         nodes_before = [_cpu_seconds(n.pid) for n in cluster.nodes]
         generator_before = time.process_time()
         started = time.monotonic()
-        sent, _ = asyncio.run(_produce_loop(cluster, "bench", 6, batch, 10.0, in_flight=12))
+        sent, _ = asyncio.run(_produce_loop(cluster, "bench", 6, batch, 10.0, in_flight=in_flight))
         elapsed = time.monotonic() - started
         nodes_cpu = sum(_cpu_seconds(n.pid) - b for n, b in zip(cluster.nodes, nodes_before))
         generator_cpu = time.process_time() - generator_before
-        mb = sent * 256 * 1024 / 1e6
+        mb = sent * batch_kib * 1024 / 1e6
         print(f"\nthroughput: {mb / elapsed:.1f} MB/s of record payload ({sent * len(batch) / 1e6 / elapsed:.1f} "
-              f"MB/s on the wire), {sent} x 256 KiB lz4 batches, RF 3, acks=all, flush=always; CPU per MB of "
+              f"MB/s on the wire), {sent} x {batch_kib} KiB lz4 batches, RF 3, acks=all, flush=always; CPU per MB of "
               f"payload: {1000 * nodes_cpu / mb:.1f} ms in the 3 nodes, {1000 * generator_cpu / mb:.1f} ms in the "
               f"load generator")
     finally:
