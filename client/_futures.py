@@ -20,7 +20,9 @@ import threading
 import time
 from itertools import repeat
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, LOGGER as _LOGGER, PENDING
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
+
+from tidelog.client.types import RecordMetadata
 
 _DONE = frozenset({CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED})
 
@@ -30,8 +32,13 @@ class RecordFuture(concurrent.futures.Future):  # type: ignore[type-arg]
     # creating a future sets one attribute. Most futures never get a callback: the list of
     # callbacks is made on the first one, and the list of waiters likewise.
     _state = PENDING
-    _result = None
+    _value: Any = None
     _exception = None
+    # A delivered record's metadata, kept as its parts until asked for (see `settle_delivered`):
+    # the topic and partition shared by its batch, its own offset and timestamp as plain ints.
+    _where: tuple[str, int] | None = None
+    _offset = -1
+    _timestamp = -1
     # The first callback is kept as is and a list is made only for a second: applications
     # often add one callback per record, and a list per future is one more object for the
     # garbage collector to walk while the record is in flight.
@@ -51,6 +58,21 @@ class RecordFuture(concurrent.futures.Future):  # type: ignore[type-arg]
         bound = type(cls.__name__, (cls,), {"_condition": condition, "__init__": object.__init__,
                                             "__module__": cls.__module__, "__qualname__": cls.__qualname__})
         return bound
+
+    @property
+    def _result(self) -> Any:
+        # The base class reads the result here. A delivered record's RecordMetadata is built on
+        # the first read: most applications only ask exception() in a callback, and one more
+        # object per record in flight is one more for the garbage collector to count and walk.
+        value = self._value
+        if value is None and self._where is not None:
+            topic, partition = self._where
+            value = self._value = RecordMetadata(topic, partition, self._offset, self._timestamp)
+        return value
+
+    @_result.setter
+    def _result(self, value: Any) -> None:
+        self._value = value
 
     @property
     def _waiters(self) -> list[Any]:
@@ -164,5 +186,50 @@ def settle(
                 future.set_result(outcome)
             else:
                 future.set_exception(exception)
+        except concurrent.futures.InvalidStateError:
+            pass
+
+
+def settle_delivered(
+    futures: Sequence[RecordFuture],
+    where: tuple[str, int],
+    offsets: Iterable[int],
+    timestamps: Iterable[int],
+) -> None:
+    """Complete a delivered batch's ``futures`` (one offset and timestamp each) without building
+    their RecordMetadata, which `RecordFuture._result` makes when first read; otherwise as
+    `settle`."""
+    if not futures:
+        return
+    condition = futures[0]._condition
+    with_callbacks: list[RecordFuture] = []
+    strays: list[RecordFuture] = []
+    condition.acquire()
+    try:
+        for future, offset, timestamp in zip(futures, offsets, timestamps):
+            if future._condition is not condition:
+                strays.append(future)
+            elif future._state in _DONE:
+                continue  # cancelled by the caller
+            # Plain ints and a tuple shared by the batch: nothing new per record to track.
+            future._where = where
+            future._offset = offset
+            future._timestamp = timestamp
+            if future._condition is not condition:
+                continue
+            future._state = FINISHED
+            if future._waiter_list:
+                for waiter in future._waiter_list:
+                    waiter.add_result(future)
+            if future._callback is not None:
+                with_callbacks.append(future)
+        condition.notify_all()
+    finally:
+        condition.release()
+    for future in with_callbacks:
+        future._invoke_callbacks()
+    for future in strays:
+        try:
+            future.set_result(future._result)
         except concurrent.futures.InvalidStateError:
             pass

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import crc32c
 import grpc
 
-from tidelog.client._futures import RecordFuture, settle
+from tidelog.client._futures import RecordFuture, settle, settle_delivered
 from tidelog.client._loop import LoopThread, wait_event
 from tidelog.client.accumulator import (
     RECORD_OVERHEAD,
@@ -809,6 +809,7 @@ class AsyncProducer:
         base = result.base_offset if self.acks != 0 else -1
         append_time = result.log_append_time_ms
         new = tuple.__new__
+        where = (topic, partition)
         for batch in run:
             records = batch.records
             count = len(records)
@@ -818,12 +819,17 @@ class AsyncProducer:
                 base += count  # the node gives a run contiguous offsets
             else:
                 offsets = itertools.repeat(-1, count)
+            timestamps = repeat(append_time, count) if append_time >= 0 else map(_TIMESTAMP, records)
+            handles = batch.handles
+            if handles and isinstance(handles[0], RecordFuture):
+                # The sync producer's futures build their RecordMetadata when it is read.
+                settle_delivered(handles, where, offsets, timestamps)  # type: ignore[arg-type]
+                continue
             # tuple.__new__ over zipped fields: a RecordMetadata per record built entirely in C,
             # without the NamedTuple's Python-level __new__ or a Python loop.
-            timestamps = repeat(append_time, count) if append_time >= 0 else map(_TIMESTAMP, records)
             metadata = list(map(new, repeat(RecordMetadata, count),
                                 zip(repeat(topic, count), repeat(partition, count), offsets, timestamps)))
-            _settle_handles(batch.handles, metadata, None)
+            _settle_handles(handles, metadata, None)
         self._batch_done()
 
     def _retry_or_fail(self, run: list[ProducerBatch], error: TidelogError) -> None:
