@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import threading
 
 import pytest
 
-from tidelog.client._futures import RecordFuture, settle
+from tidelog.client import RecordMetadata
+from tidelog.client._futures import RecordFuture, settle, settle_delivered
 
 
 def test_settle_completes_each_future_with_its_own_result_and_runs_callbacks() -> None:
@@ -91,3 +93,35 @@ def test_a_future_from_another_condition_is_still_completed() -> None:
     mine, stray = RecordFuture(threading.Condition()), RecordFuture(threading.Condition())
     settle([mine, stray], ["x", "y"])
     assert (mine.result(0), stray.result(0)) == ("x", "y")
+
+
+def test_settle_delivered_builds_each_record_metadata_when_first_read() -> None:
+    condition = threading.Condition()
+    futures = [RecordFuture(condition) for _ in range(3)]
+    cancelled, stray = futures[0], RecordFuture(threading.Condition())
+    assert cancelled.cancel()
+    seen: list[object] = []
+    futures[1].add_done_callback(lambda f: seen.append(f.exception()))
+    settle_delivered([*futures, stray], ("t", 4), range(10, 14), [7, 8, 9, 5])
+    assert cancelled.cancelled()
+    assert seen == [None]
+    assert futures[1]._value is None  # not built until read
+    first = futures[1].result(0)
+    assert first == RecordMetadata("t", 4, 11, 8) and type(first) is RecordMetadata
+    assert futures[1].result(0) is first  # built once, then kept
+    assert futures[2].result(0) == RecordMetadata("t", 4, 12, 9)
+    assert stray.result(0) == RecordMetadata("t", 4, 13, 5)  # another condition: completed alone
+    done, _ = concurrent.futures.wait(futures[1:] + [stray], timeout=0)
+    assert len(done) == 3
+
+
+def test_a_delivered_future_holds_no_new_gc_tracked_object_per_record() -> None:
+    # The point of settle_delivered: a settled, unread future keeps only ints and its batch's
+    # shared tuple, so records in flight and just delivered add nothing for the collector.
+    condition = threading.Condition()
+    futures = [RecordFuture(condition) for _ in range(200)]
+    where = ("t", 0)
+    settle_delivered(futures, where, range(200), [1] * 200)
+    assert all(f._where is where for f in futures)
+    assert not any(gc.is_tracked(f._value) or f._value is not None for f in futures)
+    assert not any(gc.is_tracked(f._offset) or gc.is_tracked(f._timestamp) for f in futures)
