@@ -64,6 +64,7 @@ from tidelog.proto.records import (
     Compression,
     encode_batch,
 )
+from tidelog.proto.wire import encode_varint
 
 log = logging.getLogger(__name__)
 
@@ -93,15 +94,6 @@ _PARTITIONS_KEY = b"\x1a"
 _RECORDS_KEY = b"\x1a"
 
 
-def _uvarint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def encode_produce_request(acks: int, timeout_ms: int, runs: list[list[ProducerBatch]]) -> bytes:
     """A ProduceRequest in protobuf wire form, one partition entry per run.
 
@@ -118,8 +110,8 @@ def encode_produce_request(acks: int, timeout_ms: int, runs: list[list[ProducerB
         ).SerializeToString()
         batches: list[bytes] = [b.encoded for b in run]  # type: ignore[misc]
         size = sum(map(len, batches))
-        records_head = _RECORDS_KEY + _uvarint(size)
-        parts += (_PARTITIONS_KEY, _uvarint(len(head) + len(records_head) + size), head, records_head)
+        records_head = _RECORDS_KEY + encode_varint(size)
+        parts += (_PARTITIONS_KEY, encode_varint(len(head) + len(records_head) + size), head, records_head)
         parts += batches
     return b"".join(parts)
 

@@ -22,7 +22,7 @@ from tidelog.node.partitions import Partition, PartitionClosed, StorageFailed
 from tidelog.node.producer_state import CheckResult, Verdict
 from tidelog.node.replica import NotLeader, ReplicaClosed
 from tidelog.node.storage import OffsetOutOfRangeError
-from tidelog.node.wire import WIRE_LEN, WIRE_VARINT, length_delimited, read_varint, signed, skip_field
+from tidelog.proto.wire import WIRE_LEN, WIRE_VARINT, length_delimited, read_varint, signed, skip_field
 from tidelog.proto import api_pb2, api_pb2_grpc
 from tidelog.proto import records as codec
 from tidelog.proto.common_pb2 import ErrorCode

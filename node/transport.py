@@ -25,7 +25,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import grpc
-from tidelog.node.wire import WIRE_LEN, WIRE_VARINT, encode_varint, read_varint, signed, skip_field
+from tidelog.proto.wire import WIRE_LEN, WIRE_VARINT, encode_varint, read_varint, signed, skip_field
 from tidelog.proto import replication_pb2 as pb
 from tidelog.proto import replication_pb2_grpc
 from tidelog.replication.messages import (

@@ -1,7 +1,7 @@
 """The node's hand-written protobuf codecs against protobuf itself.
 
 Produce requests and replication envelopes are decoded (and envelopes encoded) by hand so that
-record bytes stay views of gRPC's buffer (node/wire.py). These properties pin them to the
+record bytes stay views of gRPC's buffer (proto/wire.py). These properties pin them to the
 protobuf messages they stand for: the same fields out of the same bytes, and on bytes that are
 not such a message a ValueError (which gRPC turns into an error status), never another exception.
 """

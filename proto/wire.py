@@ -1,9 +1,10 @@
-"""Protobuf's wire format, for the few messages the node decodes and encodes by hand.
+"""Protobuf's wire format, for the few messages tidelog encodes and decodes by hand.
 
 Those carry record batches (a produce request, a replication envelope): protobuf's Python
 messages copy a bytes field on every parse, read and assignment, and these bytes are nearly all
-the node's traffic. Hand-coding them keeps the records as views of the buffer gRPC delivered,
-with the same bytes on the wire (see `tidelog.node.transport` and `tidelog.node.services`).
+the traffic. Hand-coding them keeps the records as views of the buffer gRPC delivered, with the
+same bytes on the wire (see `tidelog.node.transport`, `tidelog.node.services` and the client's
+produce request in `tidelog.client.producer`).
 """
 
 from __future__ import annotations
