@@ -373,7 +373,7 @@ def _register_perf(subparsers: argparse._SubParsersAction) -> None:  # type: ign
                             help="records/s to aim for, -1 = unlimited (default %(default)s)")
         parser.add_argument("--acks", default="all", choices=("0", "1", "all", "-1"))
         parser.add_argument("--compression", default="lz4", choices=("none", "gzip", "lz4"))
-        parser.add_argument("--batch-size", type=int, default=131072, help="(default %(default)s)")
+        parser.add_argument("--batch-size", type=int, default=262144, help="(default %(default)s)")
         parser.add_argument("--linger-ms", type=float, default=5, help="(default %(default)s)")
         parser.add_argument("--idempotence", default="default", choices=("default", "on", "off"),
                             help="idempotent producer: on unless --acks is 0 or 1 (default), or force it")

@@ -12,7 +12,7 @@ backoff until ``delivery_timeout_ms``; NOT_LEADER_OR_FOLLOWER takes the answer's
 once and refreshes metadata in the background. Every outcome reaches the record's future.
 
 Defaults (listed in the class docstring) follow Kafka's producer except
-``batch_size`` (128 KiB rather than 16 KiB: measured on this project, throughput keeps rising up
+``batch_size`` (256 KiB rather than 16 KiB: measured on this project, throughput keeps rising up
 to 64–256 KiB batches) and ``compression`` (lz4).
 """
 
@@ -229,7 +229,7 @@ class AsyncProducer:
     memory up to ``max_block_ms``) and returns an `asyncio.Future` of `RecordMetadata`;
     ``await producer.send_and_wait(...)`` does both (aiokafka's API).
 
-    Defaults: acks="all", compression="lz4", linger_ms=5, batch_size=131072 (128 KiB),
+    Defaults: acks="all", compression="lz4", linger_ms=5, batch_size=262144 (256 KiB),
     buffer_memory=33554432 (32 MiB), max_block_ms=60000, max_request_size=1048576,
     request_timeout_ms=30000, delivery_timeout_ms=120000, retry_backoff_ms=100 (doubling up to
     retry_backoff_max_ms=1000), max_in_flight_requests_per_connection=5,
@@ -246,7 +246,7 @@ class AsyncProducer:
         acks: int | str = "all",
         compression: str = "lz4",
         linger_ms: float = 5,
-        batch_size: int = 131072,
+        batch_size: int = 262144,
         buffer_memory: int = 33554432,
         max_block_ms: float = 60000,
         max_request_size: int = 1048576,
