@@ -207,15 +207,15 @@ def settle_delivered(
     condition.acquire()
     try:
         for future, offset, timestamp in zip(futures, offsets, timestamps):
-            if future._condition is not condition:
-                strays.append(future)
-            elif future._state in _DONE:
+            stray = future._condition is not condition
+            if not stray and future._state in _DONE:
                 continue  # cancelled by the caller
             # Plain ints and a tuple shared by the batch: nothing new per record to track.
             future._where = where
             future._offset = offset
             future._timestamp = timestamp
-            if future._condition is not condition:
+            if stray:
+                strays.append(future)
                 continue
             future._state = FINISHED
             if future._waiter_list:

@@ -630,18 +630,25 @@ class GroupHost:
         delay = max(0, deadline - self._now_ms()) / 1000
         hosted.timer = asyncio.get_running_loop().call_later(delay, self._on_timer, hosted)
 
+    def _background_step(self, hosted: _Hosted, what: str,
+                         step: Callable[[GroupCoordinator, int], Result[T]]) -> Result[T] | None:
+        """Run a step nobody asked for (a timer's, an expiry pass) on a loaded coordinator; None
+        when there is none, or when the step failed and the partition is being reloaded."""
+        coordinator = hosted.coordinator
+        if coordinator is None or not hosted.current():
+            return None
+        try:
+            return step(coordinator, self._now_ms())
+        except Exception as exc:
+            log.exception("group coordinator %s failed", what)
+            self._reload(hosted, f"{what} failed: {exc!r}")
+            return None
+
     def _on_timer(self, hosted: _Hosted) -> None:
         hosted.timer = None
         hosted.timer_at = None
-        coordinator = hosted.coordinator
-        if coordinator is None or not hosted.current():
-            return
-        now = self._now_ms()
-        try:
-            result = coordinator.tick(now)
-        except Exception as exc:
-            log.exception("group coordinator tick failed")
-            self._reload(hosted, f"tick failed: {exc!r}")
+        result = self._background_step(hosted, "tick", GroupCoordinator.tick)
+        if result is None:
             return
         for expired in result.response:
             log.info("group %s: member %s removed (%s timeout)", expired.group_id, expired.member_id,
@@ -667,15 +674,8 @@ class GroupHost:
     def expire_offsets(self, hosted: _Hosted) -> None:
         """One KIP-211 pass over a loaded coordinator; its tombstones are appended like a
         write's (nobody waits for them: the next pass finds what did not commit)."""
-        coordinator = hosted.coordinator
-        if coordinator is None or not hosted.current():
-            return
-        now = self._now_ms()
-        try:
-            result = coordinator.expire_offsets(now)
-        except Exception as exc:
-            log.exception("group coordinator offset expiry failed")
-            self._reload(hosted, f"offset expiry failed: {exc!r}")
+        result = self._background_step(hosted, "offset expiry", GroupCoordinator.expire_offsets)
+        if result is None:
             return
         for expired in result.response:
             log.info("group %s: %d committed offsets expired%s", expired.group_id, len(expired.partitions),
@@ -689,15 +689,15 @@ class GroupHost:
         for record in result.records:
             record_size = len(record.key) + len(record.value or b"") + EXPIRY_RECORD_OVERHEAD
             if chunk and size + record_size > EXPIRY_BATCH_BYTES:
-                if not self._append_expired(hosted, chunk, now):
+                if not self._append_expired(hosted, chunk):
                     return
                 chunk, size = [], 0
             chunk.append(record)
             size += record_size
         if chunk:
-            self._append_expired(hosted, chunk, now)
+            self._append_expired(hosted, chunk)
 
-    def _append_expired(self, hosted: _Hosted, records: list[GroupRecord], now: int) -> bool:
+    def _append_expired(self, hosted: _Hosted, records: list[GroupRecord]) -> bool:
         try:
             # Staged like a call's records (group commit); a chunk is at most one batch.
             self._stage(hosted, tuple(records))
