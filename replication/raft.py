@@ -872,25 +872,24 @@ class RaftGroup:
 
     # --- fetch: leader side -------------------------------------------------------------------
 
+    def _reply(self, m: FetchRequest, error: FetchError = FetchError.NONE, records: bytes = b"",
+               diverging_epoch: int = NO_DIVERGENCE, diverging_end: int = -1) -> None:
+        """Answer fetch ``m`` as the leader of the current epoch."""
+        self._send(
+            FetchResponse(
+                self.group_id, self.node_id, m.src, self._epoch, self.node_id, error, m.fetch_id,
+                m.fetch_offset, m.last_fetched_epoch, records, self._hw, diverging_epoch, diverging_end,
+            )
+        )  # fmt: skip
+
     def _reply_fetch_error(self, m: FetchRequest, error: FetchError) -> None:
         leader = self._leader_id if self._role in (Role.FOLLOWER, Role.LEADER) else None
         self._send(
             FetchResponse(
-                self.group_id,
-                self.node_id,
-                m.src,
-                self._epoch,
-                leader,
-                error,
-                m.fetch_id,
-                m.fetch_offset,
-                m.last_fetched_epoch,
-                b"",
-                self._hw,
-                NO_DIVERGENCE,
-                -1,
+                self.group_id, self.node_id, m.src, self._epoch, leader, error, m.fetch_id,
+                m.fetch_offset, m.last_fetched_epoch, b"", self._hw, NO_DIVERGENCE, -1,
             )
-        )
+        )  # fmt: skip
 
     def _on_fetch_request(self, m: FetchRequest) -> None:
         if self._role is not Role.LEADER or m.epoch != self._epoch:
@@ -923,23 +922,7 @@ class RaftGroup:
                 self._reply_out_of_range(m)
                 return
             if epoch != m.last_fetched_epoch or m.fetch_offset > end:
-                self._send(
-                    FetchResponse(
-                        self.group_id,
-                        self.node_id,
-                        m.src,
-                        self._epoch,
-                        self.node_id,
-                        FetchError.NONE,
-                        m.fetch_id,
-                        m.fetch_offset,
-                        m.last_fetched_epoch,
-                        b"",
-                        self._hw,
-                        epoch,
-                        end,
-                    )
-                )
+                self._reply(m, diverging_epoch=epoch, diverging_end=end)
                 return
         if m.fetch_offset != progress.match:
             # A lower offset than before is the follower's state after a restart or truncation;
@@ -957,35 +940,13 @@ class RaftGroup:
 
     def _reply_out_of_range(self, m: FetchRequest) -> None:
         # Our log start and the epoch that ended there, in the divergence fields.
-        log = self._log
-        self._send(
-            FetchResponse(
-                self.group_id, self.node_id, m.src, self._epoch, self.node_id,
-                FetchError.OFFSET_OUT_OF_RANGE, m.fetch_id, m.fetch_offset, m.last_fetched_epoch,
-                b"", self._hw, log.start_epoch, log.start_offset,
-            )
-        )  # fmt: skip
+        self._reply(m, FetchError.OFFSET_OUT_OF_RANGE, diverging_epoch=self._log.start_epoch,
+                    diverging_end=self._log.start_offset)
 
     def _answer_fetch(self, m: FetchRequest, records: bytes | None = None) -> None:
         if records is None:
             records = self._log.read(m.fetch_offset, self._config.max_fetch_bytes)
-        self._send(
-            FetchResponse(
-                self.group_id,
-                self.node_id,
-                m.src,
-                self._epoch,
-                self.node_id,
-                FetchError.NONE,
-                m.fetch_id,
-                m.fetch_offset,
-                m.last_fetched_epoch,
-                records,
-                self._hw,
-                NO_DIVERGENCE,
-                -1,
-            )
-        )
+        self._reply(m, records=records)
 
     def _complete_parked(self) -> None:
         if self._parked:
