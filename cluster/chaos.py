@@ -33,7 +33,6 @@ import logging
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -162,19 +161,6 @@ class RunReport:
 # --- clusters ------------------------------------------------------------------------------
 
 
-def _free_ports(count: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind((LOOPBACK, 0))
-            socks.append(sock)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for sock in socks:
-            sock.close()
-
-
 def peer_address_supported() -> bool:
     """Whether the node takes ``--peer-address`` (the hook network partitions need)."""
     try:
@@ -262,7 +248,7 @@ class OwnedCluster(_Cluster):
 
     def _place(self) -> None:
         """Nodes (and proxies) on ports free right now."""
-        ports = _free_ports(self._count)
+        ports = launcher.free_ports(self._count, LOOPBACK)
         ids = list(range(1, self._count + 1))
         self.proxies = ProxyNet(dict(zip(ids, ports))) if self._want_proxies else None
         voters = ",".join(f"{i}@{LOOPBACK}:{p}" for i, p in zip(ids, ports))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -94,6 +95,22 @@ def _is_node_process(pid: int) -> bool:
     except (OSError, IndexError):
         pass
     return b"tidelog.node.main" in cmdline
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct ports nothing listens on right now. Every socket is held until all
+    are chosen, so the kernel cannot hand out one port twice; another process may still take
+    one before a node binds it, which callers must survive."""
+    socks = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind((host, 0))
+            socks.append(sock)
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def voters_of(nodes: list[LocalNode]) -> str:

@@ -162,23 +162,23 @@ def test_an_owned_cluster_whose_port_is_taken_before_it_binds_starts_on_other_po
     that and voided a run): the harness places the cluster again instead of giving up."""
     import socket
 
-    from tidelog.cluster import chaos
+    from tidelog.cluster import chaos, launcher
 
     squatter = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     squatter.bind(("127.0.0.1", 0))
     squatter.listen()
     taken = squatter.getsockname()[1]
-    real_free_ports = chaos._free_ports
+    real_free_ports = launcher.free_ports
     placements: list[list[int]] = []
 
-    def free_ports(count: int) -> list[int]:
-        ports = real_free_ports(count)
+    def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+        ports = real_free_ports(count, host)
         if not placements:
             ports[0] = taken
         placements.append(ports)
         return ports
 
-    monkeypatch.setattr(chaos, "_free_ports", free_ports)
+    monkeypatch.setattr(launcher, "free_ports", free_ports)
     cluster = chaos.OwnedCluster(tmp_path / "nodes", 1, proxies=False, election_timeout_ms=1000,
                                  segment_bytes=262144)
     try:

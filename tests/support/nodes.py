@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from tidelog.cluster.launcher import free_ports
 from tidelog.proto import api_pb2, api_pb2_grpc
 from tidelog.proto.common_pb2 import ErrorCode
 
@@ -57,20 +58,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((LOOPBACK, 0))
         return int(sock.getsockname()[1])
-
-
-def free_ports(count: int) -> list[int]:
-    # Hold every socket until all are chosen so the kernel cannot hand out one port twice.
-    socks = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind((LOOPBACK, 0))
-            socks.append(sock)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for sock in socks:
-            sock.close()
 
 
 def _toml_value(value: Any) -> str:
