@@ -11,7 +11,9 @@ UTF-8 text; bytes that are not valid UTF-8 are printed as ``{"base64": "<base64 
 instead of a string, and a missing key or value is ``null``. With ``--group G`` it joins consumer
 group G, reads the partitions the group assigns it from the group's committed offsets, and
 commits as it goes (and on exit); ``--offset`` (a start: no ranges) then applies only where the
-group has no committed offset, as in rpk.
+group has no committed offset, as in rpk. ``--pattern REGEX`` (instead of TOPIC arguments, and
+only with ``--group``) subscribes to every non-internal topic whose whole name matches; topics
+created later join after the next metadata refresh (``--metadata-max-age-ms``, 5 s here).
 
 `group describe G --output json` prints ``{"group", "state", "coordinator", "assignor",
 "group_epoch", "members": [{"member_id", "instance_id", "member_epoch", "state", "client_id",
@@ -37,6 +39,7 @@ from typing import Any, Callable, Iterable, Sequence
 from tidelog.client.admin import AdminClient
 from tidelog.client.connection import DEFAULT_BOOTSTRAP, ClusterUnreachableError
 from tidelog.client.consumer import Consumer
+from tidelog.client.group import compile_pattern
 from tidelog.client.group_reset import (
     ResetPlanEntry,
     ResetScenario,
@@ -285,8 +288,11 @@ def _register_consume(subparsers: argparse._SubParsersAction) -> None:  # type: 
         "-o/--offset: start | end | N | +N (N after the start) | -N (N before the end) |\n"
         "  N:M (M exclusive) | N:end / :end (up to the end as of now, then exit) |\n"
         "  @T | @T1:T2 with T epoch ms, YYYY-MM-DD, ISO-8601 or a duration such as -1h.\n"
+        "--pattern REGEX --group G: read every topic whose whole name matches REGEX as a member\n"
+        "  of group G; topics created later join within --metadata-max-age-ms.\n"
         "Bytes that are not UTF-8 print as {\"base64\": \"...\"}.")
-    consume.add_argument("topics", nargs="+", metavar="TOPIC")
+    consume.add_argument("topics", nargs="*", metavar="TOPIC",
+                         help="topics to read (or --pattern instead)")
     consume.add_argument("-o", "--offset", default="start", help="where to start (default start)")
     consume.add_argument("-n", "--num", "--max-messages", dest="num", type=int,
                          help="exit after this many records")
@@ -297,6 +303,12 @@ def _register_consume(subparsers: argparse._SubParsersAction) -> None:  # type: 
     consume.add_argument("-g", "--group",
                          help="consume as a member of this consumer group, committing as it goes "
                          "(-o then applies only where the group has no committed offset)")
+    consume.add_argument("--pattern", metavar="REGEX",
+                         help="instead of TOPIC: every topic whose whole name matches REGEX, also "
+                         "those created later (internal __ topics never match); needs --group")
+    consume.add_argument("--metadata-max-age-ms", type=int, default=5000,
+                         help="with --pattern, how often to look for new or deleted topics "
+                         "(default %(default)s)")
     consume.add_argument("--fetch-max-wait-ms", type=int, default=500, help="(default %(default)s)")
     _common(consume, output=("json", "text"))
     consume.set_defaults(handler=_guarded(consume_command))
@@ -863,6 +875,9 @@ def consume_group(args: argparse.Namespace) -> int:
         auto_commit_interval_ms=1000,
         fetch_max_wait_ms=args.fetch_max_wait_ms,
         default_api_timeout_ms=args.timeout * 1000,
+        # A pattern finds topics created later only at a metadata refresh: Kafka's 5 minutes
+        # are too long for someone watching a terminal.
+        metadata_max_age_ms=args.metadata_max_age_ms,
     ) as consumer:
         for topic in args.topics:
             consumer.partitions_for_topic(topic, timeout=min(args.timeout, _TOPIC_GRACE))
@@ -883,7 +898,10 @@ def consume_group(args: argparse.Namespace) -> int:
                 bounds = PartitionBounds(beginnings[tp], ends[tp], found.offset if found is not None else None)
                 consumer.seek(tp, resolve_start(spec.start, bounds))
 
-        consumer.subscribe(args.topics, on_assign=start_uncommitted)
+        if args.pattern is not None:
+            consumer.subscribe(pattern=args.pattern, on_assign=start_uncommitted)
+        else:
+            consumer.subscribe(args.topics, on_assign=start_uncommitted)
         remaining = args.num
         try:
             while remaining is None or remaining > 0:
@@ -898,7 +916,21 @@ def consume_group(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_consume_sources(args: argparse.Namespace) -> None:
+    """TOPIC arguments or --pattern, one of them; a pattern needs a group (rpk's --regex and
+    kcat's -G subscribe as group members: the group keeps the set of partitions current)."""
+    if args.pattern is not None:
+        if args.topics:
+            raise ValueError("give TOPIC arguments or --pattern, not both")
+        if not args.group:
+            raise ValueError("--pattern needs --group G: a pattern subscription reads as a member of a consumer group")
+        compile_pattern(args.pattern)  # a bad regex fails here, in one line, before connecting
+    elif not args.topics:
+        raise ValueError("name at least one TOPIC (or --pattern REGEX with --group G)")
+
+
 def consume_command(args: argparse.Namespace) -> int:
+    _check_consume_sources(args)
     if args.group:
         return consume_group(args)
     spec = parse_offset_spec(args.offset, int(time.time() * 1000))
