@@ -36,6 +36,7 @@ from tidelog.node.group_host import GroupHost, OffsetsPartition
 from tidelog.node.group_service import GroupsService
 from tidelog.node.metadata import MetadataImage, RegisterNode, TopicImage
 from tidelog.node.partitions import PartitionManager, _write_atomically, group_id_for
+from tidelog.node.request_decoding import add_service
 from tidelog.node.services import AdminService, BrokerService, add_broker_service
 from tidelog.node.transport import ReplicationService, Transport, add_replication_service
 from tidelog.proto import api_pb2, api_pb2_grpc, replication_pb2, replication_pb2_grpc
@@ -304,8 +305,8 @@ class Node:
         ]
         server = grpc.aio.server(options=options)
         add_broker_service(BrokerService(self), server)
-        api_pb2_grpc.add_AdminServicer_to_server(AdminService(self), server)
-        api_pb2_grpc.add_GroupsServicer_to_server(GroupsService(self), server)
+        add_service(server, api_pb2, "Admin", AdminService(self))
+        add_service(server, api_pb2, "Groups", GroupsService(self))
         self._replication_service = ReplicationService(self.transport, self.register)
         add_replication_service(self._replication_service, server)
         try:

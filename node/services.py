@@ -21,6 +21,7 @@ from tidelog.node.metadata import MetadataImage
 from tidelog.node.partitions import Partition, PartitionClosed, StorageFailed
 from tidelog.node.producer_state import CheckResult, Verdict
 from tidelog.node.replica import NotLeader, ReplicaClosed
+from tidelog.node.request_decoding import add_service
 from tidelog.node.storage import OffsetOutOfRangeError
 from tidelog.proto.wire import WIRE_LEN, WIRE_VARINT, length_delimited, read_varint, signed, skip_field
 from tidelog.proto import api_pb2, api_pb2_grpc
@@ -59,8 +60,8 @@ class ProduceRequest:
 def decode_produce_request(data: bytes) -> ProduceRequest:
     """The Produce method's request deserializer: the fields of `api_pb2.ProduceRequest`, with
     each partition's records a view of ``data`` instead of the two copies protobuf makes (its
-    parse, then the attribute read). Raises ValueError (gRPC answers INTERNAL, as it does when
-    protobuf cannot parse a request) on bytes that are not such a message."""
+    parse, then the attribute read). Raises ValueError on bytes that are not such a message
+    (answered INVALID_ARGUMENT, as a request protobuf cannot parse is)."""
     view = memoryview(data)
     acks = timeout_ms = 0
     partitions: list[ProducePartitionData] = []
@@ -114,18 +115,9 @@ def _decode_produce_partition(data: bytes, view: memoryview, position: int, end:
 
 def add_broker_service(service: BrokerService, server: grpc.aio.Server) -> None:
     """`api_pb2_grpc.add_BrokerServicer_to_server`, with Produce's requests decoded by
-    `decode_produce_request` (records as views of the received bytes)."""
-    handlers = {}
-    for method in api_pb2.DESCRIPTOR.services_by_name["Broker"].methods:
-        request_class = getattr(api_pb2, method.input_type.name)
-        response_class = getattr(api_pb2, method.output_type.name)
-        assert not method.client_streaming and not method.server_streaming, method.name
-        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            getattr(service, method.name),
-            request_deserializer=decode_produce_request if method.name == "Produce" else request_class.FromString,
-            response_serializer=response_class.SerializeToString)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("tidelog.Broker", handlers),))
-    server.add_registered_method_handlers("tidelog.Broker", handlers)
+    `decode_produce_request` (records as views of the received bytes), and undecodable
+    requests answered INVALID_ARGUMENT (node/request_decoding.py)."""
+    add_service(server, api_pb2, "Broker", service, {"Produce": decode_produce_request})
 
 
 class _Rejected(Exception):

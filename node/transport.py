@@ -25,6 +25,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import grpc
+from tidelog.node.request_decoding import add_service
 from tidelog.proto.wire import WIRE_LEN, WIRE_VARINT, encode_varint, read_varint, signed, skip_field
 from tidelog.proto import replication_pb2 as pb
 from tidelog.proto import replication_pb2_grpc
@@ -516,14 +517,6 @@ STREAM_METHOD = "/tidelog.internal.Replication/Stream"
 
 def add_replication_service(service: ReplicationService, server: grpc.aio.Server) -> None:
     """`replication_pb2_grpc.add_ReplicationServicer_to_server`, but with the stream's envelopes
-    decoded by `decode_envelope` (records as views of the received bytes)."""
-    handlers = {
-        "Stream": grpc.stream_stream_rpc_method_handler(
-            service.Stream, request_deserializer=decode_envelope,
-            response_serializer=pb.Envelope.SerializeToString),
-        "Register": grpc.unary_unary_rpc_method_handler(
-            service.Register, request_deserializer=pb.RegisterRequest.FromString,
-            response_serializer=pb.RegisterResponse.SerializeToString),
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("tidelog.internal.Replication", handlers),))
-    server.add_registered_method_handlers("tidelog.internal.Replication", handlers)
+    decoded by `decode_envelope` (records as views of the received bytes), and undecodable
+    requests answered INVALID_ARGUMENT (node/request_decoding.py)."""
+    add_service(server, pb, "Replication", service, {"Stream": decode_envelope})

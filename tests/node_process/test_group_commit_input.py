@@ -1,7 +1,7 @@
 """What a node answers for malformed or oversized OffsetCommit input (real process).
 
 A commit carries no record batches, so there is nothing for CORRUPT_MESSAGE: bytes that do not
-parse are refused by gRPC itself, and each field gets Kafka's per-partition answer. A commit too
+parse are refused with gRPC INVALID_ARGUMENT before the service sees them, and each field gets Kafka's per-partition answer. A commit too
 large for one batch of __consumer_offsets gets INVALID_COMMIT_OFFSET_SIZE, as Kafka's
 coordinator answers, without the coordinator reloading its partition (which a batch refused by
 the log used to cause, holding up every group of that partition).
@@ -64,8 +64,9 @@ def test_malformed_and_oversized_commits_get_kafkas_answers(tmp_path: Path) -> N
             ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, ErrorCode.OFFSET_METADATA_TOO_LARGE, ErrorCode.NONE]
         assert committed(client)[("t", 5)] == 77
 
-        # Bytes that are not an OffsetCommitRequest never reach the service: gRPC refuses them
-        # (Kafka closes the connection on a request it cannot parse) and the node serves on.
+        # Bytes that are not an OffsetCommitRequest never reach the service: they are refused
+        # with INVALID_ARGUMENT (Kafka closes the connection on a request it cannot parse) and
+        # the node serves on.
         good = api_pb2.OffsetCommitRequest(group_id=GROUP, partitions=[part(topic="t", partition=0, offset=1,
                                                                              metadata="ab")]).SerializeToString()
         node_id = client.find(GROUP)
@@ -76,7 +77,7 @@ def test_malformed_and_oversized_commits_get_kafkas_answers(tmp_path: Path) -> N
             try:
                 raw(bad, timeout=10)
             except grpc.RpcError as exc:
-                assert exc.code() != grpc.StatusCode.OK
+                assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, exc.details()
             else:
                 raise AssertionError("undecodable bytes were answered")
         assert committed(client)[("t", 0)] == 10  # (from the half that fit)
