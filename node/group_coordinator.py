@@ -11,14 +11,17 @@ OffsetCommit records, and everything durable lives in those records.
 applies its records to the in-memory state at once, returns them, and the node must
 
 1. append `result.records` to the partition as **one** batch (the records of one call are a
-   unit: e.g. a member's tombstones and the group epoch bump that follows them);
+   unit: e.g. a member's tombstones and the group epoch bump that follows them; only a
+   DeleteGroup's tombstones may go in several, as a retried delete removes what is left);
 2. send `result.response` only once the log is committed up to and including that batch —
    or, when `result.records` is empty, once everything appended *before* the call is committed
    (the answer may depend on state that earlier, still-uncommitted calls created);
 3. if an append fails or the node stops leading the partition, **drop this object**: its state
    may include records that will never commit. A new coordinator is built by `replay`-ing the
    partition (answer COORDINATOR_LOAD_IN_PROGRESS meanwhile) and then `on_loaded(now_ms)`;
-   until then every write call raises CoordinatorNotLoadedError.
+   until then every write call raises CoordinatorNotLoadedError. One exception: a call run
+   between `start_undo_log()` and `stop_undo_log()` whose batch the log refuses outright (too
+   large) can be taken back with `undo`, so nothing but that call is lost.
 
 Read calls (`fetch_offsets`, `describe_group`, `list_groups`) return no records; their answers
 follow the same rule as a write without records.
@@ -92,6 +95,9 @@ LEAVE_GROUP_MEMBER_EPOCH = -1
 LEAVE_GROUP_STATIC_MEMBER_EPOCH = -2
 
 T = TypeVar("T")
+
+# A key a call wrote, its value before (None: no record) and its group's emptiness date then.
+UndoEntry = tuple[GroupRecordKey, GroupRecordValue | None, int | None]
 
 
 class GroupErrorCode(enum.IntEnum):
@@ -251,6 +257,17 @@ class GroupDescription:
 
 
 @dataclass(frozen=True, slots=True)
+class UndoLog:
+    """What one call changed, for `GroupCoordinator.undo`: each write with the value before,
+    and per group it wrote, its members' (session, rebalance) deadlines before the call and its
+    members after it."""
+
+    writes: tuple[UndoEntry, ...]
+    timers: Mapping[str, Mapping[str, tuple[int | None, int | None]]]
+    members_after: Mapping[str, frozenset[str]]
+
+
+@dataclass(frozen=True, slots=True)
 class DeleteGroupResponse:
     error: GroupErrorCode
     message: str = ""
@@ -359,6 +376,11 @@ class GroupCoordinator:
         # Set by replay, cleared by on_loaded: serving requests before the timers exist would
         # leave loaded members that never expire.
         self._loading = False
+        # While a call runs between `start_undo_log` and `stop_undo_log`: each written key
+        # with its value (and group-metadata date) before the write, so `undo` can take the
+        # call back when the log refuses its records (too large for one batch).
+        self._undo_log: list[UndoEntry] | None = None
+        self._undo_timers: dict[str, dict[str, tuple[int | None, int | None]]] = {}
 
     # ------------------------------------------------------------------------------ replay
 
@@ -465,7 +487,79 @@ class GroupCoordinator:
 
     def _emit(self, out: list[GroupRecord], key: GroupRecordKey, value: GroupRecordValue | None) -> None:
         out.append(GroupRecord.of(key, value))
+        if self._undo_log is not None:
+            if key.group_id not in self._undo_timers:
+                # A call writes a group's records before it moves that group's timers, so the
+                # timers as of its first write are the timers before the call.
+                group = self._groups.get(key.group_id)
+                self._undo_timers[key.group_id] = {
+                    member_id: (self._session_deadlines.get((key.group_id, member_id)),
+                                self._rebalance_deadlines.get((key.group_id, member_id)))
+                    for member_id in (group.members if group is not None else ())
+                }
+            self._undo_log.append(self._prior(key))
         self._apply(key, value)
+
+    # --------------------------------------------------------------------------------- undo
+
+    def start_undo_log(self) -> None:
+        """Remember what the next call overwrites (until `stop_undo_log`), for `undo`."""
+        self._undo_log = []
+        self._undo_timers = {}
+
+    def stop_undo_log(self) -> UndoLog:
+        writes, self._undo_log = self._undo_log or [], None
+        timers, self._undo_timers = self._undo_timers, {}
+        after = {gid: frozenset(g.members) if (g := self._groups.get(gid)) is not None else frozenset()
+                 for gid in timers}
+        return UndoLog(tuple(writes), timers, after)
+
+    def undo(self, log: UndoLog) -> None:
+        """Take back the call whose `stop_undo_log()` this is; no call may have run since.
+
+        The state is a function of the latest value of each key, so writing the earlier values
+        back, newest first, passes back through every state the call went through. The timers
+        (not in the records) of the members the call's groups had before or after it are put
+        back as they were.
+        """
+        for key, value, written_ms in reversed(log.writes):
+            self._apply(key, value)
+            group = self._groups.get(key.group_id)
+            if group is not None and isinstance(key, ConsumerGroupMetadataKey):
+                group.epoch_written_ms = written_ms
+        for group_id, before in log.timers.items():
+            for member_id in before.keys() | log.members_after[group_id]:
+                session, rebalance = before.get(member_id, (None, None))
+                for deadlines, deadline in ((self._session_deadlines, session), (self._rebalance_deadlines, rebalance)):
+                    if deadline is None:
+                        deadlines.pop((group_id, member_id), None)
+                    else:
+                        deadlines[(group_id, member_id)] = deadline
+
+    def _prior(self, key: GroupRecordKey) -> UndoEntry:
+        """``key``'s value now (None: no record), and its group's emptiness date."""
+        group = self._groups.get(key.group_id)
+        if group is None:
+            return key, None, None
+        value: GroupRecordValue | None
+        if isinstance(key, OffsetCommitKey):
+            value = group.offsets.get(TopicPartition(key.topic, key.partition))
+        elif isinstance(key, ConsumerGroupMetadataKey):
+            value = None if group.epoch is None else ConsumerGroupMetadataValue(group.epoch)
+        elif isinstance(key, ConsumerGroupPartitionMetadataKey):
+            value = group.partition_metadata
+        elif isinstance(key, ConsumerGroupMemberMetadataKey):
+            value = group.members.get(key.member_id)
+        elif isinstance(key, ConsumerGroupTargetAssignmentMetadataKey):
+            value = None if group.target_epoch is None else ConsumerGroupTargetAssignmentMetadataValue(group.target_epoch)
+        elif isinstance(key, ConsumerGroupTargetAssignmentMemberKey):
+            target = group.targets.get(key.member_id)
+            value = None if target is None else ConsumerGroupTargetAssignmentMemberValue(target)
+        elif isinstance(key, ConsumerGroupCurrentMemberAssignmentKey):
+            value = group.current.get(key.member_id)
+        else:  # pragma: no cover - the key types _apply knows
+            raise TypeError(f"unexpected key {key!r}")
+        return key, value, group.epoch_written_ms
 
     # --------------------------------------------------------------------------- heartbeat
 

@@ -26,7 +26,10 @@ clock and the leadership it lacks (DESIGN.md §7):
 * **Failure.** If an append fails or the partition's leadership (or its epoch) changes, the
   coordinator is dropped: its state may hold records that will never commit. Calls waiting on
   it get NOT_COORDINATOR and clients find the coordinator again; if this node still (or again)
-  leads the partition, a new coordinator is loaded from the log.
+  leads the partition, a new coordinator is loaded from the log. A call's records too large
+  for one batch (max.message.bytes) never cost a reload: the caller says how they may go
+  (`Batching`): checked before the call (commits), taken back and refused (heartbeats), or
+  split over several batches (DeleteGroup).
 * **Timers.** The coordinator's `next_deadline()` arms one loop timer per hosted partition;
   `tick(now)` removes expired members and its records are appended like a write's. Every
   `offsets_retention_check_interval_ms` each loaded coordinator's `expire_offsets(now)` runs the
@@ -40,6 +43,8 @@ tests) and is told to `refresh()` when leaderships change; it also re-checks per
 from __future__ import annotations
 
 import asyncio
+import enum
+import functools
 import logging
 import time
 from collections import deque
@@ -94,10 +99,27 @@ _RECORD_OVERHEAD = 24
 REFRESH_INTERVAL_S = 0.5
 # A load that failed (an undecodable log, a coordinator bug) is retried after this long.
 RELOAD_BACKOFF_S = 2.0
-# Offset expiry appends its tombstones in batches of about this many bytes, well below any
-# sane max.message.bytes of __consumer_offsets (Kafka's default is 1 MiB).
+# Offset expiry and DeleteGroup (records that need not commit together) append their
+# tombstones in batches of about this many bytes, well below any sane max.message.bytes of
+# __consumer_offsets (Kafka's default is 1 MiB).
 EXPIRY_BATCH_BYTES = 64 * 1024
 EXPIRY_RECORD_OVERHEAD = 32  # a record's framing beyond its key and value, at most
+
+
+class Batching(enum.Enum):
+    """How a write call's records reach the log, for calls whose records may not fit one batch
+    of `__consumer_offsets` (max.message.bytes). None of them reloads the coordinator."""
+
+    # One batch; the caller bounded the records' size before the call (a commit answers
+    # INVALID_COMMIT_OFFSET_SIZE up front).
+    CHECKED = "checked"
+    # One batch, as the records must commit together (a heartbeat's member, epoch and
+    # assignment records); one the log refuses as too large takes the call back and answers
+    # INVALID_REQUEST. Costs a look at each written key's old value during the call.
+    ATOMIC = "atomic"
+    # As many batches as it takes, in order (a DeleteGroup's tombstones: a failover half-way
+    # leaves part of the group, and the retried delete removes the rest).
+    SPLIT = "split"
 
 
 class CoordinatorUnavailable(Exception):
@@ -226,6 +248,11 @@ class _Hosted:
 def wall_ms() -> int:
     # Commit timestamps go into the log, so the coordinator's clock is the wall clock.
     return int(time.time() * 1000)
+
+
+def _records_bytes(records: tuple[GroupRecord, ...] | list[GroupRecord]) -> int:
+    """About the bytes ``records`` take in a batch (at least their share of it)."""
+    return sum(len(r.key) + len(r.value or b"") + _RECORD_OVERHEAD for r in records)
 
 
 def encode_group_batch(records: tuple[GroupRecord, ...], timestamp_ms: int) -> bytes:
@@ -433,10 +460,14 @@ class GroupHost:
 
     # --- calls ------------------------------------------------------------------------------
 
-    async def write(self, group_id: str, call: Callable[[GroupCoordinator, int], Result[T]]) -> T:
+    async def write(self, group_id: str, call: Callable[[GroupCoordinator, int], Result[T]],
+                    batching: Batching = Batching.CHECKED) -> T:
         """Run a write call on the group's coordinator; its answer once its records commit."""
         hosted, coordinator = self._route(group_id)
         now = self._now_ms()
+        atomic = batching is Batching.ATOMIC
+        if atomic:
+            coordinator.start_undo_log()
         try:
             result = call(coordinator, now)
         except CoordinatorNotLoadedError as exc:
@@ -447,7 +478,15 @@ class GroupHost:
             log.exception("group coordinator call for %r failed", group_id)
             self._reload(hosted, f"call failed: {exc!r}")
             raise CoordinatorUnavailable(ErrorCode.UNKNOWN_SERVER_ERROR, f"coordinator error: {exc!r}") from None
-        if result.records:
+        finally:
+            undo_log = coordinator.stop_undo_log() if atomic else None
+        if batching is Batching.SPLIT:
+            self._stage_in_chunks(hosted, result.records)
+        elif undo_log is not None and _records_bytes(result.records) > STAGED_BATCH_BYTES:
+            # Only a batch this large can exceed max.message.bytes: it goes alone and at once,
+            # so a refusal can still be undone (no other call has run on top of it).
+            self._append_alone(hosted, result.records, functools.partial(coordinator.undo, undo_log))
+        elif result.records:
             self._stage(hosted, result.records)
         self._schedule_timer(hosted)
         await self._wait_committed(hosted, hosted.barrier())
@@ -490,7 +529,7 @@ class GroupHost:
         """Add one call's records to the staged batch, before any other call can run; append
         the batch now unless one this coordinator appended is still uncommitted or was
         appended less than the append linger ago."""
-        size = sum(len(r.key) + len(r.value or b"") + _RECORD_OVERHEAD for r in records)
+        size = _records_bytes(records)
         if hosted.staged and hosted.staged_bytes + size > STAGED_BATCH_BYTES:
             self._append_staged(hosted)  # full: it goes now, in flight or not
         hosted.staged.extend(records)
@@ -503,14 +542,48 @@ class GroupHost:
         else:
             self._ensure_watcher(hosted)  # appends it when the batch in flight commits
 
-    def _append_staged(self, hosted: _Hosted) -> None:
-        """Append the staged records as one batch; their waiters then wait for its offset."""
+    def _append_alone(self, hosted: _Hosted, records: tuple[GroupRecord, ...], undo: Callable[[], None]) -> None:
+        """Append one call's records now, as a batch of their own (after the staged calls
+        before it); a batch the log refuses as too large is undone and answered INVALID_REQUEST
+        with the coordinator kept, since then neither the log nor the state holds the call."""
+        if hosted.staged:
+            self._append_staged(hosted)
+        hosted.staged, hosted.staged_bytes, hosted.staged_calls = list(records), _records_bytes(records), 1
+        self._append_staged(hosted, undo)
+
+    def _stage_in_chunks(self, hosted: _Hosted, records: tuple[GroupRecord, ...]) -> None:
+        """Stage records that need not commit together in batches of at most about
+        EXPIRY_BATCH_BYTES, back to back (no call runs between them): as one batch they may
+        exceed max.message.bytes. A chunk failing to append reloads from what the log took."""
+        chunk: list[GroupRecord] = []
+        size = 0
+        for record in records:
+            record_size = len(record.key) + len(record.value or b"") + EXPIRY_RECORD_OVERHEAD
+            if chunk and size + record_size > EXPIRY_BATCH_BYTES:
+                # Staged like a call's records (group commit); a chunk is at most one batch.
+                self._stage(hosted, tuple(chunk))
+                chunk, size = [], 0
+            chunk.append(record)
+            size += record_size
+        if chunk:
+            self._stage(hosted, tuple(chunk))
+
+    def _append_staged(self, hosted: _Hosted, undo: Callable[[], None] | None = None) -> None:
+        """Append the staged records as one batch; their waiters then wait for its offset.
+        ``undo`` (the staged records are one call's, applied just now) takes the call back
+        if the log refuses the batch as too large."""
         records, calls = hosted.staged, hosted.staged_calls
         hosted.staged = []
         hosted.staged_bytes = hosted.staged_calls = 0
         try:
             appended = hosted.partition.append(encode_group_batch(tuple(records), self._now_ms()))
         except Exception as exc:  # noqa: BLE001 - whatever failed, the applied state must go
+            if undo is not None and isinstance(exc, RecordTooLargeError):
+                undo()
+                raise CoordinatorUnavailable(
+                    ErrorCode.INVALID_REQUEST,
+                    f"the call's records do not fit one batch of __consumer_offsets ({exc}); nothing was "
+                    f"changed") from None
             # Leadership gone (NotLeader, closed) or the batch refused (too large): the records
             # are applied in memory but not in the log, so this coordinator must go.
             code = ErrorCode.NOT_COORDINATOR
@@ -680,30 +753,13 @@ class GroupHost:
         for expired in result.response:
             log.info("group %s: %d committed offsets expired%s", expired.group_id, len(expired.partitions),
                      "; the empty group is deleted" if expired.group_deleted else "")
-        # Several batches, appended back to back (no call runs between them): one pass may
-        # expire a whole partition's worth (the first after an upgrade), which as one batch
-        # exceeds max.message.bytes; the refused batch reloaded the coordinator and the next
-        # pass failed alike, forever. A later batch failing reloads from what the log took.
-        chunk: list[GroupRecord] = []
-        size = 0
-        for record in result.records:
-            record_size = len(record.key) + len(record.value or b"") + EXPIRY_RECORD_OVERHEAD
-            if chunk and size + record_size > EXPIRY_BATCH_BYTES:
-                if not self._append_expired(hosted, chunk):
-                    return
-                chunk, size = [], 0
-            chunk.append(record)
-            size += record_size
-        if chunk:
-            self._append_expired(hosted, chunk)
-
-    def _append_expired(self, hosted: _Hosted, records: list[GroupRecord]) -> bool:
+        # Several batches: one pass may expire a whole partition's worth (the first after an
+        # upgrade), which as one batch exceeds max.message.bytes; the refused batch reloaded the
+        # coordinator and the next pass failed alike, forever.
         try:
-            # Staged like a call's records (group commit); a chunk is at most one batch.
-            self._stage(hosted, tuple(records))
+            self._stage_in_chunks(hosted, result.records)
         except CoordinatorUnavailable:
-            return False
-        return True
+            pass  # reloaded: the next pass finds what did not commit
 
     # --- introspection ----------------------------------------------------------------------
 

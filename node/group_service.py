@@ -38,7 +38,7 @@ from tidelog.node.group_coordinator import (
     GroupErrorCode,
     GroupState,
 )
-from tidelog.node.group_host import CoordinatorUnavailable, GroupHost, encode_group_batch
+from tidelog.node.group_host import Batching, CoordinatorUnavailable, GroupHost, encode_group_batch
 from tidelog.node.group_records import (
     GroupRecord,
     OffsetCommitKey,
@@ -265,7 +265,7 @@ class GroupsService(api_pb2_grpc.GroupsServicer):
                 rack_id=request.rack_id or None, client_id=request.client_id or None, client_host=client_host)
 
         async def call() -> api_pb2.ConsumerGroupHeartbeatResponse:
-            answer = await self.host.write(group_id, heartbeat)
+            answer = await self.host.write(group_id, heartbeat, Batching.ATOMIC)
             response = api_pb2.ConsumerGroupHeartbeatResponse(
                 error=_error(answer.error), error_message=answer.message, member_id=answer.member_id,
                 member_epoch=answer.member_epoch, heartbeat_interval_ms=answer.heartbeat_interval_ms)
@@ -435,7 +435,7 @@ class GroupsService(api_pb2_grpc.GroupsServicer):
             return failed(ErrorCode.INVALID_GROUP_ID, error)
 
         async def call() -> api_pb2.DeleteGroupResponse:
-            answer = await self.host.write(group_id, lambda c, now: c.delete_group(group_id))
+            answer = await self.host.write(group_id, lambda c, now: c.delete_group(group_id), Batching.SPLIT)
             return api_pb2.DeleteGroupResponse(error=_error(answer.error), error_message=answer.message)
 
         return await self._call(call, failed, "DeleteGroup")
