@@ -60,6 +60,7 @@ from tidelog.node.group_coordinator import (
     Result,
 )
 from tidelog.node.group_records import (
+    ConsumerGroupMetadataKey,
     CorruptGroupRecordError,
     GroupRecord,
     coordinator_partition,
@@ -551,20 +552,26 @@ class GroupHost:
         hosted.staged, hosted.staged_bytes, hosted.staged_calls = list(records), _records_bytes(records), 1
         self._append_staged(hosted, undo)
 
-    def _stage_in_chunks(self, hosted: _Hosted, records: tuple[GroupRecord, ...]) -> None:
+    def _stage_in_chunks(self, hosted: _Hosted, records: tuple[GroupRecord, ...],
+                         ends_unit: Callable[[GroupRecord], bool] = lambda record: True) -> None:
         """Stage records that need not commit together in batches of at most about
         EXPIRY_BATCH_BYTES, back to back (no call runs between them): as one batch they may
-        exceed max.message.bytes. A chunk failing to append reloads from what the log took."""
+        exceed max.message.bytes. A batch ends only after a record ``ends_unit`` accepts (the
+        records up to it must commit together). A chunk failing to append reloads from what
+        the log took."""
         chunk: list[GroupRecord] = []
-        size = 0
+        size = cut = cut_size = 0  # the chunk may be cut after its first `cut` records
         for record in records:
             record_size = len(record.key) + len(record.value or b"") + EXPIRY_RECORD_OVERHEAD
-            if chunk and size + record_size > EXPIRY_BATCH_BYTES:
+            if cut and size + record_size > EXPIRY_BATCH_BYTES:
                 # Staged like a call's records (group commit); a chunk is at most one batch.
-                self._stage(hosted, tuple(chunk))
-                chunk, size = [], 0
+                self._stage(hosted, tuple(chunk[:cut]))
+                chunk, size = chunk[cut:], size - cut_size
+                cut = cut_size = 0
             chunk.append(record)
             size += record_size
+            if ends_unit(record):
+                cut, cut_size = len(chunk), size
         if chunk:
             self._stage(hosted, tuple(chunk))
 
@@ -728,7 +735,11 @@ class GroupHost:
                      expired.reason)
         if result.records:
             try:
-                self._stage(hosted, result.records)
+                # Each member's removal (its tombstones, then the epoch bump) commits whole, but
+                # many members expiring together (a fleet cut off at once) may not fit one
+                # batch: refused, the reload restarted every session and failed alike forever.
+                self._stage_in_chunks(hosted, result.records,
+                                      lambda record: isinstance(record.typed_key, ConsumerGroupMetadataKey))
             except CoordinatorUnavailable:
                 return
         self._schedule_timer(hosted)

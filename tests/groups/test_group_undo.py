@@ -9,6 +9,7 @@ call before doing it for real: the state must be exactly the one before.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
 
@@ -22,13 +23,13 @@ from tidelog.node.group_coordinator import (
     HeartbeatResponse,
     Result,
 )
-from tidelog.node.group_host import Batching, CoordinatorUnavailable
+from tidelog.node.group_host import Batching, CoordinatorUnavailable, GroupHost
 from tidelog.node.group_records import TopicPartition
 from tidelog.node.storage import RecordTooLargeError
 from tidelog.proto import records as codec
 from tidelog.proto.common_pb2 import ErrorCode
 
-from tests.groups.test_group_host import FakePartition, loaded_host, run
+from tests.groups.test_group_host import FakePartition, eventually, loaded_host, run
 
 COUNTS = {"a": 4, "b": 3, "c": 2}
 
@@ -167,6 +168,41 @@ def test_a_split_call_goes_in_batches_each_within_the_limit() -> None:
         assert len(new_batches) > 1 and all(len(data) <= LIMIT for data in new_batches)
         assert sum(h.record_count for data in new_batches for h in codec.scan_batches(data)) == 30
         assert (await host.read(group, lambda c: c.describe_group(group))).error == GroupErrorCode.GROUP_ID_NOT_FOUND
+        await host.close()
+
+    run(scenario)
+
+
+def test_members_expiring_together_beyond_one_batch_are_removed_without_a_reload() -> None:
+    # Each removal (the member's tombstones, then the group epoch bump) commits whole; many at
+    # once went as one batch, which the log refused: the reload restarted every session and
+    # the same removals failed again at the next timeout, forever.
+    async def scenario() -> None:
+        partition = LimitedPartition(LIMIT)
+        clock = [1_000_000]  # every member joins at the same ms, so all expire in one tick
+        host = GroupHost(lambda: {0: partition}, lambda: 1, GroupCoordinatorConfig(session_timeout_ms=300),
+                         now_ms=lambda: clock[0])
+        host.refresh()
+        await eventually(lambda: any(s.loaded for s in host.describe()), "the load")
+        coordinator = host._hosted[0].coordinator
+        group = "g" * 20_000  # each removal writes ~80 KB of keys
+        for _ in range(6):
+            joined = await host.write(group, lambda c, now: c.heartbeat(group, "", 0, None, ["a"], [], 5000, now, COUNTS),
+                                      Batching.ATOMIC)
+            assert joined.error == GroupErrorCode.NONE
+        batches_before = len(partition.log.batches)
+        clock[0] += 1000
+
+        async def members() -> int:
+            return len((await host.read(group, lambda c: c.describe_group(group))).members)
+
+        deadline = asyncio.get_running_loop().time() + 5
+        while await members():
+            assert asyncio.get_running_loop().time() < deadline, "the members were never removed"
+            await asyncio.sleep(0.02)
+        assert host._hosted[0].coordinator is coordinator  # never reloaded
+        new_batches = [data for _, data in partition.log.batches[batches_before:]]
+        assert len(new_batches) > 1 and all(len(data) <= LIMIT for data in new_batches)
         await host.close()
 
     run(scenario)
