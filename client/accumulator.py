@@ -28,6 +28,13 @@ loop (draining, completion), so its state is guarded by one lock; waiting for bu
 `threading.Condition` for the sync facade, and the async producer is woken through
 ``on_memory_freed``. It holds no futures logic of its own: a batch carries opaque completion
 handles for the producer to resolve.
+
+A record is encoded as it is appended (Kafka's MemoryRecordsBuilder): its bytes go straight onto
+its batch's records section, and only its timestamp and handle are kept beside them, so no tuple
+of Python objects per record waits in the queue for the garbage collector to walk. Sealing
+leaves compression and the header to the sender; a renumbered retry rewrites only the header.
+Memory is counted by each record's size estimate (`estimate_record_size`), never less than the
+bytes it takes.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, NamedTuple
 
 from tidelog.client.types import TopicPartition
-from tidelog.proto.records import BATCH_OVERHEAD
+from tidelog.proto.records import BATCH_OVERHEAD, append_record
 
 # Kafka's DefaultRecord.MAX_RECORD_OVERHEAD: length, attributes, timestamp and offset deltas,
 # key/value lengths and header count, as varints at their largest.
@@ -62,7 +69,12 @@ class ProducerBatch:
     batch_id: int
     created: float  # monotonic seconds
     deadline: float  # delivery timeout, monotonic seconds
-    records: list[tuple] = field(default_factory=list)  # PendingRecord's fields  # type: ignore[type-arg]
+    # The records section, encoded as records arrive (`append_record`); None once the sender
+    # has made ``encoded`` from it.
+    buffer: bytearray | None = field(default_factory=bytearray)
+    # Each record's timestamp (the first is the batch's base): for the header and for the
+    # RecordMetadata of each record. Plain ints, which the garbage collector does not track.
+    timestamps: list[int] = field(default_factory=list)
     handles: list[object] = field(default_factory=list)
     size: int = BATCH_OVERHEAD
     sealed: bool = False
@@ -79,7 +91,7 @@ class ProducerBatch:
 
     @property
     def record_count(self) -> int:
-        return len(self.records)
+        return len(self.timestamps)
 
 
 @dataclass(slots=True)
@@ -103,20 +115,6 @@ class AppendResult(NamedTuple):
     # completes (complete/reenqueue, then a wake), which saves the producer a cross-thread wake
     # per batch while it keeps up.
     wake_sender: bool
-
-
-class PendingRecord(NamedTuple):
-    """The fields of a queued record, in the order `encode_batch` reads a `Record`'s. A batch
-    holds them as plain tuples, not as PendingRecords: a plain tuple of numbers, bytes and None
-    leaves the garbage collector's tracking at its first collection, while a NamedTuple is
-    walked at every one (with a full buffer, 32 MiB of 1 KiB records, full collections took a
-    fifth of the producer's CPU)."""
-
-    offset: int  # within its batch
-    timestamp: int
-    key: bytes | None
-    value: bytes | None
-    headers: tuple[tuple[str, bytes | None], ...]
 
 
 @dataclass(slots=True)
@@ -175,8 +173,8 @@ class RecordAccumulator:
     ) -> AppendResult | None:
         """Append a record, or return None when buffer memory is short.
 
-        ``record_fields`` is ``(timestamp, key, value, headers)``; the offset within the batch is
-        filled in here.
+        ``record_fields`` is ``(timestamp, key, value, headers)``, encoded into the batch here;
+        the offset within the batch is the record's index in it.
         """
         with self._lock:
             batch = self._append_locked(tp, record_fields, size, handle)
@@ -195,8 +193,11 @@ class RecordAccumulator:
                 batch = queue.open
                 if (batch is not None and batch.size + size < self.batch_size
                         and self._used + size <= self.buffer_memory and not self.closed):
-                    records = batch.records
-                    records.append((len(records), *record_fields))
+                    timestamp, key, value, headers = record_fields
+                    timestamps = batch.timestamps
+                    append_record(batch.buffer, len(timestamps), timestamp - timestamps[0],  # type: ignore[arg-type]
+                                  key, value, headers)
+                    timestamps.append(timestamp)
                     batch.handles.append(handle)
                     batch.size += size
                     self._used += size
@@ -204,7 +205,7 @@ class RecordAccumulator:
             batch = self._append_locked(tp, record_fields, size, handle)
             if batch is None:
                 return None
-            return (batch.sealed or len(batch.records) == 1) and not self._last_queue.blocked
+            return (batch.sealed or len(batch.timestamps) == 1) and not self._last_queue.blocked
 
     def append(
         self,
@@ -231,7 +232,7 @@ class RecordAccumulator:
                 self._memory_freed.wait(remaining)
 
     def _result_locked(self, batch: ProducerBatch) -> AppendResult:
-        index = len(batch.records) - 1
+        index = len(batch.timestamps) - 1
         return AppendResult(
             batch, index, (batch.sealed or index == 0) and not self._partitions[batch.tp].blocked
         )
@@ -255,18 +256,24 @@ class RecordAccumulator:
                 queue = self._partitions[tp] = _PartitionQueue()
             self._last_tp, self._last_queue = tp, queue
         batch = queue.open
-        if batch is not None and batch.size + size > self.batch_size and batch.records:
+        if batch is not None and batch.size + size > self.batch_size:
             batch.sealed = True
             queue.sealed.append(batch)
             queue.open = batch = None
+        timestamp, key, value, headers = record_fields
         if batch is None:
             now = self._clock()
             batch = ProducerBatch(tp, self._next_batch_id, now, now + self.delivery_timeout)
+            # Encoded before the batch is registered: a record that cannot be encoded leaves
+            # no empty batch behind.
+            append_record(batch.buffer, 0, 0, key, value, headers)  # type: ignore[arg-type]
             self._next_batch_id += 1
             self._incomplete.add(batch.batch_id)
             queue.open = batch
-        records = batch.records
-        records.append((len(records), *record_fields))  # a PendingRecord's fields
+        else:
+            append_record(batch.buffer, len(batch.timestamps), timestamp - batch.timestamps[0],  # type: ignore[arg-type]
+                          key, value, headers)
+        batch.timestamps.append(timestamp)
         batch.handles.append(handle)
         batch.size += size
         self._used += size

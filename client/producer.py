@@ -24,7 +24,6 @@ import struct
 import functools
 import itertools
 import logging
-import operator
 import random
 import threading
 import time
@@ -39,7 +38,6 @@ from tidelog.client._loop import LoopThread, wait_event
 from tidelog.client.accumulator import (
     RECORD_OVERHEAD,
     BufferExhausted,
-    PendingRecord,
     ProducerBatch,
     RecordAccumulator,
     estimate_record_size,
@@ -62,7 +60,7 @@ from tidelog.proto.records import (
     CRC_OFFSET,
     PRODUCER_ID_OFFSET,
     Compression,
-    encode_batch,
+    finish_batch,
 )
 from tidelog.proto.wire import encode_varint
 
@@ -197,9 +195,6 @@ class _Pulse:
     def waiter(self) -> asyncio.Event:
         return self._event
 
-
-_TIMESTAMP = operator.itemgetter(1)  # of a PendingRecord
-assert PendingRecord._fields[1] == "timestamp"
 
 # Sequences wrap from INT32_MAX to 0 (Kafka's DefaultRecordBatch.incrementSequence).
 _INT32_MAX_MASK = 0x7FFFFFFF
@@ -678,21 +673,23 @@ class AsyncProducer:
                     # Numbered once, when first sent: a retry resends these exact bytes. A batch
                     # numbered before under an id it never got written with is numbered again.
                     sequence = self._sequences.get(batch.tp, 0)
-                    self._sequences[batch.tp] = (sequence + len(batch.records)) & _INT32_MAX_MASK
+                    self._sequences[batch.tp] = (sequence + batch.record_count) & _INT32_MAX_MASK
                     batch.producer_id = self._producer_id
                     if batch.encoded is None:
-                        batch.encoded = encode_batch(
-                            batch.records,  # type: ignore[arg-type]
+                        batch.encoded = finish_batch(
+                            batch.buffer, batch.timestamps,  # type: ignore[arg-type]
                             compression=self.compression, producer_id=self._producer_id,
                             producer_epoch=self._producer_epoch, base_sequence=sequence,
                         )
+                        batch.buffer = None  # sealed, and resent only as ``encoded``
                     else:
                         batch.encoded = renumber_batch(
                             batch.encoded, self._producer_id, self._producer_epoch, sequence
                         )
                 elif batch.encoded is None:
-                    # PendingRecord has the fields of a Record that encode_batch reads.
-                    batch.encoded = encode_batch(batch.records, compression=self.compression)  # type: ignore[arg-type]
+                    batch.encoded = finish_batch(batch.buffer, batch.timestamps,  # type: ignore[arg-type]
+                                                 compression=self.compression)
+                    batch.buffer = None  # sealed, and resent only as ``encoded``
                 run_size += len(batch.encoded)
             if current and size + run_size > self.max_request_size:
                 chunks.append(current)
@@ -803,15 +800,14 @@ class AsyncProducer:
         new = tuple.__new__
         where = (topic, partition)
         for batch in run:
-            records = batch.records
-            count = len(records)
+            count = batch.record_count
             offsets: Iterable[int]
             if base >= 0:
                 offsets = range(base, base + count)  # a record's offset in its batch is its index
                 base += count  # the node gives a run contiguous offsets
             else:
                 offsets = itertools.repeat(-1, count)
-            timestamps = repeat(append_time, count) if append_time >= 0 else map(_TIMESTAMP, records)
+            timestamps = repeat(append_time, count) if append_time >= 0 else batch.timestamps
             handles = batch.handles
             if handles and isinstance(handles[0], RecordFuture):
                 # The sync producer's futures build their RecordMetadata when it is read.

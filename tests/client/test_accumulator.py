@@ -9,12 +9,12 @@ import pytest
 from tidelog.client.accumulator import (
     RECORD_OVERHEAD,
     BufferExhausted,
-    PendingRecord,
+    ProducerBatch,
     RecordAccumulator,
     estimate_record_size,
 )
 from tidelog.client.types import TopicPartition
-from tidelog.proto.records import BATCH_OVERHEAD
+from tidelog.proto.records import BATCH_OVERHEAD, decode_batches, finish_batch
 
 TP0 = TopicPartition("t", 0)
 TP1 = TopicPartition("t", 1)
@@ -39,6 +39,17 @@ def add(acc: RecordAccumulator, tp: TopicPartition, value: bytes, handle: object
     return acc.try_append(tp, (1, None, value, ()), size, handle)
 
 
+def records(batch: ProducerBatch) -> list[tuple[int, bytes | None]]:
+    """(offset, value) of each record the batch's encoded section holds."""
+    assert batch.buffer is not None
+    (decoded,) = decode_batches(finish_batch(batch.buffer, batch.timestamps))
+    return [(r.offset, r.value) for r in decoded.records()]
+
+
+def values(batch: ProducerBatch) -> list[bytes | None]:
+    return [value for _, value in records(batch)]
+
+
 def leader_1(tp: TopicPartition) -> int:
     return 1
 
@@ -59,7 +70,7 @@ def test_a_batch_waits_for_linger_then_drains() -> None:
     assert drain.by_node == {} and drain.next_check == pytest.approx(100.005)
     clock.now += 0.005
     [[batch]] = acc.drain(clock(), leader_1).by_node[1]
-    assert [(r.offset, r.value) for r in map(PendingRecord._make, batch.records)] == [(0, b"a"), (1, b"b")]
+    assert records(batch) == [(0, b"a"), (1, b"b")]
 
 
 def test_a_full_batch_is_sealed_at_once_and_a_new_one_started() -> None:
@@ -81,16 +92,16 @@ def test_one_batch_in_flight_per_partition_and_retries_go_first() -> None:
     add(acc, TP1, b"x")
     drain = acc.drain(clock(), leader_1)
     in_flight = {run[0].tp: run for run in drain.by_node[1]}
-    assert [PendingRecord(*b.records[0]).value for b in in_flight[TP0]] == [b"1"] and TP1 in in_flight
+    assert [values(b)[0] for b in in_flight[TP0]] == [b"1"] and TP1 in in_flight
     assert acc.drain(clock(), leader_1).by_node == {}  # TP0's next batch waits for the first
     acc.reenqueue(in_flight[TP0], retry_at=clock() + 0.1)
     assert acc.drain(clock(), leader_1).by_node == {}  # backing off; "2" must not overtake "1"
     clock.now += 0.1
     [again] = acc.drain(clock(), leader_1).by_node[1]
-    assert [PendingRecord(*b.records[0]).value for b in again] == [b"1"] and again[0].attempts == 1
+    assert [values(b)[0] for b in again] == [b"1"] and again[0].attempts == 1
     acc.complete(again)
     [[second]] = acc.drain(clock(), leader_1).by_node[1]
-    assert PendingRecord(*second.records[0]).value == b"2"
+    assert values(second)[0] == b"2"
 
 
 def test_partitions_without_a_leader_are_reported_not_sent() -> None:
@@ -156,7 +167,7 @@ def test_flush_seals_open_batches_and_tracks_what_is_incomplete() -> None:
     acc.seal_all()
     add(acc, TP0, b"later")
     [run] = acc.drain(clock(), leader_1).by_node[1]
-    assert [PendingRecord(*b.records[0]).value for b in run] == [b"a"]
+    assert [values(b)[0] for b in run] == [b"a"]
     assert acc.any_incomplete_up_to(last)
     acc.complete(run)
     assert not acc.any_incomplete_up_to(last) and not acc.is_empty()
@@ -169,7 +180,7 @@ def test_abort_keeps_only_in_flight_batches() -> None:
         add(acc, TP0, value)
     [in_flight] = acc.drain(clock(), leader_1).by_node[1]
     aborted = acc.abort_all()
-    assert [PendingRecord(*b.records[0]).value for b in aborted] == [b"2"]
+    assert [values(b)[0] for b in aborted] == [b"2"]
     acc.complete(in_flight)
     assert acc.is_empty() and acc.used_memory == 0
 
@@ -181,14 +192,14 @@ def test_queued_batches_of_a_partition_travel_together_up_to_max_bytes() -> None
     for value in (b"1", b"2", b"3", b"4", b"5"):
         add(acc, TP0, value)  # five full batches
     [run] = acc.drain(clock(), leader_1, max_bytes=3 * one).by_node[1]
-    assert [PendingRecord(*b.records[0]).value for b in run] == [b"1", b"2", b"3"]
+    assert [values(b)[0] for b in run] == [b"1", b"2", b"3"]
     acc.reenqueue(run, retry_at=clock())  # retried whole, still first in line
     [again] = acc.drain(clock(), leader_1, max_bytes=10 * one).by_node[1]
-    assert [PendingRecord(*b.records[0]).value for b in again] == [b"1", b"2", b"3", b"4", b"5"]
+    assert [values(b)[0] for b in again] == [b"1", b"2", b"3", b"4", b"5"]
     acc.complete(again[:2])  # a prefix may finish on its own (expired batches)
     acc.reenqueue(again[2:], retry_at=clock())
     [rest] = acc.drain(clock(), leader_1, max_bytes=10 * one).by_node[1]
-    assert [PendingRecord(*b.records[0]).value for b in rest] == [b"3", b"4", b"5"]
+    assert [values(b)[0] for b in rest] == [b"3", b"4", b"5"]
 
 
 def test_no_wake_for_a_partition_whose_run_is_in_flight_until_the_run_completes() -> None:
@@ -218,7 +229,7 @@ def test_equal_topic_partition_objects_share_one_queue() -> None:
     second = add(acc, TP1, b"b")
     third = add(acc, TopicPartition("t", 0), b"c")  # another object, equal to the first
     assert third.batch is first.batch and second.batch is not first.batch
-    assert [r.value for r in map(PendingRecord._make, third.batch.records)] == [b"a", b"c"]
+    assert values(third.batch) == [b"a", b"c"]
 
 
 def _numbered(run, producer_id: int) -> None:
@@ -253,7 +264,7 @@ def test_idempotent_pipelining_resync_and_retries_keep_their_runs() -> None:
     [resent] = acc.drain(clock(), leader_1, max_bytes=10 * one, producer_id=7).by_node[1]
     assert resent == third
     [fresh] = acc.drain(clock(), leader_1, max_bytes=10 * one, producer_id=7).by_node[1]
-    assert [PendingRecord(*b.records[0]).value for b in fresh] == [b"6", b"7", b"8", b"9"]  # pipelined again
+    assert [values(b)[0] for b in fresh] == [b"6", b"7", b"8", b"9"]  # pipelined again
 
 
 def test_batches_of_a_new_producer_id_wait_for_the_old_ids_and_renumbering_covers_later_ones() -> None:
@@ -274,4 +285,4 @@ def test_batches_of_a_new_producer_id_wait_for_the_old_ids_and_renumbering_cover
     acc.reenqueue(runs[1], retry_at=clock(), renumber=True)  # "2" was never written under 7
     assert [b.producer_id for b in runs[1] + runs[2]] == [-1, -1]  # nor the later "3"
     [renumbered] = acc.drain(clock(), leader_1, max_bytes=10 * one, producer_id=8).by_node[1]
-    assert [PendingRecord(*b.records[0]).value for b in renumbered] == [b"2", b"3", b"4"]  # now one new run
+    assert [values(b)[0] for b in renumbered] == [b"2", b"3", b"4"]  # now one new run
