@@ -483,7 +483,7 @@ class GroupHost:
             undo_log = coordinator.stop_undo_log() if atomic else None
         if batching is Batching.SPLIT:
             self._stage_in_chunks(hosted, result.records)
-        elif undo_log is not None and _records_bytes(result.records) > STAGED_BATCH_BYTES:
+        elif undo_log is not None and _records_bytes(result.records) > self._batch_bytes(hosted):
             # Only a batch this large can exceed max.message.bytes: it goes alone and at once,
             # so a refusal can still be undone (no other call has run on top of it).
             self._append_alone(hosted, result.records, functools.partial(coordinator.undo, undo_log))
@@ -531,17 +531,30 @@ class GroupHost:
         the batch now unless one this coordinator appended is still uncommitted or was
         appended less than the append linger ago."""
         size = _records_bytes(records)
-        if hosted.staged and hosted.staged_bytes + size > STAGED_BATCH_BYTES:
+        bound = self._batch_bytes(hosted)
+        if hosted.staged and hosted.staged_bytes + size > bound:
             self._append_staged(hosted)  # full: it goes now, in flight or not
         hosted.staged.extend(records)
         hosted.staged_bytes += size
         hosted.staged_calls += 1
         if (hosted.partition.high_watermark > hosted.in_flight
                 and asyncio.get_running_loop().time() >= hosted.appended_at + self._linger_s) \
-                or hosted.staged_bytes >= STAGED_BATCH_BYTES:
+                or hosted.staged_bytes >= bound:
             self._append_staged(hosted)
         else:
             self._ensure_watcher(hosted)  # appends it when the batch in flight commits
+
+    @staticmethod
+    def _batch_bytes(hosted: _Hosted) -> int:
+        """The record bytes (as `_records_bytes` counts them, which is more than they take)
+        one batch may carry: STAGED_BATCH_BYTES, or less where the partition's
+        max.message.bytes is smaller (a cluster-wide topic default applies to
+        __consumer_offsets too, so it can be)."""
+        config = getattr(hosted.partition.log, "config", None)  # a PartitionLog's LogConfig
+        limit = getattr(config, "max_message_bytes", None)
+        if limit is None:
+            return STAGED_BATCH_BYTES
+        return max(1, min(STAGED_BATCH_BYTES, limit - codec.BATCH_OVERHEAD))
 
     def _append_alone(self, hosted: _Hosted, records: tuple[GroupRecord, ...], undo: Callable[[], None]) -> None:
         """Append one call's records now, as a batch of their own (after the staged calls
@@ -559,11 +572,12 @@ class GroupHost:
         exceed max.message.bytes. A batch ends only after a record ``ends_unit`` accepts (the
         records up to it must commit together). A chunk failing to append reloads from what
         the log took."""
+        bound = min(EXPIRY_BATCH_BYTES, self._batch_bytes(hosted))
         chunk: list[GroupRecord] = []
         size = cut = cut_size = 0  # the chunk may be cut after its first `cut` records
         for record in records:
             record_size = len(record.key) + len(record.value or b"") + EXPIRY_RECORD_OVERHEAD
-            if cut and size + record_size > EXPIRY_BATCH_BYTES:
+            if cut and size + record_size > bound:
                 # Staged like a call's records (group commit); a chunk is at most one batch.
                 self._stage(hosted, tuple(chunk[:cut]))
                 chunk, size = chunk[cut:], size - cut_size

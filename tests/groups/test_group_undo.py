@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import types
 
 import pytest
 
@@ -112,9 +113,10 @@ def test_undo_of_a_join_that_created_the_group_leaves_no_group_and_no_timer() ->
 class LimitedPartition(FakePartition):
     """A fake `__consumer_offsets` replica that refuses batches over ``limit`` bytes."""
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(auto_commit=True)
+    def __init__(self, limit: int, auto_commit: bool = True) -> None:
+        super().__init__(auto_commit=auto_commit)
         self.limit = limit
+        self.log.config = types.SimpleNamespace(max_message_bytes=limit)  # as a PartitionLog's
 
     def append(self, batches: bytes):  # type: ignore[no-untyped-def]
         if len(batches) > self.limit:
@@ -203,6 +205,33 @@ def test_members_expiring_together_beyond_one_batch_are_removed_without_a_reload
         assert host._hosted[0].coordinator is coordinator  # never reloaded
         new_batches = [data for _, data in partition.log.batches[batches_before:]]
         assert len(new_batches) > 1 and all(len(data) <= LIMIT for data in new_batches)
+        await host.close()
+
+    run(scenario)
+
+
+def test_calls_staged_together_stay_within_a_small_max_message_bytes() -> None:
+    # A cluster-wide max.message.bytes below the 64 KiB staging bound applies to
+    # __consumer_offsets too: commits staged behind a batch in flight went out as one batch
+    # over the limit, refused, and every one of them got NOT_COORDINATOR with a reload.
+    async def scenario() -> None:
+        partition = LimitedPartition(3000, auto_commit=False)
+        host = await loaded_host({0: partition})
+        partition.commit()
+        coordinator = host._hosted[0].coordinator
+        first = asyncio.ensure_future(host.write("g", lambda c, now: c.commit_offsets(
+            "g", "", -1, {TopicPartition("a", 0): CommittedOffset(0)}, now)))
+        await asyncio.sleep(0)
+        calls = [asyncio.ensure_future(host.write("g", lambda c, now, p=p: c.commit_offsets(
+            "g", "", -1, {TopicPartition("a", p): CommittedOffset(p)}, now))) for p in range(1, 101)]
+        batches_before = len(partition.log.batches)
+        partition.auto_commit = True
+        partition.commit()
+        answers = await asyncio.gather(first, *calls)
+        assert all(a.error == GroupErrorCode.NONE for a in answers)
+        assert host._hosted[0].coordinator is coordinator  # never reloaded
+        new_batches = [data for _, data in partition.log.batches[batches_before:]]
+        assert len(new_batches) > 1 and all(len(data) <= 3000 for data in new_batches)
         await host.close()
 
     run(scenario)
