@@ -178,8 +178,7 @@ def settle(
         condition.notify_all()
     finally:
         condition.release()
-    for future in with_callbacks:
-        future._invoke_callbacks()
+    _run_callbacks(with_callbacks)
     for future, outcome in strays:
         try:
             if exception is None:
@@ -226,10 +225,23 @@ def settle_delivered(
         condition.notify_all()
     finally:
         condition.release()
-    for future in with_callbacks:
-        future._invoke_callbacks()
+    _run_callbacks(with_callbacks)
     for future in strays:
         try:
             future.set_result(future._result)
         except concurrent.futures.InvalidStateError:
             pass
+
+
+def _run_callbacks(futures: list[RecordFuture]) -> None:
+    """`RecordFuture._invoke_callbacks` of each of ``futures`` (settled, each with a first
+    callback), inlined: an application that adds a callback per record pays two Python-level
+    calls less per record on the client's I/O thread."""
+    invoke_rest = concurrent.futures.Future._invoke_callbacks
+    for future in futures:
+        try:
+            future._callback(future)  # type: ignore[misc]
+        except Exception:  # noqa: BLE001 - as the base class: logged, never raised
+            _LOGGER.exception("exception calling callback for %r", future)
+        if future._done_callbacks:
+            invoke_rest(future)  # the rest, in the order they were added

@@ -321,6 +321,12 @@ _NULL_LENGTH = _varint_bytes(-1)
 _NO_HEADERS = _varint_bytes(0)
 
 
+# Fields that sit next to each other in a record, for `append_record`: the attributes byte (0,
+# unused in v2) with a timestamp delta, and a null key's length with a value's length.
+_ATTRIBUTES_AND_TIMESTAMP_DELTA = tuple(b"\x00" + varint for varint in _SMALL_VARINTS)
+_NULL_KEY_AND_VALUE_LENGTH = tuple(_NULL_LENGTH + varint for varint in _SMALL_VARINTS)
+
+
 def _varint(value: int) -> bytes:
     if 0 <= value < 8192:
         return _SMALL_VARINTS[value]
@@ -456,21 +462,19 @@ def append_record(
 
     Nothing is written unless the whole record is: a failure leaves ``out`` as it was.
     """
-    small = _SMALL_VARINTS
     if (key is None and value is not None and not headers and 0 <= timestamp_delta < 8192
             and 0 <= offset_delta < 8192 and len(value) < 8192):
         # The common case (no key, no headers, small deltas): every varint is a table lookup,
-        # and the parts are appended in place, a third cheaper than joining them first.
-        timestamp_part = small[timestamp_delta]
-        offset_part = small[offset_delta]
-        value_part = small[len(value)]
-        length = 3 + len(timestamp_part) + len(offset_part) + len(value_part) + len(value)
-        out += small[length] if length < 8192 else _varint_bytes(length)
-        out += b"\x00"  # the record attributes byte, unused in v2
-        out += timestamp_part
+        # neighbouring fields come from one table entry, and the parts are appended in place,
+        # a third cheaper than joining them first.
+        head = _ATTRIBUTES_AND_TIMESTAMP_DELTA[timestamp_delta]
+        offset_part = _SMALL_VARINTS[offset_delta]
+        value_head = _NULL_KEY_AND_VALUE_LENGTH[len(value)]
+        length = len(head) + len(offset_part) + len(value_head) + len(value) + 1
+        out += _SMALL_VARINTS[length] if length < 8192 else _varint_bytes(length)
+        out += head
         out += offset_part
-        out += _NULL_LENGTH
-        out += value_part
+        out += value_head
         out += value
         out += _NO_HEADERS
         return

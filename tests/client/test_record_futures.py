@@ -125,3 +125,19 @@ def test_a_delivered_future_holds_no_new_gc_tracked_object_per_record() -> None:
     assert all(f._where is where for f in futures)
     assert not any(gc.is_tracked(f._value) or f._value is not None for f in futures)
     assert not any(gc.is_tracked(f._offset) or gc.is_tracked(f._timestamp) for f in futures)
+
+
+def test_a_failing_callback_is_logged_and_the_others_still_run(caplog: pytest.LogCaptureFixture) -> None:
+    condition = threading.Condition()
+    futures = [RecordFuture(condition) for _ in range(2)]
+    seen: list[object] = []
+
+    def bad(future: concurrent.futures.Future[object]) -> None:
+        raise RuntimeError("callback bug")
+
+    futures[0].add_done_callback(bad)
+    futures[0].add_done_callback(lambda f: seen.append(("second", f.result().offset)))
+    futures[1].add_done_callback(lambda f: seen.append(("other", f.result().offset)))
+    settle_delivered(futures, ("t", 0), [7, 8], [1, 1])
+    assert seen == [("second", 7), ("other", 8)]
+    assert "exception calling callback" in caplog.text and "callback bug" in caplog.text
