@@ -141,3 +141,23 @@ def test_a_failing_callback_is_logged_and_the_others_still_run(caplog: pytest.Lo
     settle_delivered(futures, ("t", 0), [7, 8], [1, 1])
     assert seen == [("second", 7), ("other", 8)]
     assert "exception calling callback" in caplog.text and "callback bug" in caplog.text
+
+
+def test_futures_with_a_callback_in_flight_get_no_dict_of_their_own() -> None:
+    # As tidelog perf uses them: a callback added at send, settled while newer ones are made. A
+    # dict per future would be a second GC-tracked object per record in flight.
+    make = RecordFuture.bound_to(threading.Condition())
+    seen: list[BaseException | None] = []
+    in_flight: list[list[RecordFuture]] = []
+    for _ in range(6):
+        batch = [make() for _ in range(50)]
+        for future in batch:
+            future.add_done_callback(lambda f: seen.append(f.exception()))
+        in_flight.append(batch)
+        if len(in_flight) > 2:
+            settle_delivered(in_flight.pop(0), ("t", 0), range(50), [1] * 50)
+    futures = [f for batch in in_flight for f in batch] + [make()]
+    settle_delivered(in_flight[0], ("t", 0), range(50), [1] * 50)
+    assert len(seen) == 250 and seen[-1] is None
+    with_dict = [f for f in futures if any(type(r) is dict for r in gc.get_referents(f))]
+    assert with_dict == []
