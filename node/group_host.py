@@ -105,6 +105,9 @@ RELOAD_BACKOFF_S = 2.0
 # __consumer_offsets (Kafka's default is 1 MiB).
 EXPIRY_BATCH_BYTES = 64 * 1024
 EXPIRY_RECORD_OVERHEAD = 32  # a record's framing beyond its key and value, at most
+# Group ids whose partition is remembered; past this many the memory is dropped and rebuilt
+# (a bound, not an LRU: the ids a node sees repeat, and rebuilding costs one hash per id).
+PLACEMENT_CACHE_SIZE = 100_000
 
 
 class Batching(enum.Enum):
@@ -286,6 +289,10 @@ class GroupHost:
         self._commit_timeout_s = commit_timeout_ms / 1000
         self._linger_s = append_linger_ms / 1000
         self._hosted: dict[int, _Hosted] = {}
+        # group id -> partition for `_placement_count` partitions: Java's string hash in Python
+        # costs a few us per call, every call routes, and a node sees the same groups again.
+        self._placement: dict[str, int] = {}
+        self._placement_count = 0
         self._refresh_scheduled = False
         self._closed = False
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -442,7 +449,13 @@ class GroupHost:
         if not count:
             raise CoordinatorUnavailable(ErrorCode.COORDINATOR_NOT_AVAILABLE,
                                          "__consumer_offsets does not exist yet; find the coordinator again")
-        return coordinator_partition(group_id, count)
+        if count != self._placement_count or len(self._placement) >= PLACEMENT_CACHE_SIZE:
+            self._placement.clear()
+            self._placement_count = count
+        index = self._placement.get(group_id)
+        if index is None:
+            index = self._placement[group_id] = coordinator_partition(group_id, count)
+        return index
 
     def _route(self, group_id: str) -> tuple[_Hosted, GroupCoordinator]:
         index = self.partition_for(group_id)

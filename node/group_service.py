@@ -119,6 +119,8 @@ class GroupsService(api_pb2_grpc.GroupsServicer):
         self._creating: asyncio.Task[str | None] | None = None
         self._counts_image: MetadataImage | None = None
         self._counts: Mapping[str, int] = {}
+        self._limit_image: MetadataImage | None = None
+        self._limit: int | None = None
 
     @property
     def host(self) -> GroupHost:
@@ -326,21 +328,33 @@ class GroupsService(api_pb2_grpc.GroupsServicer):
 
         return await self._call(call, failed, "OffsetCommit")
 
+    def _offsets_batch_limit(self) -> int | None:
+        """`__consumer_offsets`' max.message.bytes, None while the topic does not exist. Merging
+        the topic's configs with the node's defaults costs more than the rest of a commit's
+        checks, so it is done once per metadata image, not per call."""
+        image = self.node.image
+        if image is not self._limit_image:
+            topic = image.topics.get(CONSUMER_OFFSETS_TOPIC)
+            self._limit = None if topic is None else int(self.node.topic_configs(topic)["max.message.bytes"])
+            self._limit_image = image
+        return self._limit
+
     def _commit_too_large(self, group_id: str, offsets: Mapping[TopicPartition, CommittedOffset]) -> str | None:
         """Why the commit's records cannot be one batch of the offsets topic, or None."""
-        topic = self.node.image.topics.get(CONSUMER_OFFSETS_TOPIC)
-        if topic is None or not offsets:
+        limit = self._offsets_batch_limit()
+        if limit is None or not offsets:
             return None
-        limit = int(self.node.topic_configs(topic)["max.message.bytes"])
         # The coordinator writes nothing for metadata over its limit (OFFSET_METADATA_TOO_LARGE).
-        stored = {tp: c for tp, c in offsets.items()
-                  if len(c.metadata.encode("utf-8")) <= self.host.config.offset_metadata_max_bytes}
-        group_bytes = len(group_id.encode("utf-8"))
-        estimate = BATCH_OVERHEAD + sum(
-            COMMIT_RECORD_MAX_OVERHEAD + group_bytes + len(tp.topic.encode("utf-8")) + len(c.metadata.encode("utf-8"))
-            for tp, c in stored.items())
+        metadata_max = self.host.config.offset_metadata_max_bytes
+        record_overhead = COMMIT_RECORD_MAX_OVERHEAD + len(group_id.encode("utf-8"))
+        estimate = BATCH_OVERHEAD
+        for tp, c in offsets.items():
+            metadata_bytes = len(c.metadata.encode("utf-8")) if c.metadata else 0
+            if metadata_bytes <= metadata_max:
+                estimate += record_overhead + len(tp.topic.encode("utf-8")) + metadata_bytes
         if estimate <= limit:
             return None
+        stored = {tp: c for tp, c in offsets.items() if len(c.metadata.encode("utf-8")) <= metadata_max}
         size = len(encode_group_batch(tuple(
             GroupRecord.of(OffsetCommitKey(group_id, tp.topic, tp.partition),
                            OffsetCommitValue(c.offset, c.leader_epoch, c.metadata, 0))
