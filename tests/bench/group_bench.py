@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import uvloop
 from tidelog.proto import api_pb2, api_pb2_grpc, common_pb2
 from tidelog.proto.common_pb2 import ErrorCode
 
@@ -61,6 +64,27 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def thread_cpu_s(pid: int) -> dict[str, float]:
+    """CPU seconds so far of each thread of process ``pid``, summed by thread name (grpc's own
+    threads, the flusher, the loop's thread: where a node's CPU goes without a profiler)."""
+    by_name: dict[str, float] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return by_name
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                text = f.read()
+        except OSError:
+            continue
+        # The main thread (tid = pid) runs the event loop; other Python threads share its name.
+        name = "loop" if tid == str(pid) else text[text.index("(") + 1:text.rindex(")")]
+        fields = text.rsplit(")", 1)[1].split()
+        by_name[name] = by_name.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return by_name
+
+
 def machine_busy() -> tuple[int, int]:
     """(total, idle + iowait) jiffies of the whole machine, from /proc/stat."""
     with open("/proc/stat") as f:
@@ -78,6 +102,7 @@ class CpuMeter:
 
     def start(self) -> None:
         self.nodes = {i: process_cpu_s(pid) for i, pid in self.pids.items()}
+        self.threads = {i: thread_cpu_s(pid) for i, pid in self.pids.items()}
         self.own = time.process_time()
         self.machine = machine_busy()
 
@@ -93,6 +118,13 @@ class CpuMeter:
         return (f"CPU per call: coordinator {per.get(coordinator, float('nan')):.0f} us, other nodes {others} us, "
                 f"load generator {own:.0f} us, all {sum(per.values()) + own:.0f} us; "
                 f"machine busy {busy:.0f}% of {100 * (os.cpu_count() or 1)}%")
+
+    def threads_line(self, calls: int, node_id: int) -> str:
+        """Node ``node_id``'s CPU per call by thread name, biggest first."""
+        before = self.threads.get(node_id, {})
+        after = thread_cpu_s(self.pids[node_id]) if node_id in self.pids else {}
+        per = {name: (cpu - before.get(name, 0.0)) / calls * 1e6 for name, cpu in after.items()}
+        return ", ".join(f"{name} {us:.0f}" for name, us in sorted(per.items(), key=lambda kv: -kv[1]) if us >= 1)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -208,6 +240,7 @@ async def commits(cluster: Cluster, args: argparse.Namespace) -> None:
     print(f"commits closed loop ({args.in_flight} in flight, coordinator node {node_id}): "
           f"{len(latencies) / elapsed:,.0f} commits/s; {latency_line(latencies)}; errors {errors}", flush=True)
     print(f"  {meter.line(len(latencies), node_id)}", flush=True)
+    print(f"  coordinator threads, us per call: {meter.threads_line(len(latencies), node_id)}", flush=True)
 
     # Open loop at --rate.
     errors = 0
@@ -215,6 +248,7 @@ async def commits(cluster: Cluster, args: argparse.Namespace) -> None:
     tasks: list[asyncio.Task[float]] = []
     interval = 1.0 / args.rate
     meter.start()
+    profiler = start_profiler(cluster.local, node_id, args)
     started = time.perf_counter()
     total = int(args.rate * args.seconds)
     for i in range(total):
@@ -227,6 +261,21 @@ async def commits(cluster: Cluster, args: argparse.Namespace) -> None:
     print(f"commits open loop at {args.rate:,.0f}/s offered: {total / elapsed:,.0f} commits/s answered; "
           f"{latency_line(latencies)}; errors {errors}", flush=True)
     print(f"  {meter.line(total, node_id)}", flush=True)
+    print(f"  coordinator threads, us per call: {meter.threads_line(total, node_id)}", flush=True)
+    if profiler is not None:
+        await asyncio.to_thread(profiler.wait)
+
+
+def start_profiler(local: LocalCluster, node_id: int, args: argparse.Namespace) -> subprocess.Popen[bytes] | None:
+    """With --profile FILE: py-spy (not a dependency: install it yourself) samples the
+    coordinator's process, native frames included, for the open-loop phase; FILE is in py-spy's
+    raw (collapsed stack) format."""
+    if args.profile is None:
+        return None
+    pid = next(n.pid for n in local.nodes if n.node_id == node_id)
+    return subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--format", "raw",
+                             "--rate", "250", "--nonblocking", "--threads", "--duration", str(int(args.seconds)), "--pid", str(pid),
+                             "--output", str(args.profile)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 async def joins(cluster: Cluster, args: argparse.Namespace) -> None:
@@ -292,6 +341,10 @@ async def joins(cluster: Cluster, args: argparse.Namespace) -> None:
 
 async def main_async(local: LocalCluster, args: argparse.Namespace) -> None:
     cluster = Cluster(local)
+    # The load generator's own cyclic GC (grpc.aio leaves a cycle behind every call) stopped its
+    # loop for 20-70 ms per full collection, which every call in flight then counted as latency.
+    gc.collect()
+    gc.freeze()
     try:
         if args.only in (None, "commits"):
             await commits(cluster, args)
@@ -316,6 +369,10 @@ def main() -> None:
                         help="the nodes' group_coordinator_append_linger_ms (default: the node's)")
     parser.add_argument("--reads", action="store_true",
                         help="OffsetFetch instead of OffsetCommit: the per-call cost without an append")
+    parser.add_argument("--asyncio-loop", action="store_true",
+                        help="run the load generator on asyncio's own loop instead of uvloop's")
+    parser.add_argument("--profile", type=Path, metavar="FILE",
+                        help="py-spy record the coordinator during the open loop, raw format, into FILE")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="group-bench-") as tmp:
         linger = {} if args.linger_ms is None else {"group_coordinator_append_linger_ms": args.linger_ms}
@@ -324,7 +381,10 @@ def main() -> None:
         try:
             create_topic(local, "bench-offsets", args.partitions)
             create_topic(local, "bench-joins", args.partitions)
-            asyncio.run(main_async(local, args))
+            if args.asyncio_loop:
+                asyncio.run(main_async(local, args))
+            else:
+                uvloop.run(main_async(local, args))
         finally:
             local.stop_all()
 
