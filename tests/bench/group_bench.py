@@ -3,6 +3,7 @@
     python tests/bench/group_bench.py [--nodes 3] [--seconds 10] [--in-flight 64] [--rate 1000]
                                       [--groups 100] [--members 4] [--partitions 8] [--reads]
                                       [--heartbeat-interval-ms 1000] [--only commits|joins]
+                                      [--asyncio-loop] [--profile FILE]
 
 Starts a --nodes cluster (tests/support/nodes.py) in a temporary directory; `__consumer_offsets`
 gets replication factor min(3, nodes). It talks raw gRPC, so the figures are the server's:
@@ -15,7 +16,9 @@ gets replication factor min(3, nodes). It talks raw gRPC, so the figures are the
 * after each commit phase, the CPU per call of each node process (/proc) and of this load
   generator, and how busy the whole machine was: the nodes and the generator share its cores
   (with anything else running), so a busy machine explains a long tail. --reads makes the same
-  calls OffsetFetch, which append nothing: the per-call cost without the log.
+  calls OffsetFetch, which append nothing: the per-call cost without the log. The load generator
+  is one process on uvloop (--asyncio-loop: asyncio's loop) making one OffsetCommit call per
+  commit.
 * joins: --groups groups x --members members subscribe to one --partitions topic at once; each
   member heartbeats again at once when its assignment changed (to acknowledge a revocation or
   take new partitions), else every heartbeat interval (node config, default here 1000 ms), as a
