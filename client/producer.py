@@ -932,8 +932,12 @@ class Producer:
                 if size > core._max_record_size:
                     core._prepare(topic, value, key, headers, timestamp)  # raises MESSAGE_TOO_LARGE
                 partitions = route[1]
-                with core._partitioner_lock:
+                lock = core._partitioner_lock
+                lock.acquire()  # not `with`: see RecordAccumulator.add
+                try:
                     tp = partitions[core._partitioner.choose(topic, len(partitions), size, route[2])]
+                finally:
+                    lock.release()
                 fields: tuple = (time.time_ns() // 1_000_000, None, value, ())
             else:
                 fields, size, key_bytes = core._prepare(topic, value, key, headers, timestamp)
