@@ -24,6 +24,7 @@ import struct
 import functools
 import itertools
 import logging
+import operator
 import random
 import threading
 import time
@@ -431,6 +432,13 @@ class AsyncProducer:
             )
         if timestamp is None:
             timestamp = time.time_ns() // 1_000_000
+        elif type(timestamp) is not int:
+            # Checked here: the record is encoded as it is appended, in this call.
+            try:
+                timestamp = operator.index(timestamp)  # an int of another type (numpy's, say)
+            except TypeError:
+                raise TypeError(f"timestamp must be an int (epoch milliseconds), not "
+                                f"{type(timestamp).__name__}") from None
         return (timestamp, key, value, header_items), size, key
 
     def _choose_partition(

@@ -156,6 +156,10 @@ def test_misuse_raises_immediately(fake_cluster) -> None:
     producer = Producer(fake_cluster.bootstrap)
     with pytest.raises(TypeError):
         producer.send("t", 12345)
+    with pytest.raises(TypeError, match="timestamp"):
+        producer.send("t", b"x", timestamp=1.5)
+    # Nothing of the refused records went into a batch: the next one is delivered alone.
+    assert producer.send("t", b"ok", timestamp=7).result(10).offset == 0
     producer.close()
     with pytest.raises(RuntimeError):
         producer.send("t", b"x")
