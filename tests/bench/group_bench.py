@@ -3,7 +3,7 @@
     python tests/bench/group_bench.py [--nodes 3] [--seconds 10] [--in-flight 64] [--rate 1000]
                                       [--groups 100] [--members 4] [--partitions 8] [--reads]
                                       [--heartbeat-interval-ms 1000] [--only commits|joins]
-                                      [--asyncio-loop] [--profile FILE]
+                                      [--asyncio-loop] [--profile FILE [--profile-follower]]
 
 Starts a --nodes cluster (tests/support/nodes.py) in a temporary directory; `__consumer_offsets`
 gets replication factor min(3, nodes). It talks raw gRPC, so the figures are the server's:
@@ -271,14 +271,15 @@ async def commits(cluster: Cluster, args: argparse.Namespace) -> None:
 
 def start_profiler(local: LocalCluster, node_id: int, args: argparse.Namespace) -> subprocess.Popen[bytes] | None:
     """With --profile FILE: py-spy (not a dependency: install it yourself) samples the
-    coordinator's process, native frames included, for the open-loop phase; FILE is in py-spy's
-    raw (collapsed stack) format."""
+    coordinator's process (--profile-follower: another node's) for the open-loop phase without
+    stopping it, one stack per thread; FILE is in py-spy's raw (collapsed stack) format."""
     if args.profile is None:
         return None
-    pid = next(n.pid for n in local.nodes if n.node_id == node_id)
+    pid = next(n.pid for n in local.nodes if (n.node_id == node_id) != args.profile_follower)
     return subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--format", "raw",
-                             "--rate", "250", "--nonblocking", "--threads", "--duration", str(int(args.seconds)), "--pid", str(pid),
-                             "--output", str(args.profile)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--rate", "250", "--nonblocking", "--threads", "--duration", str(int(args.seconds)),
+                             "--pid", str(pid), "--output", str(args.profile)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 async def joins(cluster: Cluster, args: argparse.Namespace) -> None:
@@ -376,6 +377,7 @@ def main() -> None:
                         help="run the load generator on asyncio's own loop instead of uvloop's")
     parser.add_argument("--profile", type=Path, metavar="FILE",
                         help="py-spy record the coordinator during the open loop, raw format, into FILE")
+    parser.add_argument("--profile-follower", action="store_true", help="--profile a follower, not the coordinator")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="group-bench-") as tmp:
         linger = {} if args.linger_ms is None else {"group_coordinator_append_linger_ms": args.linger_ms}
