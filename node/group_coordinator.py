@@ -98,6 +98,8 @@ T = TypeVar("T")
 
 # A key a call wrote, its value before (None: no record) and its group's emptiness date then.
 UndoEntry = tuple[GroupRecordKey, GroupRecordValue | None, int | None]
+# A timer a call moved: session (True) or rebalance, (group, member), its deadline before (None: none).
+UndoTimer = tuple[bool, tuple[str, str], int | None]
 
 
 class GroupErrorCode(enum.IntEnum):
@@ -259,12 +261,10 @@ class GroupDescription:
 @dataclass(frozen=True, slots=True)
 class UndoLog:
     """What one call changed, for `GroupCoordinator.undo`: each write with the value before,
-    and per group it wrote, its members' (session, rebalance) deadlines before the call and its
-    members after it."""
+    and each timer it moved with the deadline before."""
 
     writes: tuple[UndoEntry, ...]
-    timers: Mapping[str, Mapping[str, tuple[int | None, int | None]]]
-    members_after: Mapping[str, frozenset[str]]
+    timers: tuple[UndoTimer, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,7 +380,7 @@ class GroupCoordinator:
         # with its value (and group-metadata date) before the write, so `undo` can take the
         # call back when the log refuses its records (too large for one batch).
         self._undo_log: list[UndoEntry] | None = None
-        self._undo_timers: dict[str, dict[str, tuple[int | None, int | None]]] = {}
+        self._undo_timers: list[UndoTimer] = []
 
     # ------------------------------------------------------------------------------ replay
 
@@ -488,53 +488,51 @@ class GroupCoordinator:
     def _emit(self, out: list[GroupRecord], key: GroupRecordKey, value: GroupRecordValue | None) -> None:
         out.append(GroupRecord.of(key, value))
         if self._undo_log is not None:
-            if key.group_id not in self._undo_timers:
-                # A call writes a group's records before it moves that group's timers, so the
-                # timers as of its first write are the timers before the call.
-                group = self._groups.get(key.group_id)
-                self._undo_timers[key.group_id] = {
-                    member_id: (self._session_deadlines.get((key.group_id, member_id)),
-                                self._rebalance_deadlines.get((key.group_id, member_id)))
-                    for member_id in (group.members if group is not None else ())
-                }
             self._undo_log.append(self._prior(key))
         self._apply(key, value)
+
+    def _set_deadline(self, session: bool, key: tuple[str, str], deadline: int | None) -> None:
+        """Set (None: clear) a member's session or rebalance deadline; while a call is undo-logged,
+        remember the one before. (Copying the group's timers at the call's first write instead cost
+        every heartbeat that writes the size of its group.)"""
+        deadlines = self._session_deadlines if session else self._rebalance_deadlines
+        if self._undo_log is not None:
+            self._undo_timers.append((session, key, deadlines.get(key)))
+        if deadline is None:
+            deadlines.pop(key, None)
+        else:
+            deadlines[key] = deadline
 
     # --------------------------------------------------------------------------------- undo
 
     def start_undo_log(self) -> None:
         """Remember what the next call overwrites (until `stop_undo_log`), for `undo`."""
         self._undo_log = []
-        self._undo_timers = {}
+        self._undo_timers = []
 
     def stop_undo_log(self) -> UndoLog:
         writes, self._undo_log = self._undo_log or [], None
-        timers, self._undo_timers = self._undo_timers, {}
-        after = {gid: frozenset(g.members) if (g := self._groups.get(gid)) is not None else frozenset()
-                 for gid in timers}
-        return UndoLog(tuple(writes), timers, after)
+        timers, self._undo_timers = self._undo_timers, []
+        return UndoLog(tuple(writes), tuple(timers))
 
     def undo(self, log: UndoLog) -> None:
         """Take back the call whose `stop_undo_log()` this is; no call may have run since.
 
         The state is a function of the latest value of each key, so writing the earlier values
         back, newest first, passes back through every state the call went through. The timers
-        (not in the records) of the members the call's groups had before or after it are put
-        back as they were.
+        (not in the records) the call moved are put back the same way.
         """
         for key, value, written_ms in reversed(log.writes):
             self._apply(key, value)
             group = self._groups.get(key.group_id)
             if group is not None and isinstance(key, ConsumerGroupMetadataKey):
                 group.epoch_written_ms = written_ms
-        for group_id, before in log.timers.items():
-            for member_id in before.keys() | log.members_after[group_id]:
-                session, rebalance = before.get(member_id, (None, None))
-                for deadlines, deadline in ((self._session_deadlines, session), (self._rebalance_deadlines, rebalance)):
-                    if deadline is None:
-                        deadlines.pop((group_id, member_id), None)
-                    else:
-                        deadlines[(group_id, member_id)] = deadline
+        for session, timer, deadline in reversed(log.timers):
+            deadlines = self._session_deadlines if session else self._rebalance_deadlines
+            if deadline is None:
+                deadlines.pop(timer, None)
+            else:
+                deadlines[timer] = deadline
 
     def _prior(self, key: GroupRecordKey) -> UndoEntry:
         """``key``'s value now (None: no record), and its group's emptiness date."""
@@ -647,8 +645,8 @@ class GroupCoordinator:
                         cur.partitions_pending_revocation,
                     ),
                 )
-                self._rebalance_deadlines.pop((group_id, member_id), None)
-                self._session_deadlines[(group_id, member_id)] = now_ms + self.config.session_timeout_ms
+                self._set_deadline(False, (group_id, member_id), None)
+                self._set_deadline(True, (group_id, member_id), now_ms + self.config.session_timeout_ms)
             return Result(
                 HeartbeatResponse(GroupErrorCode.NONE, member_id, member_epoch, self.config.heartbeat_interval_ms, None),
                 tuple(records),
@@ -762,7 +760,7 @@ class GroupCoordinator:
             self._compute_target_assignment(group, records)
 
         self._reconcile(group, member_id, owned, now_ms, records)
-        self._session_deadlines[(group_id, member_id)] = now_ms + self.config.session_timeout_ms
+        self._set_deadline(True, (group_id, member_id), now_ms + self.config.session_timeout_ms)
         cur = group.current[member_id]
         return Result(
             HeartbeatResponse(
@@ -811,8 +809,8 @@ class GroupCoordinator:
             self._emit(records, ConsumerGroupTargetAssignmentMemberKey(gid, member_id), None)
         if member_id in group.members:
             self._emit(records, ConsumerGroupMemberMetadataKey(gid, member_id), None)
-        self._session_deadlines.pop((gid, member_id), None)
-        self._rebalance_deadlines.pop((gid, member_id), None)
+        self._set_deadline(True, (gid, member_id), None)
+        self._set_deadline(False, (gid, member_id), None)
 
     def _remove_member(self, group: _Group, member_id: str, records: list[GroupRecord]) -> None:
         """Fence a member out; its partitions are free at once and the group epoch bumps."""
@@ -900,9 +898,9 @@ class GroupCoordinator:
         if nxt.state == MemberState.UNREVOKED_PARTITIONS:
             if cur.state != MemberState.UNREVOKED_PARTITIONS or key not in self._rebalance_deadlines:
                 # KIP-848: a member gets its rebalance timeout to revoke, then it is fenced.
-                self._rebalance_deadlines[key] = now_ms + meta.rebalance_timeout_ms
+                self._set_deadline(False, key, now_ms + meta.rebalance_timeout_ms)
         else:
-            self._rebalance_deadlines.pop(key, None)
+            self._set_deadline(False, key, None)
 
     @staticmethod
     def _next_assignment(

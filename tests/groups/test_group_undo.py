@@ -110,6 +110,49 @@ def test_undo_of_a_join_that_created_the_group_leaves_no_group_and_no_timer() ->
     assert coordinator.snapshot() == {} and coordinator.next_deadline() is None
 
 
+class CountingDeadlines(dict[tuple[str, str], int]):
+    """A coordinator's timer table that counts the members whose entries were looked at."""
+
+    def __init__(self, entries: dict[tuple[str, str], int]) -> None:
+        super().__init__(entries)
+        self.looked_at: set[tuple[str, str]] = set()
+
+    def get(self, key, default=None):  # type: ignore[no-untyped-def, override]
+        self.looked_at.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key):  # type: ignore[no-untyped-def]
+        self.looked_at.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key):  # type: ignore[no-untyped-def, override]
+        self.looked_at.add(key)
+        return super().__contains__(key)
+
+
+def test_the_undo_log_of_a_heartbeat_looks_only_at_the_timers_it_moves() -> None:
+    # Every heartbeat runs with the undo log. It used to copy the timers of every member of
+    # the group at the call's first write: O(group size) per heartbeat that writes, so each
+    # member's heartbeats in a rebalance of a large group cost that group's size again.
+    ids = (f"m{i}" for i in itertools.count())
+    coordinator = GroupCoordinator(GroupCoordinatorConfig(), new_member_id=lambda: next(ids))
+    coordinator.on_loaded(0)
+    joined = [coordinator.heartbeat("g", "", 0, None, ["a"], [], 5000, 1, {"a": 64}).response for _ in range(40)]
+    first = joined[0]  # it owns every partition, and must now give most of them up
+    coordinator._session_deadlines = CountingDeadlines(coordinator._session_deadlines)
+    coordinator._rebalance_deadlines = CountingDeadlines(coordinator._rebalance_deadlines)
+    before, timers = coordinator.snapshot(), deadlines(coordinator)
+    coordinator.start_undo_log()
+    beat = coordinator.heartbeat("g", first.member_id, first.member_epoch, None, None, first.assignment or [], 5000,
+                                 2, {"a": 64})
+    log = coordinator.stop_undo_log()
+    assert beat.records  # a heartbeat that writes (its member now owes a revocation)
+    looked_at = coordinator._session_deadlines.looked_at | coordinator._rebalance_deadlines.looked_at
+    assert looked_at <= {("g", first.member_id)}, f"{len(looked_at)} members' timers looked at"
+    coordinator.undo(log)
+    assert coordinator.snapshot() == before and deadlines(coordinator) == timers
+
+
 class LimitedPartition(FakePartition):
     """A fake `__consumer_offsets` replica that refuses batches over ``limit`` bytes."""
 
