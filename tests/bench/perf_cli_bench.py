@@ -3,7 +3,7 @@
 
     python tests/bench/perf_cli_bench.py [--records 200000] [--partitions 6] [--runs 3]
                                          [--only produce|consume] [--against GIT_REF]
-                                         [--profile DIR]
+                                         [--profile DIR [--profile-gil]]
 
 Starts 3 nodes (tests/support/nodes.py) in a temporary directory, then for each run creates a
 fresh topic, runs ``tidelog perf produce`` into it and ``tidelog perf consume`` from its start
@@ -14,7 +14,8 @@ system, from its rusage) is printed beside it.
 --against GIT_REF alternates each run's perf processes between the working tree and GIT_REF
 (exported with git archive, imported first through PYTHONPATH), so an A/B comparison shares one
 cluster and one stretch of machine load. --profile DIR records each perf process with py-spy
-(must be on PATH) into DIR as collapsed stacks.
+(must be on PATH) into DIR as collapsed stacks; with --profile-gil only the thread holding the
+GIL is sampled, which shows where the Python CPU goes without the threads' waits.
 
 Run it under the benchmark lock: ``flock -x /work/bench.lock python tests/bench/perf_cli_bench.py``.
 Not collected by pytest (no test functions).
@@ -65,7 +66,7 @@ def run_perf(kind: str, bootstrap: str, topic: str, args: argparse.Namespace,
         # Collapsed stacks (one line per stack with its sample count): greppable, and
         # flamegraph.pl or speedscope draw them.
         command = ["py-spy", "record", "--threads", "--rate", "250", "--format", "raw",
-                   "-o", str(profile), "--"] + command
+                   *(["--gil"] if args.profile_gil else []), "-o", str(profile), "--"] + command
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -92,6 +93,7 @@ def main() -> None:
     parser.add_argument("--only", choices=["produce", "consume"], default=None)
     parser.add_argument("--against", metavar="GIT_REF", default=None)
     parser.add_argument("--profile", metavar="DIR", default=None)
+    parser.add_argument("--profile-gil", action="store_true")
     args = parser.parse_args()
     kinds = [k for k in ("produce", "consume") if args.only in (None, k)]
     # A consume-only run still needs data: it is written by the working tree's producer.
