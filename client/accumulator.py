@@ -29,9 +29,10 @@ loop (draining, completion), so its state is guarded by one lock; waiting for bu
 ``on_memory_freed``. It holds no futures logic of its own: a batch carries opaque completion
 handles for the producer to resolve.
 
-A record is encoded as it is appended (Kafka's MemoryRecordsBuilder): its bytes go straight onto
-its batch's records section, and only its timestamp and handle are kept beside them, so no tuple
-of Python objects per record waits in the queue for the garbage collector to walk. Sealing
+A record is encoded as it is appended (Kafka's MemoryRecordsBuilder): its bytes go onto its
+batch's records section (a list of bytes parts, which the garbage collector does not track),
+and only its timestamp and handle are kept beside them, so no tuple of Python objects per
+record waits in the queue for the garbage collector to walk. Sealing
 leaves compression and the header to the sender; a renumbered retry rewrites only the header.
 Memory is counted by each record's size estimate (`estimate_record_size`), never less than the
 bytes it takes.
@@ -69,9 +70,9 @@ class ProducerBatch:
     batch_id: int
     created: float  # monotonic seconds
     deadline: float  # delivery timeout, monotonic seconds
-    # The records section, encoded as records arrive (`append_record`); None once the sender
-    # has made ``encoded`` from it.
-    buffer: bytearray | None = field(default_factory=bytearray)
+    # The records section, encoded as records arrive (`append_record`), in parts; None once
+    # the sender has made ``encoded`` from it.
+    parts: list[bytes] | None = field(default_factory=list)
     # Each record's timestamp (the first is the batch's base): for the header and for the
     # RecordMetadata of each record. Plain ints, which the garbage collector does not track.
     timestamps: list[int] = field(default_factory=list)
@@ -199,7 +200,7 @@ class RecordAccumulator:
                         and self._used + size <= self.buffer_memory and not self.closed):
                     timestamp, key, value, headers = record_fields
                     timestamps = batch.timestamps
-                    append_record(batch.buffer, len(timestamps), timestamp - timestamps[0],  # type: ignore[arg-type]
+                    append_record(batch.parts, len(timestamps), timestamp - timestamps[0],  # type: ignore[arg-type]
                                   key, value, headers)
                     timestamps.append(timestamp)
                     batch.handles.append(handle)
@@ -272,12 +273,12 @@ class RecordAccumulator:
             batch = ProducerBatch(tp, self._next_batch_id, now, now + self.delivery_timeout)
             # Encoded before the batch is registered: a record that cannot be encoded leaves
             # no empty batch behind.
-            append_record(batch.buffer, 0, 0, key, value, headers)  # type: ignore[arg-type]
+            append_record(batch.parts, 0, 0, key, value, headers)  # type: ignore[arg-type]
             self._next_batch_id += 1
             self._incomplete.add(batch.batch_id)
             queue.open = batch
         else:
-            append_record(batch.buffer, len(batch.timestamps), timestamp - batch.timestamps[0],  # type: ignore[arg-type]
+            append_record(batch.parts, len(batch.timestamps), timestamp - batch.timestamps[0],  # type: ignore[arg-type]
                           key, value, headers)
         batch.timestamps.append(timestamp)
         batch.handles.append(handle)

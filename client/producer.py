@@ -685,19 +685,19 @@ class AsyncProducer:
                     batch.producer_id = self._producer_id
                     if batch.encoded is None:
                         batch.encoded = finish_batch(
-                            batch.buffer, batch.timestamps,  # type: ignore[arg-type]
+                            batch.parts, batch.timestamps,  # type: ignore[arg-type]
                             compression=self.compression, producer_id=self._producer_id,
                             producer_epoch=self._producer_epoch, base_sequence=sequence,
                         )
-                        batch.buffer = None  # sealed, and resent only as ``encoded``
+                        batch.parts = None  # sealed, and resent only as ``encoded``
                     else:
                         batch.encoded = renumber_batch(
                             batch.encoded, self._producer_id, self._producer_epoch, sequence
                         )
                 elif batch.encoded is None:
-                    batch.encoded = finish_batch(batch.buffer, batch.timestamps,  # type: ignore[arg-type]
+                    batch.encoded = finish_batch(batch.parts, batch.timestamps,  # type: ignore[arg-type]
                                                  compression=self.compression)
-                    batch.buffer = None  # sealed, and resent only as ``encoded``
+                    batch.parts = None  # sealed, and resent only as ``encoded``
                 run_size += len(batch.encoded)
             if current and size + run_size > self.max_request_size:
                 chunks.append(current)

@@ -448,37 +448,36 @@ def _decompress(codec: Compression, data: memoryview) -> bytes:
 
 
 def append_record(
-    out: bytearray,
+    out: list[bytes],
     offset_delta: int,
     timestamp_delta: int,
     key: bytes | None,
     value: bytes | None,
     headers: Sequence[tuple[str, bytes | None]],
 ) -> None:
-    """Write one record onto a batch's records section as it is built (Kafka's
+    """Add one record's bytes to a batch's records section as it is built (Kafka's
     MemoryRecordsBuilder): the same bytes `encode_batch` writes for it, so `finish_batch` over
-    the section then makes the same batch. The producer calls this per record, in `send`, so
-    that no record waits in a queue as a tuple of Python objects.
+    ``out`` then makes the same batch. The producer calls this per record, in `send`,
+    so that no record waits in a queue as a tuple of Python objects: bytes objects are not
+    tracked by the garbage collector.
 
-    Nothing is written unless the whole record is: a failure leaves ``out`` as it was.
+    The section is a list of parts, joined once by `finish_batch`, rather than a growing
+    bytearray, which is reallocated (and copied) every eighth of its size: that took a sixth of
+    the producer's per-record CPU. Nothing is added unless the whole record is: a failure
+    leaves ``out`` as it was.
     """
     if (key is None and value is not None and not headers and 0 <= timestamp_delta < 8192
             and 0 <= offset_delta < 8192 and len(value) < 8192):
-        # The common case (no key, no headers, small deltas): every varint is a table lookup,
-        # neighbouring fields come from one table entry, and the parts are appended in place,
-        # a third cheaper than joining them first.
+        # The common case (no key, no headers, small deltas): every varint is a table lookup
+        # and neighbouring fields come from one table entry.
         head = _ATTRIBUTES_AND_TIMESTAMP_DELTA[timestamp_delta]
         offset_part = _SMALL_VARINTS[offset_delta]
         value_head = _NULL_KEY_AND_VALUE_LENGTH[len(value)]
         length = len(head) + len(offset_part) + len(value_head) + len(value) + 1
-        out += _SMALL_VARINTS[length] if length < 8192 else _varint_bytes(length)
-        out += head
-        out += offset_part
-        out += value_head
-        out += value
-        out += _NO_HEADERS
+        out += (_SMALL_VARINTS[length] if length < 8192 else _varint_bytes(length), head,
+                offset_part, value_head, value, _NO_HEADERS)
         return
-    out += _encode_one(offset_delta, timestamp_delta, key, value, headers)
+    out.append(_encode_one(offset_delta, timestamp_delta, key, value, headers))
 
 
 def _encode_one(
@@ -499,7 +498,7 @@ def _encode_one(
 
 
 def finish_batch(
-    records: Buffer,
+    records: list[bytes],
     timestamps: Sequence[int],
     *,
     base_offset: int = 0,
@@ -511,11 +510,11 @@ def finish_batch(
     is_transactional: bool = False,
     is_control: bool = False,
 ) -> bytes:
-    """The batch around a records section built with `append_record`, whose records had
-    ``timestamps`` (one each, in order; the first is the batch's base timestamp)."""
+    """The batch around a records section built with `append_record` (its parts), whose
+    records had ``timestamps`` (one each, in order; the first is the batch's base timestamp)."""
     if not timestamps:
         raise ValueError("a batch needs at least one record")
-    return _finish(records, len(timestamps), timestamps[0], max(timestamps),
+    return _finish(b"".join(records), len(timestamps), timestamps[0], max(timestamps),
                    Compression.parse(compression), base_offset, producer_id, producer_epoch,
                    base_sequence, partition_leader_epoch, is_transactional, is_control)
 

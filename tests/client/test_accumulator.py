@@ -41,8 +41,8 @@ def add(acc: RecordAccumulator, tp: TopicPartition, value: bytes, handle: object
 
 def records(batch: ProducerBatch) -> list[tuple[int, bytes | None]]:
     """(offset, value) of each record the batch's encoded section holds."""
-    assert batch.buffer is not None
-    (decoded,) = decode_batches(finish_batch(batch.buffer, batch.timestamps))
+    assert batch.parts is not None
+    (decoded,) = decode_batches(finish_batch(batch.parts, batch.timestamps))
     return [(r.offset, r.value) for r in decoded.records()]
 
 

@@ -26,11 +26,11 @@ codecs = st.sampled_from([Compression.NONE, Compression.GZIP, Compression.LZ4])
 
 
 def built(records: list[Record], **header: object) -> bytes:
-    buffer = bytearray()
+    parts: list[bytes] = []
     base = records[0].timestamp
     for offset_delta, record in enumerate(records):
-        append_record(buffer, offset_delta, record.timestamp - base, record.key, record.value, record.headers)
-    return finish_batch(buffer, [record.timestamp for record in records], **header)  # type: ignore[arg-type]
+        append_record(parts, offset_delta, record.timestamp - base, record.key, record.value, record.headers)
+    return finish_batch(parts, [record.timestamp for record in records], **header)  # type: ignore[arg-type]
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
@@ -57,9 +57,9 @@ def test_large_values_and_offsets_past_the_one_byte_tables_match_too(value_size:
 
 
 def test_a_record_that_cannot_be_encoded_leaves_the_section_as_it_was() -> None:
-    buffer = bytearray()
-    append_record(buffer, 0, 0, None, b"first", ())
-    before = bytes(buffer)
+    parts: list[bytes] = []
+    append_record(parts, 0, 0, None, b"first", ())
+    before = list(parts)
     with pytest.raises(AttributeError):
-        append_record(buffer, 1, 0, b"k", b"v", ((b"not a str", b"x"),))  # type: ignore[arg-type]
-    assert bytes(buffer) == before
+        append_record(parts, 1, 0, b"k", b"v", ((b"not a str", b"x"),))  # type: ignore[arg-type]
+    assert parts == before
