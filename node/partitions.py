@@ -375,12 +375,14 @@ class PartitionManager:
             self._topic_configs = {key: configs for key, (_, _, configs) in wanted.items()}
             changed = False
             for key, partition in list(self.partitions.items()):
-                if key not in wanted or wanted[key][0] != partition.topic_id:
-                    del self.partitions[key]
-                    self.by_group.pop(partition.group_id, None)
-                    await partition.close(resign=False)
-                    await asyncio.to_thread(_remove_dir, partition.directory)
-                    changed = True
+                if key in wanted and wanted[key][0] == partition.topic_id:
+                    self._apply_configs(partition, wanted[key][2])
+                    continue
+                del self.partitions[key]
+                self.by_group.pop(partition.group_id, None)
+                await partition.close(resign=False)
+                await asyncio.to_thread(_remove_dir, partition.directory)
+                changed = True
             for key, (topic_id, replicas, topic_configs) in wanted.items():
                 if key in self.partitions or key in self.offline:
                     continue
@@ -400,6 +402,21 @@ class PartitionManager:
             await asyncio.to_thread(self._remove_orphans, image)
             if changed:
                 self._on_leaders_changed()
+
+    @staticmethod
+    def _apply_configs(partition: Partition, configs: Mapping[str, str]) -> None:
+        """An altered topic config reaches an open replica's log, as Kafka's LogManager.updateLogConfig
+        does: the log reads its config at every append, roll and retention pass, so the new limits
+        hold from the next one (a larger max.message.bytes, a shorter retention.ms) without a
+        restart. The controller validated the values; one the log still refuses keeps the old
+        config rather than taking the node down."""
+        try:
+            config = log_config(configs)
+        except (KeyError, ValueError) as exc:
+            log.error("%s-%d keeps its log config: %s", partition.topic, partition.partition, exc)
+            return
+        if config != partition.log.config:
+            partition.log.config = config
 
     def _open_storage(self, topic: str, index: int, topic_id: str, configs: Mapping[str, str]
                       ) -> tuple[PartitionLog, ProducerStateManager]:

@@ -22,7 +22,7 @@ from tidelog.node.partitions import Partition, PartitionClosed, StorageFailed
 from tidelog.node.producer_state import CheckResult, Verdict
 from tidelog.node.replica import NotLeader, ReplicaClosed
 from tidelog.node.request_decoding import add_service
-from tidelog.node.storage import OffsetOutOfRangeError
+from tidelog.node.storage import OffsetOutOfRangeError, RecordTooLargeError
 from tidelog.proto.wire import WIRE_LEN, WIRE_VARINT, length_delimited, read_varint, signed, skip_field
 from tidelog.proto import api_pb2, api_pb2_grpc
 from tidelog.proto import records as codec
@@ -212,6 +212,10 @@ class BrokerService(api_pb2_grpc.BrokerServicer):
                 result.error, result.error_message = exc.code, exc.message
             except (NotLeader, PartitionClosed, StorageFailed) as exc:
                 result.error, result.error_message = ErrorCode.NOT_LEADER_OR_FOLLOWER, str(exc)
+            except RecordTooLargeError as exc:
+                # The log's own limit: it takes an altered max.message.bytes at the node's next
+                # reconcile, a moment after the check above saw the new value.
+                result.error, result.error_message = ErrorCode.MESSAGE_TOO_LARGE, str(exc)
             except Exception as exc:  # bad input must never take the node down
                 log.exception("produce to %s-%d failed", data.topic, data.partition)
                 result.error, result.error_message = ErrorCode.UNKNOWN_SERVER_ERROR, repr(exc)
