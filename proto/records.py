@@ -91,12 +91,15 @@ class Compression(enum.IntEnum):
     ZSTD = 4
 
     @classmethod
-    def parse(cls, name: str | Compression) -> Compression:
+    def parse(cls, name: str | Compression | None) -> Compression:
+        # None is "no compression", as kafka-python's and aiokafka's compression_type=None.
+        if name is None:
+            return cls.NONE
         if isinstance(name, Compression):
             return name
         try:
             return cls[name.upper()]
-        except KeyError:
+        except (KeyError, AttributeError):
             raise ValueError(
                 f"unknown compression {name!r}; choose one of none, gzip, lz4"
             ) from None

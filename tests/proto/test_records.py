@@ -268,3 +268,13 @@ def test_lz4_frames_with_a_stored_content_size_take_the_bounded_path_and_decode(
     struct.pack_into(">i", framed, 8, len(framed) - 12)
     struct.pack_into(">h", framed, 21, 3)
     assert [rec.value for rec in decode_records(_resign(framed))] == [b"y" * 5000, b"z"]
+
+
+def test_compression_names_parse_case_blind_and_none_means_uncompressed() -> None:
+    Compression = r.Compression
+    assert Compression.parse(None) is Compression.NONE
+    assert Compression.parse("LZ4") is Compression.LZ4 and Compression.parse("none") is Compression.NONE
+    assert Compression.parse(Compression.GZIP) is Compression.GZIP
+    for bad in ("brotli", 3):
+        with pytest.raises(ValueError, match="unknown compression"):
+            Compression.parse(bad)  # type: ignore[arg-type]
