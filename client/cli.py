@@ -899,6 +899,9 @@ def consume_group(args: argparse.Namespace) -> int:
                 consumer.seek(tp, resolve_start(spec.start, bounds))
 
         if args.pattern is not None:
+            # A pattern names no topic to look up: reach the cluster now, so an unreachable
+            # one is a one-line error rather than a member that waits in silence.
+            consumer.topics()
             consumer.subscribe(pattern=args.pattern, on_assign=start_uncommitted)
         else:
             consumer.subscribe(args.topics, on_assign=start_uncommitted)
@@ -927,6 +930,12 @@ def _check_consume_sources(args: argparse.Namespace) -> None:
         compile_pattern(args.pattern)  # a bad regex fails here, in one line, before connecting
     elif not args.topics:
         raise ValueError("name at least one TOPIC (or --pattern REGEX with --group G)")
+    if args.metadata_max_age_ms < 1:
+        raise ValueError(f"--metadata-max-age-ms must be at least 1, got {args.metadata_max_age_ms}")
+    if args.fetch_max_wait_ms < 0:
+        raise ValueError(f"--fetch-max-wait-ms must be 0 or more, got {args.fetch_max_wait_ms}")
+    if args.num is not None and args.num < 0:
+        raise ValueError(f"-n/--num must be 0 or more, got {args.num}")
 
 
 def consume_command(args: argparse.Namespace) -> int:

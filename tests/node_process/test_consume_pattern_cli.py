@@ -47,6 +47,9 @@ def run_in_process(*argv: str) -> tuple[int, str]:
     (["consume", "--pattern", "t.*"], "needs --group"),
     (["consume", "--group", "g"], "at least one TOPIC"),
     (["consume", "--pattern", "t(", "--group", "g"], "invalid subscription pattern"),
+    (["consume", "--pattern", "t.*", "--group", "g", "--metadata-max-age-ms", "0"], "at least 1"),
+    (["consume", "t", "--fetch-max-wait-ms", "-1"], "0 or more"),
+    (["consume", "t", "-n", "-2"], "0 or more"),
 ])
 def test_pattern_argument_mistakes_are_one_line_errors(argv: list[str], words: str) -> None:
     # Checked before connecting: nothing listens on this address.
@@ -61,6 +64,16 @@ def produce(bootstrap: str, topic: str, values: list[str]) -> None:
         for value in values:
             producer.send(topic, value.encode())
         producer.flush()
+
+
+def test_consume_pattern_against_an_unreachable_cluster_is_a_one_line_error() -> None:
+    # A pattern names no topic to look up, so the cluster is reached before subscribing;
+    # without that the member waited for ever in silence.
+    code, err = run_in_process("consume", "--pattern", "t.*", "--group", "g",
+                               "--bootstrap", "127.0.0.1:1", "--timeout", "5")
+    lines = err.strip().splitlines()
+    assert code == 1, err
+    assert len(lines) == 1 and "cannot reach the cluster" in lines[0], err
 
 
 def test_consume_pattern_reads_matching_topics_including_one_created_later(node: LocalCluster) -> None:
