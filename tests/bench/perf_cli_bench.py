@@ -35,7 +35,7 @@ import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
-from tidelog.client import AdminClient, NewTopic
+from tidelog.client import AdminClient, Consumer, NewTopic, TopicPartition
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from support.nodes import start_cluster  # noqa: E402
@@ -82,6 +82,15 @@ def run_perf(kind: str, bootstrap: str, topic: str, args: argparse.Namespace,
                result.get("client_cpu_us_per_record"))
 
 
+def log_ends(bootstrap: str, topic: str, args: argparse.Namespace) -> str:
+    """The topic's end offsets, to tell a consumer that stalled from records that were never
+    written when a run fails (each partition also holds one leader-change marker)."""
+    with Consumer(bootstrap) as consumer:
+        ends = consumer.end_offsets([TopicPartition(topic, p) for p in range(args.partitions)])
+    return (f"end offsets of {topic}: {sorted((tp.partition, end) for tp, end in ends.items())}, "
+            f"sum {sum(ends.values())} for {args.records} records produced")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -120,8 +129,11 @@ def main() -> None:
                         for kind in ("produce", "consume"):
                             profile = (profile_dir / f"{kind}-{name}-{i}.txt"
                                        if profile_dir is not None and kind in kinds else None)
-                            run = run_perf(kind, bootstrap, topic, args,
-                                           path if kind == "consume" else produce_path, profile)
+                            try:
+                                run = run_perf(kind, bootstrap, topic, args,
+                                               path if kind == "consume" else produce_path, profile)
+                            except RuntimeError as exc:
+                                raise RuntimeError(f"{exc}\n{log_ends(bootstrap, topic, args)}") from None
                             if kind in kinds:
                                 results.setdefault((kind, name), []).append(run)
                                 print(f"  run {i} {kind:<7} [{name}] {run.records_per_sec:>10,.0f} "
