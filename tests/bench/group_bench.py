@@ -19,6 +19,10 @@ gets replication factor min(3, nodes). It talks raw gRPC, so the figures are the
   calls OffsetFetch, which append nothing: the per-call cost without the log. The load generator
   is one process on uvloop (--asyncio-loop: asyncio's loop) making one OffsetCommit call per
   commit.
+* the open loop's latencies again, split by what other processes on the machine did meanwhile
+  (per 0.5 s window, machine CPU minus the benchmark's own): in windows where they took under
+  10% of a core, and in the rest. The benchmark itself takes ~1.3 of the 2 cores at 1,000/s, so
+  a tail found only in the busy windows is the machine's, not the coordinator's.
 * joins: --groups groups x --members members subscribe to one --partitions topic at once; each
   member heartbeats again at once when its assignment changed (to acknowledge a revocation or
   take new partitions), else every heartbeat interval (node config, default here 1000 ms), as a
@@ -38,7 +42,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from bisect import bisect_right
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +134,62 @@ class CpuMeter:
         after = thread_cpu_s(self.pids[node_id]) if node_id in self.pids else {}
         per = {name: (cpu - before.get(name, 0.0)) / calls * 1e6 for name, cpu in after.items()}
         return ", ".join(f"{name} {us:.0f}" for name, us in sorted(per.items(), key=lambda kv: -kv[1]) if us >= 1)
+
+
+# The open loop's latencies are split by what other processes did meanwhile, per window of this
+# length: a window is quiet when they took less than QUIET_OTHERS_PCT of one core.
+WINDOW_S = 0.5
+QUIET_OTHERS_PCT = 10.0
+
+
+class OthersMeter:
+    """Every WINDOW_S, from a thread beside the loop: the whole machine's CPU and this
+    benchmark's own (the nodes and this load generator). Their difference, what the *other*
+    processes took in each window, tells a tail of ours from one a busy machine made: with
+    ~1.3 cores of 2 taken by the benchmark itself, another process's burst saturates it."""
+
+    def __init__(self, local: LocalCluster) -> None:
+        self.pids = [n.pid for n in local.nodes if n.pid is not None] + [os.getpid()]
+        self.samples: list[tuple[float, int, int, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="others-meter", daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        total, idle = machine_busy()
+        self.samples.append((time.perf_counter(), total, idle, sum(process_cpu_s(pid) for pid in self.pids)))
+
+    def _run(self) -> None:
+        self._sample()
+        while not self._stop.wait(WINDOW_S):
+            self._sample()
+        self._sample()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def split(self, calls: list[tuple[float, float]]) -> str:
+        """``calls`` as (start time, latency s): their latency in quiet windows and in the rest."""
+        starts, others = [], []
+        for a, b in zip(self.samples, self.samples[1:]):
+            span = b[1] - a[1]
+            if span <= 0 or b[0] <= a[0]:
+                continue
+            machine = 100 * (os.cpu_count() or 1) * (1 - (b[2] - a[2]) / span)
+            starts.append(a[0])
+            others.append(machine - (b[3] - a[3]) / (b[0] - a[0]) * 100)
+        if not starts:
+            return "no CPU samples"
+        quiet: list[float] = []
+        busy: list[float] = []
+        for started, latency in calls:
+            window = bisect_right(starts, started) - 1
+            (quiet if window >= 0 and others[window] < QUIET_OTHERS_PCT else busy).append(latency)
+        calm = sum(1 for o in others if o < QUIET_OTHERS_PCT)
+        return (f"{calm} of {len(others)} {WINDOW_S:g} s windows had other processes under "
+                f"{QUIET_OTHERS_PCT:g}% of a core: {len(quiet)} calls there, {latency_line(quiet)}; "
+                f"{len(busy)} calls in the others, {latency_line(busy)}")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -251,20 +313,25 @@ async def commits(cluster: Cluster, args: argparse.Namespace) -> None:
     tasks: list[asyncio.Task[float]] = []
     interval = 1.0 / args.rate
     meter.start()
+    others = OthersMeter(cluster.local)
     profiler = start_profiler(cluster.local, node_id, args)
     started = time.perf_counter()
     total = int(args.rate * args.seconds)
+    issued: list[float] = []
     for i in range(total):
         delay = started + i * interval - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
+        issued.append(time.perf_counter())
         tasks.append(asyncio.ensure_future(one(i % args.partitions)))
     latencies = list(await asyncio.gather(*tasks))
     elapsed = time.perf_counter() - started
+    others.stop()
     print(f"commits open loop at {args.rate:,.0f}/s offered: {total / elapsed:,.0f} commits/s answered; "
           f"{latency_line(latencies)}; errors {errors}", flush=True)
     print(f"  {meter.line(total, node_id)}", flush=True)
     print(f"  coordinator threads, us per call: {meter.threads_line(total, node_id)}", flush=True)
+    print(f"  {others.split(list(zip(issued, latencies)))}", flush=True)
     if profiler is not None:
         await asyncio.to_thread(profiler.wait)
 
