@@ -56,7 +56,9 @@ def run_perf(kind: str, bootstrap: str, topic: str, args: argparse.Namespace,
     env = dict(os.environ)
     if pythonpath is not None:
         env["PYTHONPATH"] = pythonpath
-    command = [sys.executable, "-c", "from tidelog.cluster.cli import main; main()", "perf", kind,
+    # main() returns the exit status (as the `tidelog` console script uses it): dropping it made
+    # every failed run exit 0, so a producer whose records failed looked like a successful run.
+    command = [sys.executable, "-c", "from tidelog.cluster.cli import main; raise SystemExit(main())", "perf", kind,
                topic, "--bootstrap", bootstrap, "--num-records", str(args.records),
                "--record-size", str(args.size), "--no-progress", "--output", "json",
                "--timeout", "60"]
@@ -77,6 +79,10 @@ def run_perf(kind: str, bootstrap: str, topic: str, args: argparse.Namespace,
     if not answers:
         raise RuntimeError(f"perf {kind} printed no result:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
     result = json.loads(answers[-1])
+    if result.get("errors") or result["records"] != args.records:
+        # Too old a client to exit non-zero still reports its failures in its result.
+        raise RuntimeError(f"perf {kind}: {result['records']} of {args.records} records, "
+                           f"{result.get('errors')} errors:\n{out.stderr[-3000:]}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return Run(result["records_per_sec"], cpu / result["records"] * 1e6,
                result.get("client_cpu_us_per_record"))
