@@ -89,6 +89,10 @@ class ProducerBatch:
     # The batch id of the first batch of the run this one was sent in (-1: not sent): a numbered
     # batch is only ever resent with (part of) the same run.
     run_tag: int = -1
+    # Sent while an earlier batch of its partition was unanswered: the node may have checked it
+    # before that one (requests travel on separate streams), so a sequence error for it can mean
+    # only that it overtook, even once the earlier batch is acknowledged (see `drain`).
+    sent_behind: bool = False
 
     @property
     def record_count(self) -> int:
@@ -372,6 +376,11 @@ class RecordAccumulator:
                     continue
                 run = self._take_run_locked(queue, head, max_bytes,
                                             None if limit is None else limit - len(queue.in_flight))
+                # Batches still in flight are earlier ones of the same producer id (runs of
+                # different ids are never in flight together).
+                behind = bool(queue.in_flight)
+                for batch in run:
+                    batch.sent_behind = behind
                 queue.in_flight.extend(run)
                 self._update_blocked_locked(queue)
                 by_node.setdefault(leader, []).append(run)

@@ -838,9 +838,15 @@ class AsyncProducer:
         retriable = error.retriable
         renumber = False
         if error.code in _SEQUENCE_ERRORS and self.idempotent and head.producer_id >= 0:
-            if self.accumulator.has_earlier_outstanding(run):
+            if self.accumulator.has_earlier_outstanding(run) or (
+                    head.sent_behind and head.producer_id == self._producer_id):
                 # It overtook an earlier batch of its id that is being retried (Kafka's producer
-                # retries it too rather than surface the error): resent after that one.
+                # retries it too rather than surface the error): resent after that one. Or it was
+                # sent behind one that is answered now: two requests run on separate gRPC
+                # streams, so the node may have checked this one first and answered it last
+                # (its request waited for other partitions' commits), where Kafka's one ordered
+                # connection cannot. Resent alone (the partition resyncs), its retry is sent with
+                # nothing in flight, so a real gap still fails it then.
                 retriable = True
             elif head.producer_id != self._producer_id:
                 # An earlier batch failed for good and its id was dropped: the broker has
