@@ -112,6 +112,36 @@ def diagnose(cluster: LocalCluster, topic: str, args: argparse.Namespace, trace:
     print("  replicas:\n" + "\n".join(f"    {k}: {json.dumps(v)}" for k, v in scan_replicas(cluster, topic).items()), flush=True)
 
 
+def cycle(cluster: LocalCluster, i: int, tmp: Path, args: argparse.Namespace, started: float) -> bool:
+    """One produce + consume into a new topic; False (after the diagnosis) if it came up short."""
+    topic = f"hunt-{i}"
+    trace = tmp / f"trace-{i}.json"
+    with AdminClient(cluster.bootstrap) as admin:
+        admin.create_topics([NewTopic(topic, args.partitions, 3)])
+    produced = perf("produce", cluster.bootstrap, topic, args, trace)
+    # The producer's own log lines (warnings and up), e.g. retries and producer id changes.
+    notes = [line for line in produced.stderr.splitlines() if "H19" in line or " tidelog." in line or "WARNING" in line]
+    answer = [line for line in produced.stdout.splitlines() if line.startswith("{")]
+    if produced.returncode or not answer:
+        print(f"cycle {i}: produce failed: {produced.stdout[-1000:]} {produced.stderr[-3000:]}", flush=True)
+        diagnose(cluster, topic, args, trace)
+        return False
+    result = json.loads(answer[-1])
+    consumed = perf("consume", cluster.bootstrap, topic, args, trace)
+    ok = consumed.returncode == 0
+    print(f"cycle {i} [{time.monotonic() - started:.0f} s]: produce {result['records']} "
+          f"errors {result['errors']} {result['records_per_sec']:,.0f}/s, {len(notes)} log lines; consume "
+          f"{'ok' if ok else 'SHORT: ' + consumed.stderr.strip()[-500:]}", flush=True)
+    if not ok or result["records"] != args.records:
+        print("  producer log:\n" + "\n".join(f"    {line}" for line in notes[-60:]), flush=True)
+    if not ok:
+        diagnose(cluster, topic, args, trace)
+        return False
+    with AdminClient(cluster.bootstrap) as admin:
+        admin.delete_topics([topic])
+    return True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,50 +153,36 @@ def main() -> None:
     parser.add_argument("--hogs", type=int, default=1, help="busy-looping processes beside the cycle")
     parser.add_argument("--consume-extra", type=int, default=0,
                         help="ask the consumer for this many more records than produced (tries the diagnosis)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="a new cluster for every cycle (the bench's short runs were its first)")
     parser.add_argument("--keep-going", action="store_true", help="go on after a short cycle")
     args = parser.parse_args()
     started = time.monotonic()
     short = 0
     hogs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory(prefix="tidelog-shortfall-") as tmp:
-        cluster = start_cluster(Path(tmp, "nodes"), nodes=3)
+        cluster: LocalCluster | None = None
         try:
             hogs = [subprocess.Popen([sys.executable, "-c", "while 1: pass"]) for _ in range(args.hogs)]
-            with AdminClient(cluster.bootstrap) as admin:
-                for i in range(args.cycles):
-                    if time.monotonic() - started > args.minutes * 60:
-                        break
-                    topic = f"hunt-{i}"
-                    trace = Path(tmp, f"trace-{i}.json")
-                    admin.create_topics([NewTopic(topic, args.partitions, 3)])
-                    produced = perf("produce", cluster.bootstrap, topic, args, trace)
-                    answer = [line for line in produced.stdout.splitlines() if line.startswith("{")]
-                    if produced.returncode or not answer:
-                        print(f"cycle {i}: produce failed: {produced.stdout[-1000:]} {produced.stderr[-2000:]}")
-                        diagnose(cluster, topic, args, trace)
-                        short += 1
-                        if not args.keep_going:
-                            break
-                        continue
-                    result = json.loads(answer[-1])
-                    consumed = perf("consume", cluster.bootstrap, topic, args, trace)
-                    ok = consumed.returncode == 0
-                    print(f"cycle {i} [{time.monotonic() - started:.0f} s]: produce {result['records']} "
-                          f"errors {result['errors']} {result['records_per_sec']:,.0f}/s; consume "
-                          f"{'ok' if ok else 'SHORT: ' + consumed.stderr.strip()[-500:]}", flush=True)
-                    if not ok:
-                        short += 1
-                        diagnose(cluster, topic, args, trace)
-                        if not args.keep_going:
-                            break
-                    else:
-                        admin.delete_topics([topic])
+            for i in range(args.cycles):
+                if time.monotonic() - started > args.minutes * 60:
+                    break
+                if cluster is None:
+                    cluster = start_cluster(Path(tmp, f"nodes-{i}"), nodes=3)
+                ok = cycle(cluster, i, Path(tmp), args, started)
+                short += not ok
+                if not ok and not args.keep_going:
+                    break
+                if args.fresh:
+                    cluster.stop_all()
+                    shutil.rmtree(Path(tmp, f"nodes-{i}"), ignore_errors=True)
+                    cluster = None
         finally:
             for hog in hogs:
                 hog.kill()
                 hog.wait()
-            cluster.stop_all()
-            shutil.rmtree(Path(tmp, "nodes"), ignore_errors=True)
+            if cluster is not None:
+                cluster.stop_all()
     print(f"{short} short cycle(s)")
     sys.exit(1 if short else 0)
 
