@@ -12,12 +12,9 @@ committed offsets are 1.2 MB of tombstones; a subscription to 4,300 249-characte
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
-from support.nodes import LocalCluster, start_cluster
+from support.nodes import LocalCluster
 from tidelog.node.group_records import coordinator_partition
 from tidelog.proto import api_pb2, common_pb2
 from tidelog.proto.common_pb2 import ErrorCode
@@ -29,12 +26,8 @@ PARTITIONS = 40
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Iterator[LocalCluster]:
-    local = start_cluster(tmp_path, nodes=1)
-    try:
-        yield local
-    finally:
-        local.stop_all()
+def node(cluster: LocalCluster) -> LocalCluster:
+    return cluster  # conftest's single node
 
 
 def long_group(tag: str) -> str:

@@ -6,13 +6,10 @@ call (OffsetCommit) and an admin call (CreateTopics)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import grpc
 import pytest
 
-from support.nodes import LocalCluster, start_cluster
+from support.nodes import LocalCluster
 from tidelog.proto import api_pb2, api_pb2_grpc
 from tidelog.proto import records as codec
 from tidelog.proto.common_pb2 import ErrorCode
@@ -25,12 +22,8 @@ GROUP = "g"
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Iterator[LocalCluster]:
-    local = start_cluster(tmp_path, nodes=1)
-    try:
-        yield local
-    finally:
-        local.stop_all()
+def node(cluster: LocalCluster) -> LocalCluster:
+    return cluster  # conftest's single node
 
 
 def field(number: int, payload: bytes) -> bytes:
