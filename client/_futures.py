@@ -180,11 +180,7 @@ def settle(
                 future._exception = outcome
             future._state = FINISHED
             if future._waiter_list:
-                for waiter in future._waiter_list:
-                    if exception is None:
-                        waiter.add_result(future)
-                    else:
-                        waiter.add_exception(future)
+                _tell_waiters(future, exception is None)
             if future._callback is not None:
                 with_callbacks.append(future)
         condition.notify_all()
@@ -199,6 +195,15 @@ def settle(
                 future.set_exception(exception)
         except concurrent.futures.InvalidStateError:
             pass
+
+
+def _tell_waiters(future: RecordFuture, succeeded: bool) -> None:
+    # What concurrent.futures.wait/as_completed registered (rare: only they add waiters).
+    for waiter in future._waiter_list or ():
+        if succeeded:
+            waiter.add_result(future)
+        else:
+            waiter.add_exception(future)
 
 
 def settle_delivered(
@@ -230,8 +235,7 @@ def settle_delivered(
                 continue
             future._state = FINISHED
             if future._waiter_list:
-                for waiter in future._waiter_list:
-                    waiter.add_result(future)
+                _tell_waiters(future, True)
             if future._callback is not None:
                 with_callbacks.append(future)
         condition.notify_all()

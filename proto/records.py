@@ -352,55 +352,6 @@ def _encode_headers(headers: Sequence[tuple[str, bytes | None]]) -> bytes:
     return bytes(out)
 
 
-def _encode_records(records: Sequence[Record], base_timestamp: int) -> tuple[bytes, int]:
-    """(the records section, the largest timestamp)."""
-    # The producer's hot path: each record's length is computed from its parts first, and all
-    # the parts of the batch are joined once, so the key and value are copied once, straight
-    # into the output (a third cheaper than appending to a bytearray part by part).
-    if not isinstance(records[0], tuple):
-        records = [
-            (r.offset, r.timestamp, r.key, r.value, r.headers) for r in records  # type: ignore[misc]
-        ]
-    parts: list[bytes] = []
-    extend = parts.extend
-    varint = _varint
-    small = _SMALL_VARINTS
-    null_length = _NULL_LENGTH
-    no_headers = _NO_HEADERS
-    max_timestamp = base_timestamp
-    for offset_delta, (_, timestamp, key, value, headers) in enumerate(records):
-        delta = timestamp - base_timestamp
-        if delta > 0 and timestamp > max_timestamp:
-            max_timestamp = timestamp
-        timestamp_part = small[delta] if 0 <= delta < 8192 else varint(delta)
-        offset_part = small[offset_delta] if offset_delta < 8192 else varint(offset_delta)
-        if key is None:
-            key_part = null_length
-            key = b""
-        else:
-            key_part = varint(len(key))
-        if value is None:
-            value_part = null_length
-            value = b""
-        else:
-            value_part = varint(len(value))
-        headers_part = _encode_headers(headers) if headers else no_headers
-        length = (
-            1
-            + len(timestamp_part)
-            + len(offset_part)
-            + len(key_part)
-            + len(key)
-            + len(value_part)
-            + len(value)
-            + len(headers_part)
-        )
-        # The record attributes byte is unused in v2.
-        extend((varint(length), b"\x00", timestamp_part, offset_part, key_part, key, value_part,
-                value, headers_part))
-    return b"".join(parts), max_timestamp
-
-
 def _compress(codec: Compression, data: Buffer) -> bytes:
     if codec is Compression.LZ4:
         # Kafka's framing: an LZ4 frame with independent 64 KiB blocks, no content size and no
@@ -490,7 +441,7 @@ def _encode_one(
     value: bytes | None,
     headers: Sequence[tuple[str, bytes | None]],
 ) -> bytes:
-    """One record (the general case of `append_record`), as `_encode_records` writes it."""
+    """One record: the general case of `append_record`."""
     body = bytearray(b"\x00")
     body += _varint(timestamp_delta)
     body += _varint(offset_delta)
@@ -535,14 +486,20 @@ def encode_batch(
     is_control: bool = False,
 ) -> bytes:
     """One batch holding ``records`` (Records, or plain tuples of a Record's fields); record i
-    gets offset ``base_offset + i``."""
+    gets offset ``base_offset + i``. Built as the producer builds its batches (`append_record`,
+    then `finish_batch`), so the format has one record encoder."""
     if not records:
         raise ValueError("a batch needs at least one record")
-    base_timestamp = records[0][1]  # the timestamp: a producer passes plain tuples of the fields
-    payload, max_timestamp = _encode_records(records, base_timestamp)
-    return _finish(payload, len(records), base_timestamp, max_timestamp,
-                   Compression.parse(compression), base_offset, producer_id, producer_epoch,
-                   base_sequence, partition_leader_epoch, is_transactional, is_control)
+    base_timestamp = records[0][1]
+    parts: list[bytes] = []
+    timestamps: list[int] = []
+    for index, (_, timestamp, key, value, headers) in enumerate(records):
+        append_record(parts, index, timestamp - base_timestamp, key, value, headers)
+        timestamps.append(timestamp)
+    return finish_batch(parts, timestamps, base_offset=base_offset, compression=compression,
+                        producer_id=producer_id, producer_epoch=producer_epoch,
+                        base_sequence=base_sequence, partition_leader_epoch=partition_leader_epoch,
+                        is_transactional=is_transactional, is_control=is_control)
 
 
 def _finish(

@@ -12,9 +12,10 @@ error without storing anything.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import defaultdict, deque
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import grpc
 import pytest
@@ -109,27 +110,39 @@ class IdempotentBroker(api_pb2_grpc.BrokerServicer):
         return [r.value for r in self.logs[partition]]
 
 
-@pytest.fixture
-def broker() -> Iterator[tuple[IdempotentBroker, LoopThread]]:
-    thread = LoopThread("idempotent-broker")
-    fake = IdempotentBroker()
+B = TypeVar("B", bound=IdempotentBroker)
+
+
+@contextlib.contextmanager
+def serving(make: Callable[[], B], name: str) -> Iterator[tuple[B, LoopThread]]:
+    """A fake broker made by ``make`` and served on loopback from its own loop thread (made on
+    that loop, so its events belong to it); stopped on exit."""
+    thread = LoopThread(name)
     servers: list[grpc.aio.Server] = []
 
-    async def start() -> None:
-        server = grpc.aio.server()  # made on the loop that serves it
+    async def start() -> B:
+        fake = make()
+        server = grpc.aio.server()
         servers.append(server)
         fake.gate = asyncio.Event()
         fake.gate.set()
         api_pb2_grpc.add_BrokerServicer_to_server(fake, server)
         fake.port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
+        return fake
 
-    thread.run(start())
+    fake = thread.run(start())
     try:
         yield fake, thread
     finally:
         thread.run(servers[0].stop(None))
         thread.stop()
+
+
+@pytest.fixture
+def broker() -> Iterator[tuple[IdempotentBroker, LoopThread]]:
+    with serving(IdempotentBroker, "idempotent-broker") as served:
+        yield served
 
 
 def _values(n: int) -> list[bytes]:

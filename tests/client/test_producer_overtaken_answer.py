@@ -16,16 +16,15 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Iterator
 
-import grpc
 import pytest
 
 from tidelog.client import TidelogError
 from tidelog.client._loop import LoopThread
-from tidelog.proto import api_pb2, api_pb2_grpc
+from tidelog.proto import api_pb2
 from tidelog.proto import records as codec
 from tidelog.proto.common_pb2 import ErrorCode
 
-from test_producer_idempotence import TOPIC, IdempotentBroker, _producer, _values
+from test_producer_idempotence import TOPIC, IdempotentBroker, _producer, _values, serving
 
 EARLY, LATE = _values(2)
 
@@ -54,27 +53,11 @@ class OvertakingBroker(IdempotentBroker):
 
 @pytest.fixture
 def overtaking() -> Iterator[tuple[OvertakingBroker, LoopThread]]:
-    thread = LoopThread("overtaking-broker")
-    servers: list[grpc.aio.Server] = []
-
-    async def start() -> OvertakingBroker:
-        fake = OvertakingBroker()  # its events belong to the loop that serves it
-        server = grpc.aio.server()
-        servers.append(server)
-        fake.gate = asyncio.Event()
-        fake.gate.set()
-        api_pb2_grpc.add_BrokerServicer_to_server(fake, server)
-        fake.port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        return fake
-
-    fake = thread.run(start())
-    try:
-        yield fake, thread
-    finally:
-        thread.call_soon(fake.release.set)
-        thread.run(servers[0].stop(None))
-        thread.stop()
+    with serving(OvertakingBroker, "overtaking-broker") as (fake, thread):
+        try:
+            yield fake, thread
+        finally:
+            thread.call_soon(fake.release.set)
 
 
 def test_a_refusal_that_arrives_after_the_overtaken_batch_succeeded_is_retried_not_failed(
