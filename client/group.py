@@ -222,11 +222,14 @@ class GroupCoordinatorClient:
         budget = self.request_timeout if timeout is None else timeout
         deadline = time.monotonic() + budget
         coordinator = await self.find(budget)
-        stub = self.connections.groups(coordinator.address)
         try:
-            response = await getattr(stub, method)(
-                request, timeout=max(0.05, deadline - time.monotonic())
-            )
+            if method == "OffsetCommit":
+                response = await self.connections.commit_stream(coordinator.address).commit(
+                    request, max(0.05, deadline - time.monotonic()))
+            else:
+                response = await getattr(self.connections.groups(coordinator.address), method)(
+                    request, timeout=max(0.05, deadline - time.monotonic())
+                )
         except grpc.aio.AioRpcError as exc:
             self.forget()
             if not is_retriable_rpc_error(exc):

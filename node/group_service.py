@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, TypeVar
 
 import grpc
@@ -327,6 +327,42 @@ class GroupsService(api_pb2_grpc.GroupsServicer):
             return api_pb2.OffsetCommitResponse(error=ErrorCode.NONE, partitions=results)
 
         return await self._call(call, failed, "OffsetCommit")
+
+    async def OffsetCommitStream(self, requests: AsyncIterator[api_pb2.OffsetCommitStreamRequest],
+                                 context: grpc.aio.ServicerContext
+                                 ) -> AsyncIterator[api_pb2.OffsetCommitStreamResponse]:
+        """Each request is an OffsetCommit, answered (with its id) when it commits, in whatever
+        order the answers come. Every request starts its call as it is read, so the commits of
+        one stream apply in the order sent: a call is applied before its first wait."""
+        loop = asyncio.get_running_loop()
+        answers: asyncio.Queue[api_pb2.OffsetCommitStreamResponse | None] = asyncio.Queue()
+        calls: set[asyncio.Task[None]] = set()
+
+        async def answer(message: api_pb2.OffsetCommitStreamRequest) -> None:
+            response = await self.OffsetCommit(message.commit, context)
+            answers.put_nowait(api_pb2.OffsetCommitStreamResponse(id=message.id, commit=response))
+
+        async def read() -> None:
+            try:
+                async for message in requests:
+                    task = loop.create_task(answer(message))
+                    calls.add(task)
+                    task.add_done_callback(calls.discard)
+                # The client closed its side: the calls under way still get their answers.
+                while calls:
+                    await asyncio.wait(list(calls))
+            finally:
+                answers.put_nowait(None)
+
+        reader = loop.create_task(read())
+        try:
+            while (response := await answers.get()) is not None:
+                yield response
+            await reader  # an undecodable request ended the stream: its INVALID_ARGUMENT
+        finally:
+            reader.cancel()
+            for task in list(calls):
+                task.cancel()
 
     def _offsets_batch_limit(self) -> int | None:
         """`__consumer_offsets`' max.message.bytes, None while the topic does not exist. Merging

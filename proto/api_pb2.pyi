@@ -528,6 +528,22 @@ class OffsetCommitResponse(_message.Message):
     partitions: _containers.RepeatedCompositeFieldContainer[OffsetCommitPartitionResult]
     def __init__(self, error: _Optional[_Union[_common_pb2.ErrorCode, str]] = ..., error_message: _Optional[str] = ..., partitions: _Optional[_Iterable[_Union[OffsetCommitPartitionResult, _Mapping]]] = ...) -> None: ...
 
+class OffsetCommitStreamRequest(_message.Message):
+    __slots__ = ("id", "commit")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    commit: OffsetCommitRequest
+    def __init__(self, id: _Optional[int] = ..., commit: _Optional[_Union[OffsetCommitRequest, _Mapping]] = ...) -> None: ...
+
+class OffsetCommitStreamResponse(_message.Message):
+    __slots__ = ("id", "commit")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    commit: OffsetCommitResponse
+    def __init__(self, id: _Optional[int] = ..., commit: _Optional[_Union[OffsetCommitResponse, _Mapping]] = ...) -> None: ...
+
 class OffsetFetchRequest(_message.Message):
     __slots__ = ("group_id", "member_id", "member_epoch", "partitions")
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]

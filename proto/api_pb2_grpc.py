@@ -652,6 +652,11 @@ class GroupsStub:
                 request_serializer=tidelog_dot_proto_dot_api__pb2.OffsetCommitRequest.SerializeToString,
                 response_deserializer=tidelog_dot_proto_dot_api__pb2.OffsetCommitResponse.FromString,
                 _registered_method=True)
+        self.OffsetCommitStream = channel.stream_stream(
+                '/tidelog.Groups/OffsetCommitStream',
+                request_serializer=tidelog_dot_proto_dot_api__pb2.OffsetCommitStreamRequest.SerializeToString,
+                response_deserializer=tidelog_dot_proto_dot_api__pb2.OffsetCommitStreamResponse.FromString,
+                _registered_method=True)
         self.OffsetFetch = channel.unary_unary(
                 '/tidelog.Groups/OffsetFetch',
                 request_serializer=tidelog_dot_proto_dot_api__pb2.OffsetFetchRequest.SerializeToString,
@@ -704,6 +709,15 @@ class GroupsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OffsetCommitStream(self, request_iterator, context):
+        """OffsetCommit calls over one long-lived stream, as the client sends them: each request is
+        answered by one response with its id, in any order (the commits apply in the order sent).
+        A message on an open stream costs the coordinator about a third of a unary call's CPU.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def OffsetFetch(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -747,6 +761,11 @@ def add_GroupsServicer_to_server(servicer, server):
                     servicer.OffsetCommit,
                     request_deserializer=tidelog_dot_proto_dot_api__pb2.OffsetCommitRequest.FromString,
                     response_serializer=tidelog_dot_proto_dot_api__pb2.OffsetCommitResponse.SerializeToString,
+            ),
+            'OffsetCommitStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.OffsetCommitStream,
+                    request_deserializer=tidelog_dot_proto_dot_api__pb2.OffsetCommitStreamRequest.FromString,
+                    response_serializer=tidelog_dot_proto_dot_api__pb2.OffsetCommitStreamResponse.SerializeToString,
             ),
             'OffsetFetch': grpc.unary_unary_rpc_method_handler(
                     servicer.OffsetFetch,
@@ -855,6 +874,33 @@ class Groups:
             '/tidelog.Groups/OffsetCommit',
             tidelog_dot_proto_dot_api__pb2.OffsetCommitRequest.SerializeToString,
             tidelog_dot_proto_dot_api__pb2.OffsetCommitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OffsetCommitStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tidelog.Groups/OffsetCommitStream',
+            tidelog_dot_proto_dot_api__pb2.OffsetCommitStreamRequest.SerializeToString,
+            tidelog_dot_proto_dot_api__pb2.OffsetCommitStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

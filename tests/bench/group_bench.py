@@ -3,11 +3,14 @@
     python tests/bench/group_bench.py [--nodes 3] [--seconds 10] [--in-flight 64] [--rate 1000]
                                       [--groups 100] [--members 4] [--partitions 8] [--reads]
                                       [--heartbeat-interval-ms 1000] [--only commits|joins]
-                                      [--asyncio-loop] [--profile FILE [--profile-follower]]
+                                      [--unary] [--asyncio-loop] [--profile FILE [--profile-follower]]
 
 Starts a --nodes cluster (tests/support/nodes.py) in a temporary directory; `__consumer_offsets`
-gets replication factor min(3, nodes). It talks raw gRPC, so the figures are the server's:
+gets replication factor min(3, nodes). It talks gRPC without the client library around it, so
+the figures are the server's:
 
+* commits go as tidelog.client sends them, over one OffsetCommitStream (client/connection.py
+  `CommitStream`); --unary makes each one a unary OffsetCommit call instead.
 * commits, closed loop: --in-flight OffsetCommit calls (one partition each) kept in flight
   against one group's coordinator for --seconds; commits/s and latency p50/p99/max.
 * commits, open loop: one commit every 1/--rate s for --seconds whatever the answers do, so the
@@ -17,8 +20,7 @@ gets replication factor min(3, nodes). It talks raw gRPC, so the figures are the
   generator, and how busy the whole machine was: the nodes and the generator share its cores
   (with anything else running), so a busy machine explains a long tail. --reads makes the same
   calls OffsetFetch, which append nothing: the per-call cost without the log. The load generator
-  is one process on uvloop (--asyncio-loop: asyncio's loop) making one OffsetCommit call per
-  commit.
+  is one process on uvloop (--asyncio-loop: asyncio's loop).
 * the open loop's latencies again, split by what other processes on the machine did meanwhile
   (per 0.5 s window, machine CPU minus the benchmark's own): in windows where they took under
   10% of a core, and in the rest. The benchmark itself takes ~1.3 of the 2 cores at 1,000/s, so
@@ -50,6 +52,7 @@ from typing import Any
 
 import grpc
 import uvloop
+from tidelog.client.connection import CommitStream
 from tidelog.proto import api_pb2, api_pb2_grpc, common_pb2
 from tidelog.proto.common_pb2 import ErrorCode
 
@@ -271,6 +274,7 @@ async def commits(cluster: Cluster, args: argparse.Namespace) -> None:
     node_id = await cluster.find(group_id)
     await cluster.call(group_id, "OffsetCommit", commit_request(group_id, topic, 0, 0))  # loaded, warm
     stub = cluster.stub(node_id)
+    commit_stream = CommitStream(stub)  # as tidelog.client commits
     counter = 0
     errors = 0
 
@@ -284,7 +288,8 @@ async def commits(cluster: Cluster, args: argparse.Namespace) -> None:
                 partitions=[common_pb2.TopicPartition(topic=topic, partition=partition)]), timeout=10)
             failed = answer.error != ErrorCode.NONE
         else:
-            answer = await stub.OffsetCommit(commit_request(group_id, topic, partition, counter), timeout=10)
+            request = commit_request(group_id, topic, partition, counter)
+            answer = await (stub.OffsetCommit(request, timeout=10) if args.unary else commit_stream.commit(request, 10))
             failed = answer.error != ErrorCode.NONE or answer.partitions[0].error != ErrorCode.NONE
         if failed:
             errors += 1
@@ -334,6 +339,7 @@ async def commits(cluster: Cluster, args: argparse.Namespace) -> None:
     print(f"  {others.split(list(zip(issued, latencies)))}", flush=True)
     if profiler is not None:
         await asyncio.to_thread(profiler.wait)
+    await commit_stream.close()
 
 
 def start_profiler(local: LocalCluster, node_id: int, args: argparse.Namespace) -> subprocess.Popen[bytes] | None:
@@ -440,6 +446,8 @@ def main() -> None:
                         help="the nodes' group_coordinator_append_linger_ms (default: the node's)")
     parser.add_argument("--reads", action="store_true",
                         help="OffsetFetch instead of OffsetCommit: the per-call cost without an append")
+    parser.add_argument("--unary", action="store_true",
+                        help="one unary OffsetCommit call per commit instead of tidelog.client's commit stream")
     parser.add_argument("--asyncio-loop", action="store_true",
                         help="run the load generator on asyncio's own loop instead of uvloop's")
     parser.add_argument("--profile", type=Path, metavar="FILE",
