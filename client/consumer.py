@@ -89,6 +89,9 @@ _PREFETCH_ANSWERS = 2
 assert ConsumerRecord._fields[2:] == Record._fields
 # How late a long-poll fetch may be, beyond its max wait, before the leaders are looked up again.
 _FETCH_GRACE = 2.0
+# While the sync Consumer's polls are served on the application's thread (`drain_ready`), how
+# often the loop is still asked to do a poll's other chores (resets, overdue fetches, metadata age).
+_CHORES_EVERY_S = 0.1
 
 
 @dataclass(slots=True, eq=False)
@@ -223,6 +226,12 @@ class AsyncConsumer:
         self._reset_task: asyncio.Task[None] | None = None
         self._pulse: _Pulse | None = None
         self._rotation = 0
+        # Held while fetched data is handed out, or changed by the loop, which `drain_ready` (the
+        # sync Consumer's poll, on the application's thread) needs: what is buffered, the
+        # positions and the assignment. Never held across an await.
+        self._delivery_lock = threading.RLock()
+        self._fetch_slot_freed = False  # a drain handed out an answer's last record
+        self._chores_due = 0.0
         self._iter_buffer: deque[ConsumerRecord] = deque()
         self._closed = False
         self._listening = False
@@ -424,7 +433,8 @@ class AsyncConsumer:
         self._set_assignment(wanted)
 
     def _set_assignment(self, wanted: list[TopicPartition]) -> None:
-        self._assignment = {tp: self._assignment.get(tp) or _PartitionState() for tp in wanted}
+        with self._delivery_lock:
+            self._assignment = {tp: self._assignment.get(tp) or _PartitionState() for tp in wanted}
 
     def assignment(self) -> set[TopicPartition]:
         return set(self._assignment)
@@ -711,10 +721,11 @@ class AsyncConsumer:
                 f"seek() first",
             )
         answers = await self._list_offsets({tp: which for tp in tps}, timeout)
-        for tp, (offset, _) in answers.items():
-            state = self._assignment.get(tp)
-            if state is not None and state.position is None:
-                state.seek(offset)
+        with self._delivery_lock:
+            for tp, (offset, _) in answers.items():
+                state = self._assignment.get(tp)
+                if state is not None and state.position is None:
+                    state.seek(offset)
 
     def _start_resets(self) -> None:
         """Look up positions for partitions without one, in the background."""
@@ -816,7 +827,8 @@ class AsyncConsumer:
 
     async def _fetch(self, node_id: int, tps: list[TopicPartition]) -> None:
         asyncio.current_task().tidelog_ran = True  # type: ignore[union-attr]
-        sent = {tp: (self._assignment[tp].fetch_offset, self._assignment[tp].epoch) for tp in tps}
+        with self._delivery_lock:
+            sent = {tp: (self._assignment[tp].fetch_offset, self._assignment[tp].epoch) for tp in tps}
         snapshot = self.metadata.snapshot
         try:
             address = snapshot.address(node_id)
@@ -847,12 +859,13 @@ class AsyncConsumer:
                 self.metadata.request_update()
                 self._back_off(tps)
                 return
-            for result in response.partitions:
-                tp = TopicPartition(result.topic, result.partition)
-                state = self._assignment.get(tp)
-                if state is None or tp not in sent or (state.fetch_offset, state.epoch) != sent[tp]:
-                    continue  # unassigned or sought meanwhile
-                self._handle_fetch_result(tp, state, result)
+            with self._delivery_lock:
+                for result in response.partitions:
+                    tp = TopicPartition(result.topic, result.partition)
+                    state = self._assignment.get(tp)
+                    if state is None or tp not in sent or (state.fetch_offset, state.epoch) != sent[tp]:
+                        continue  # unassigned or sought meanwhile
+                    self._handle_fetch_result(tp, state, result)
         finally:
             self._fetch_finished(node_id, tps, asyncio.current_task())
 
@@ -982,9 +995,46 @@ class AsyncConsumer:
                 if completed.index >= len(completed.records) and not completed.batches:
                     state.buffered.popleft()
                     state.position = completed.next_offset
+                    self._fetch_slot_freed = True
             if len(out) >= max_records:
                 break
         return out
+
+    def drain_ready(self, max_records: int | None) -> tuple[list[ConsumerRecord], bool] | None:
+        """The sync Consumer's poll on the application's thread, for records already fetched:
+        handed out (decoded there, positions advanced) as `poll` hands them out, without the
+        trip to the loop and back, which cost as much CPU as decoding a tenth of a poll's
+        records. Returns the records and whether the loop is owed a poll's other chores
+        (`do_chores`: fetch for a partition whose buffer has room again, or the periodic
+        ones); None when this poll needs the loop: nothing ready (so it waits, or raises a
+        partition's error), the loop not started yet, or a group (its membership counts the
+        polls, commits from them and revokes partitions on the loop).
+
+        Safe beside the loop: the loop changes what this reads (answers arriving, resets, the
+        assignment) only under ``_delivery_lock``, and everything else that changes it
+        (seek, pause, assign) is a call the application's thread waits for."""
+        if self._closed or self._pulse is None or self._coordinator is not None:
+            return None
+        with self._delivery_lock:
+            records = self._drain(max_records or self.max_poll_records)
+            freed, self._fetch_slot_freed = self._fetch_slot_freed, False
+        if not records:
+            return None
+        now = time.monotonic()
+        if freed or now >= self._chores_due:
+            self._chores_due = now + _CHORES_EVERY_S
+            return records, True
+        return records, False
+
+    def do_chores(self) -> None:
+        """What `poll` does on the loop besides handing out records (see `drain_ready`)."""
+        if self._closed:
+            return
+        if (self._assignment or self._pattern is not None) and self.metadata.maybe_expired():
+            self.metadata.request_update()
+        self._start_resets()
+        self._send_fetches()
+        self._check_overdue_fetches()
 
     def _raise_errors(self) -> None:
         for tp, state in self._assignment.items():
@@ -1242,7 +1292,8 @@ class AsyncConsumer:
                 self._membership.note_poll()  # waiting inside poll is not being away from it
             event = pulse.waiter()
             self._start_resets()
-            records = self._drain(limit)
+            with self._delivery_lock:
+                records = self._drain(limit)
             self._send_fetches()
             self._check_overdue_fetches()
             if records or self.pending_callbacks:
@@ -1529,6 +1580,13 @@ class Consumer:
         return self._call(self._core.subscription)
 
     def poll(self, timeout_ms: float = 0, max_records: int | None = None) -> list[ConsumerRecord]:
+        if not self._deferred:  # a rebalance callback owed to the application runs first
+            ready = self._core.drain_ready(max_records)
+            if ready is not None:
+                records, chores = ready
+                if chores:
+                    self._thread.call_soon(self._core.do_chores)
+                return records
         deadline = time.monotonic() + timeout_ms / 1000.0
         while True:
             records: list[ConsumerRecord] = self._serve(
