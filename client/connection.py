@@ -94,13 +94,18 @@ def is_retriable_rpc_error(exc: BaseException) -> bool:
     return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in _RETRIABLE_STATUS
 
 
+# The most bytes of calls a CommitStream puts in one message (a single larger call goes alone).
+_STREAM_MESSAGE_BYTES = 256 << 10
+
+
 class CommitStream:
     """OffsetCommit calls to one node multiplexed over one long-lived OffsetCommitStream.
 
     A message on an open stream costs the coordinator about a third of what a unary call does
-    (grpc.aio's per-call setup is most of a commit's CPU), so a busy coordinator keeps up with
-    more commits at a lower latency. Each request carries an id its answer echoes; answers may
-    come in any order. A failure is reported as the unary call would report it (an
+    (grpc.aio's per-call setup is most of a commit's CPU), and the calls made while a message is
+    being written share the next one, as the node's answers ready together share one; so a busy
+    coordinator keeps up with more commits at a lower latency. Each call carries an id its
+    answer echoes; answers may come in any order. A failure is reported as the unary call would report it (an
     `AioRpcError`), so callers treat both alike; a broken stream fails the calls it carried
     and the next commit opens a new one. A node without the method (UNIMPLEMENTED: an older
     version) is sent unary calls from then on."""
@@ -110,7 +115,7 @@ class CommitStream:
         self._call: grpc.aio.StreamStreamCall | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._waiting: dict[int, asyncio.Future[api_pb2.OffsetCommitResponse]] = {}
-        self._outbox: list[api_pb2.OffsetCommitStreamRequest] = []
+        self._outbox: list[api_pb2.OffsetCommitCall] = []
         self._wakeup = asyncio.Event()
         self._last_id = 0
         self._unary = False
@@ -124,7 +129,7 @@ class CommitStream:
         call_id = self._last_id
         future: asyncio.Future[api_pb2.OffsetCommitResponse] = asyncio.get_running_loop().create_future()
         self._waiting[call_id] = future
-        self._outbox.append(api_pb2.OffsetCommitStreamRequest(id=call_id, commit=request))
+        self._outbox.append(api_pb2.OffsetCommitCall(id=call_id, commit=request))
         self._wakeup.set()
         try:
             async with asyncio.timeout(timeout):
@@ -149,10 +154,21 @@ class CommitStream:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            outbox, self._outbox = self._outbox, []
+            # Calls made while the last message was being written share the next one, up to
+            # a size well under any node's request limit.
+            outbox, size = self._outbox, 0
+            for index, message in enumerate(outbox):
+                size += message.ByteSize()
+                if size > _STREAM_MESSAGE_BYTES and index > 0:
+                    outbox, self._outbox = outbox[:index], outbox[index:]
+                    self._wakeup.set()
+                    break
+            else:
+                self._outbox = []
+            if not outbox:
+                continue
             try:
-                for message in outbox:
-                    await call.write(message)
+                await call.write(api_pb2.OffsetCommitStreamRequest(calls=outbox))
             except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
                 return  # the stream broke: _read fails the calls it carried
 
@@ -160,9 +176,10 @@ class CommitStream:
         error: grpc.aio.AioRpcError = _rpc_error(grpc.StatusCode.UNAVAILABLE, "the commit stream ended")
         try:
             async for response in call:
-                future = self._waiting.get(response.id)
-                if future is not None and not future.done():
-                    future.set_result(response.commit)
+                for answer in response.answers:
+                    future = self._waiting.get(answer.id)
+                    if future is not None and not future.done():
+                        future.set_result(answer.commit)
         except grpc.aio.AioRpcError as exc:
             error = exc
         finally:

@@ -331,33 +331,45 @@ class GroupsService(api_pb2_grpc.GroupsServicer):
     async def OffsetCommitStream(self, requests: AsyncIterator[api_pb2.OffsetCommitStreamRequest],
                                  context: grpc.aio.ServicerContext
                                  ) -> AsyncIterator[api_pb2.OffsetCommitStreamResponse]:
-        """Each request is an OffsetCommit, answered (with its id) when it commits, in whatever
-        order the answers come. Every request starts its call as it is read, so the commits of
-        one stream apply in the order sent: a call is applied before its first wait."""
+        """Each call of each request is an OffsetCommit, answered (with its id) when it commits.
+        Every call starts as its request is read, so one stream's commits apply in the order
+        sent: a call is applied before its first wait. Answers ready together (one batch of
+        `__consumer_offsets` commits many calls) go out in one message: a stream's messages
+        are written one after another, and one each made the last of a batch wait for the
+        writes of all the others."""
         loop = asyncio.get_running_loop()
-        answers: asyncio.Queue[api_pb2.OffsetCommitStreamResponse | None] = asyncio.Queue()
+        ready: list[api_pb2.OffsetCommitAnswer] = []
+        wakeup = asyncio.Event()
         calls: set[asyncio.Task[None]] = set()
 
-        async def answer(message: api_pb2.OffsetCommitStreamRequest) -> None:
-            response = await self.OffsetCommit(message.commit, context)
-            answers.put_nowait(api_pb2.OffsetCommitStreamResponse(id=message.id, commit=response))
+        async def answer(call: api_pb2.OffsetCommitCall) -> None:
+            response = await self.OffsetCommit(call.commit, context)
+            ready.append(api_pb2.OffsetCommitAnswer(id=call.id, commit=response))
+            wakeup.set()
 
         async def read() -> None:
             try:
-                async for message in requests:
-                    task = loop.create_task(answer(message))
-                    calls.add(task)
-                    task.add_done_callback(calls.discard)
+                async for request in requests:
+                    for call in request.calls:
+                        task = loop.create_task(answer(call))
+                        calls.add(task)
+                        task.add_done_callback(calls.discard)
                 # The client closed its side: the calls under way still get their answers.
                 while calls:
                     await asyncio.wait(list(calls))
             finally:
-                answers.put_nowait(None)
+                wakeup.set()
 
         reader = loop.create_task(read())
         try:
-            while (response := await answers.get()) is not None:
-                yield response
+            while True:
+                await wakeup.wait()
+                wakeup.clear()
+                if ready:
+                    answers, ready[:] = list(ready), []
+                    yield api_pb2.OffsetCommitStreamResponse(answers=answers)
+                elif reader.done():
+                    break
             await reader  # an undecodable request ended the stream: its INVALID_ARGUMENT
         finally:
             reader.cancel()

@@ -529,6 +529,12 @@ class OffsetCommitResponse(_message.Message):
     def __init__(self, error: _Optional[_Union[_common_pb2.ErrorCode, str]] = ..., error_message: _Optional[str] = ..., partitions: _Optional[_Iterable[_Union[OffsetCommitPartitionResult, _Mapping]]] = ...) -> None: ...
 
 class OffsetCommitStreamRequest(_message.Message):
+    __slots__ = ("calls",)
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    calls: _containers.RepeatedCompositeFieldContainer[OffsetCommitCall]
+    def __init__(self, calls: _Optional[_Iterable[_Union[OffsetCommitCall, _Mapping]]] = ...) -> None: ...
+
+class OffsetCommitCall(_message.Message):
     __slots__ = ("id", "commit")
     ID_FIELD_NUMBER: _ClassVar[int]
     COMMIT_FIELD_NUMBER: _ClassVar[int]
@@ -537,6 +543,12 @@ class OffsetCommitStreamRequest(_message.Message):
     def __init__(self, id: _Optional[int] = ..., commit: _Optional[_Union[OffsetCommitRequest, _Mapping]] = ...) -> None: ...
 
 class OffsetCommitStreamResponse(_message.Message):
+    __slots__ = ("answers",)
+    ANSWERS_FIELD_NUMBER: _ClassVar[int]
+    answers: _containers.RepeatedCompositeFieldContainer[OffsetCommitAnswer]
+    def __init__(self, answers: _Optional[_Iterable[_Union[OffsetCommitAnswer, _Mapping]]] = ...) -> None: ...
+
+class OffsetCommitAnswer(_message.Message):
     __slots__ = ("id", "commit")
     ID_FIELD_NUMBER: _ClassVar[int]
     COMMIT_FIELD_NUMBER: _ClassVar[int]

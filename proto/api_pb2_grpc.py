@@ -710,9 +710,10 @@ class GroupsServicer:
         raise NotImplementedError('Method not implemented!')
 
     def OffsetCommitStream(self, request_iterator, context):
-        """OffsetCommit calls over one long-lived stream, as the client sends them: each request is
-        answered by one response with its id, in any order (the commits apply in the order sent).
-        A message on an open stream costs the coordinator about a third of a unary call's CPU.
+        """OffsetCommit calls over one long-lived stream, as the client sends them. A message carries
+        one or more calls, each with an id its answer echoes; answers come in any order, several to
+        a message when they are ready together. The calls apply in the order sent. A message on an
+        open stream costs the node a fraction of a unary call's CPU, and many answers share one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

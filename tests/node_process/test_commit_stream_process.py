@@ -1,5 +1,5 @@
-"""OffsetCommitStream against a real node: each request is answered once, with its id; the
-commits of one stream apply in the order sent; per-call errors come back as answers and the
+"""OffsetCommitStream against a real node: each call is answered once, with its id, whether it
+came alone or with others in one message; the commits of one stream apply in the order sent; per-call errors come back as answers and the
 stream carries on; bytes that are not a request end the stream with INVALID_ARGUMENT and change
 nothing; and a client that half-closes still gets every answer. tidelog.client commits this way
 (client/connection.py `CommitStream`)."""
@@ -44,20 +44,28 @@ def committed(stub: api_pb2_grpc.GroupsStub, partition: int) -> int:
     return answer.offsets[0].offset
 
 
-def test_every_request_is_answered_once_and_commits_apply_in_order(coordinator: api_pb2_grpc.GroupsStub) -> None:
-    requests = [api_pb2.OffsetCommitStreamRequest(id=100 + i, commit=commit(GROUP, i % 2, i)) for i in range(200)]
-    # A request naming an unknown topic and one with an invalid group id: per-call errors.
-    requests.append(api_pb2.OffsetCommitStreamRequest(id=7, commit=commit(GROUP, 0, 5, topic="no-such-topic")))
-    requests.append(api_pb2.OffsetCommitStreamRequest(id=8, commit=commit("", 0, 5)))
-    # Sent after the errors: the stream still serves it.
-    requests.append(api_pb2.OffsetCommitStreamRequest(id=9, commit=commit(GROUP, 0, 1000)))
-    # The iterator ends: the client half-closes after its last request, before any answer.
-    answers = {a.id: a.commit for a in coordinator.OffsetCommitStream(iter(requests), timeout=30)}
-    assert sorted(answers) == sorted(r.id for r in requests)
-    for i in range(200):
-        assert answers[100 + i].error == ErrorCode.NONE, answers[100 + i]
-    assert answers[7].partitions[0].error == ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, answers[7]
-    assert answers[8].error == ErrorCode.INVALID_GROUP_ID, answers[8]
+def test_every_call_is_answered_once_and_commits_apply_in_order(coordinator: api_pb2_grpc.GroupsStub) -> None:
+    def call(call_id: int, request: api_pb2.OffsetCommitRequest) -> api_pb2.OffsetCommitCall:
+        return api_pb2.OffsetCommitCall(id=call_id, commit=request)
+
+    messages = [api_pb2.OffsetCommitStreamRequest(calls=[call(100 + i, commit(GROUP, i % 2, i))]) for i in range(100)]
+    # Several calls in one message, among them one naming an unknown topic and one with an
+    # invalid group id: per-call errors, and the calls after them are served.
+    messages.append(api_pb2.OffsetCommitStreamRequest(calls=[
+        call(200 + i, commit(GROUP, i % 2, 100 + i)) for i in range(100)] + [
+        call(7, commit(GROUP, 0, 5, topic="no-such-topic")),
+        call(8, commit("", 0, 5)),
+        call(9, commit(GROUP, 0, 1000))]))
+    sent = [c.id for m in messages for c in m.calls]
+    # The iterator ends: the client half-closes after its last message, before any answer.
+    answers = [a for response in coordinator.OffsetCommitStream(iter(messages), timeout=30) for a in response.answers]
+    assert sorted(a.id for a in answers) == sorted(sent)
+    by_id = {a.id: a.commit for a in answers}
+    for i in range(100):
+        assert by_id[100 + i].error == ErrorCode.NONE, by_id[100 + i]
+        assert by_id[200 + i].error == ErrorCode.NONE, by_id[200 + i]
+    assert by_id[7].partitions[0].error == ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, by_id[7]
+    assert by_id[8].error == ErrorCode.INVALID_GROUP_ID, by_id[8]
     # In order: the last commit sent for each partition is the one that stands.
     assert committed(coordinator, 0) == 1000
     assert committed(coordinator, 1) == 199
@@ -68,7 +76,8 @@ def test_undecodable_request_ends_the_stream_with_invalid_argument(cluster: Loca
     with grpc.insecure_channel(cluster.nodes[0].address) as channel:
         call = channel.stream_stream("/tidelog.Groups/OffsetCommitStream", request_serializer=None,
                                      response_deserializer=api_pb2.OffsetCommitStreamResponse.FromString)
-        good = api_pb2.OffsetCommitStreamRequest(id=1, commit=commit(GROUP, 1, 42)).SerializeToString()
+        good = api_pb2.OffsetCommitStreamRequest(calls=[
+            api_pb2.OffsetCommitCall(id=1, commit=commit(GROUP, 1, 42))]).SerializeToString()
         with pytest.raises(grpc.RpcError) as caught:
             list(call(iter([b"\xff\xff\xff", good]), timeout=30))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value

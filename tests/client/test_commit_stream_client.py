@@ -17,7 +17,7 @@ from tidelog.client.connection import CommitStream
 from tidelog.proto import api_pb2, api_pb2_grpc
 from tidelog.proto.common_pb2 import ErrorCode
 
-Behaviour = Callable[[AsyncIterator[api_pb2.OffsetCommitStreamRequest]], AsyncIterator[api_pb2.OffsetCommitStreamResponse]]
+Behaviour = Callable[[AsyncIterator[api_pb2.OffsetCommitCall]], AsyncIterator[api_pb2.OffsetCommitAnswer]]
 
 
 def request(offset: int) -> api_pb2.OffsetCommitRequest:
@@ -25,10 +25,10 @@ def request(offset: int) -> api_pb2.OffsetCommitRequest:
         api_pb2.OffsetCommitPartition(topic="t", partition=0, offset=offset, leader_epoch=-1)])
 
 
-def answer(message: api_pb2.OffsetCommitStreamRequest, error: int = ErrorCode.NONE) -> api_pb2.OffsetCommitStreamResponse:
+def answer(message: api_pb2.OffsetCommitCall) -> api_pb2.OffsetCommitAnswer:
     # The answer's error_message names the offset committed, so a test can tell answers apart.
-    return api_pb2.OffsetCommitStreamResponse(id=message.id, commit=api_pb2.OffsetCommitResponse(
-        error=error, error_message=str(message.commit.partitions[0].offset)))
+    return api_pb2.OffsetCommitAnswer(id=message.id, commit=api_pb2.OffsetCommitResponse(
+        error=ErrorCode.NONE, error_message=str(message.commit.partitions[0].offset)))
 
 
 class Scripted(api_pb2_grpc.GroupsServicer):
@@ -43,7 +43,8 @@ class Scripted(api_pb2_grpc.GroupsServicer):
 
 
 def run(stream: Behaviour | None, scenario: Callable[[CommitStream, Scripted], Awaitable[None]]) -> Scripted:
-    """Serve ``stream`` as OffsetCommitStream (None: the node lacks the method) and run
+    """Serve ``stream`` as OffsetCommitStream (None: the node lacks the method; else it maps
+    the calls the client sends to answers, each answer sent in a message of its own) and run
     ``scenario`` with a CommitStream to it."""
     servicer = Scripted(stream)
 
@@ -55,8 +56,14 @@ def run(stream: Behaviour | None, scenario: Callable[[CommitStream, Scripted], A
         if stream is not None:
             async def handle(requests: Any, context: Any) -> AsyncIterator[Any]:
                 servicer.streams_opened += 1
-                async for response in stream(requests):
-                    yield response
+
+                async def calls() -> AsyncIterator[api_pb2.OffsetCommitCall]:
+                    async for request in requests:
+                        for call in request.calls:
+                            yield call
+
+                async for one in stream(calls()):
+                    yield api_pb2.OffsetCommitStreamResponse(answers=[one])
             handlers["OffsetCommitStream"] = grpc.stream_stream_rpc_method_handler(
                 handle, request_deserializer=api_pb2.OffsetCommitStreamRequest.FromString,
                 response_serializer=api_pb2.OffsetCommitStreamResponse.SerializeToString)
