@@ -231,6 +231,9 @@ class AsyncConsumer:
         # positions and the assignment. Never held across an await.
         self._delivery_lock = threading.RLock()
         self._fetch_slot_freed = False  # a drain handed out an answer's last record
+        # The application thread draining in `drain_ready` (deserializers run there, holding
+        # the lock): a blocking call of the sync Consumer from there is refused.
+        self.draining_thread: int | None = None
         self._chores_due = 0.0
         self._iter_buffer: deque[ConsumerRecord] = deque()
         self._closed = False
@@ -1016,7 +1019,11 @@ class AsyncConsumer:
         if self._closed or self._pulse is None or self._coordinator is not None:
             return None
         with self._delivery_lock:
-            records = self._drain(max_records or self.max_poll_records)
+            self.draining_thread = threading.get_ident()
+            try:
+                records = self._drain(max_records or self.max_poll_records)
+            finally:
+                self.draining_thread = None
             freed, self._fetch_slot_freed = self._fetch_slot_freed, False
         if not records:
             return None
@@ -1421,7 +1428,23 @@ class Consumer:
         async def run() -> Any:
             return fn()
 
-        return self._thread.run(run())
+        return self._run(run())
+
+    def _run(self, coro: Any) -> Any:
+        self._refuse_inside_drain(coro)
+        return self._thread.run(coro)
+
+    def _refuse_inside_drain(self, coro: Any = None) -> None:
+        # A deserializer runs inside poll's drain on this thread, holding the lock the loop
+        # needs to store a fetch answer: waiting for the loop there could wait for ever (on
+        # the loop, the blocking call was refused too).
+        if self._core.draining_thread == threading.get_ident():
+            if coro is not None:
+                coro.close()
+            raise RuntimeError(
+                "a blocking tidelog Consumer call was made inside a key/value deserializer; "
+                "call it after poll() returns"
+            )
 
     # on_assign/on_revoke run on the application's thread, inside poll() or close(), as in
     # Kafka's consumer: so they may call anything but close() and unsubscribe() (which wait for
@@ -1478,6 +1501,7 @@ class Consumer:
         """Run ``coro`` on the loop, running meanwhile the callbacks the loop asks of this
         thread. A callback asked for after ``coro`` finished with a result for which
         ``defer_after`` holds (records to hand out) waits for the next call instead."""
+        self._refuse_inside_drain(coro)
         self._run_deferred()
         finished = object()
         future = self._thread.submit(coro)
@@ -1526,7 +1550,7 @@ class Consumer:
     def commit(self, offsets: Mapping[TopicPartition, int] | None = None, timeout: float | None = None) -> None:
         """Commit ``offsets`` (default: every assigned partition's position) and wait."""
         offsets = None if offsets is None else dict(offsets)
-        self._thread.run(self._core.commit(offsets, timeout))
+        self._run(self._core.commit(offsets, timeout))
 
     def commit_async(
         self,
@@ -1561,7 +1585,7 @@ class Consumer:
     def committed(
         self, partitions: Iterable[TopicPartition], timeout: float | None = None
     ) -> dict[TopicPartition, int | None]:
-        return self._thread.run(self._core.committed(list(partitions), timeout))
+        return self._run(self._core.committed(list(partitions), timeout))
 
     def group_member(self) -> tuple[str, int] | None:
         return self._call(self._core.group_member)
@@ -1580,6 +1604,7 @@ class Consumer:
         return self._call(self._core.subscription)
 
     def poll(self, timeout_ms: float = 0, max_records: int | None = None) -> list[ConsumerRecord]:
+        self._refuse_inside_drain()
         if not self._deferred:  # a rebalance callback owed to the application runs first
             ready = self._core.drain_ready(max_records)
             if ready is not None:
@@ -1617,11 +1642,11 @@ class Consumer:
         self._drop_local([tp])
 
     def seek_to_beginning(self, *partitions: TopicPartition) -> None:
-        self._thread.run(self._core.seek_to_beginning(*partitions))
+        self._run(self._core.seek_to_beginning(*partitions))
         self._drop_local(partitions)
 
     def seek_to_end(self, *partitions: TopicPartition) -> None:
-        self._thread.run(self._core.seek_to_end(*partitions))
+        self._run(self._core.seek_to_end(*partitions))
         self._drop_local(partitions)
 
     def _drop_local(self, partitions: Sequence[TopicPartition]) -> None:
@@ -1632,22 +1657,22 @@ class Consumer:
             self._iter_buffer = deque(r for r in self._iter_buffer if r.topic_partition not in dropped)
 
     def position(self, tp: TopicPartition, timeout: float | None = None) -> int:
-        return self._thread.run(self._core.position(tp, timeout))
+        return self._run(self._core.position(tp, timeout))
 
     def beginning_offsets(
         self, partitions: Iterable[TopicPartition], timeout: float | None = None
     ) -> dict[TopicPartition, int]:
-        return self._thread.run(self._core.beginning_offsets(list(partitions), timeout))
+        return self._run(self._core.beginning_offsets(list(partitions), timeout))
 
     def end_offsets(
         self, partitions: Iterable[TopicPartition], timeout: float | None = None
     ) -> dict[TopicPartition, int]:
-        return self._thread.run(self._core.end_offsets(list(partitions), timeout))
+        return self._run(self._core.end_offsets(list(partitions), timeout))
 
     def offsets_for_times(
         self, timestamps: Mapping[TopicPartition, int], timeout: float | None = None
     ) -> dict[TopicPartition, OffsetAndTimestamp | None]:
-        return self._thread.run(self._core.offsets_for_times(dict(timestamps), timeout))
+        return self._run(self._core.offsets_for_times(dict(timestamps), timeout))
 
     def pause(self, *partitions: TopicPartition) -> None:
         self._call(lambda: self._core.pause(*partitions))
@@ -1662,10 +1687,10 @@ class Consumer:
         return self._call(lambda: self._core.highwater(tp))
 
     def partitions_for_topic(self, topic: str, timeout: float | None = None) -> set[int]:
-        return self._thread.run(self._core.partitions_for_topic(topic, timeout))
+        return self._run(self._core.partitions_for_topic(topic, timeout))
 
     def topics(self) -> set[str]:
-        return self._thread.run(self._core.topics())
+        return self._run(self._core.topics())
 
     def close(self, timeout: float | None = None) -> None:
         """See `AsyncConsumer.close`: ``timeout`` seconds bound the final commit and the leave

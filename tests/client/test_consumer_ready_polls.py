@@ -9,6 +9,8 @@ import threading
 import time
 from typing import Any
 
+import pytest
+
 from tidelog.client import Consumer, TopicPartition
 from tidelog.proto.records import Record, encode_batch
 
@@ -105,3 +107,20 @@ def test_records_arriving_while_the_application_drains_go_out_once_each_in_order
             offsets = [r.offset for r in got if r.partition == tp.partition]
             assert offsets == list(range(batches * size)), tp
             assert consumer.position(tp) == batches * size
+
+
+def test_a_deserializer_that_calls_the_consumer_is_refused_not_left_waiting(fake_cluster) -> None:
+    fake_cluster.create_topic("t", 1)
+    fake_cluster.append(TP, batch_of(0, 3))
+    fake_cluster.append(TP, batch_of(3, 3))
+    consumer = Consumer(fake_cluster.bootstrap, auto_offset_reset="earliest", max_poll_records=1,
+                        value_deserializer=lambda v: consumer.position(TP) if v == b"v4" else v)
+    with consumer:
+        consumer.assign([TP])
+        assert [r.offset for r in poll_until(consumer, 3)] == [0, 1, 2]  # the last ones on this thread
+        # The second batch is decoded on this thread, holding the lock the loop stores answers
+        # under: waiting there for the loop is refused at once.
+        with pytest.raises(RuntimeError, match="deserializer"):
+            poll_until(consumer, 1)
+        consumer.seek(TP, 5)
+        assert [r.value for r in poll_until(consumer, 1)] == [b"v5"]
