@@ -121,6 +121,7 @@ class GroupsService(api_pb2_grpc.GroupsServicer):
         self._counts: Mapping[str, int] = {}
         self._limit_image: MetadataImage | None = None
         self._limit: int | None = None
+        self._commit_streams: set[asyncio.Task[object]] = set()
 
     @property
     def host(self) -> GroupHost:
@@ -361,6 +362,9 @@ class GroupsService(api_pb2_grpc.GroupsServicer):
                 wakeup.set()
 
         reader = loop.create_task(read())
+        stream = asyncio.current_task()
+        if stream is not None:
+            self._commit_streams.add(stream)
         try:
             while True:
                 await wakeup.wait()
@@ -372,9 +376,18 @@ class GroupsService(api_pb2_grpc.GroupsServicer):
                     break
             await reader  # an undecodable request ended the stream: its INVALID_ARGUMENT
         finally:
+            if stream is not None:
+                self._commit_streams.discard(stream)
             reader.cancel()
             for task in list(calls):
                 task.cancel()
+
+    def cancel_streams(self) -> None:
+        """End every open commit stream (shutdown): they never finish on their own, and the
+        server's stop would wait out its grace period for them. Their clients commit again
+        through the new coordinator."""
+        for task in list(self._commit_streams):
+            task.cancel()
 
     def _offsets_batch_limit(self) -> int | None:
         """`__consumer_offsets`' max.message.bytes, None while the topic does not exist. Merging

@@ -108,6 +108,7 @@ class Node:
         self._controller_changed = asyncio.Event()
         self._admin_channels: dict[str, grpc.aio.Channel] = {}
         self._replication_service: ReplicationService | None = None
+        self._groups_service: GroupsService | None = None
         # Client requests in progress (produce and fetch), which a graceful stop lets finish.
         self.inflight = 0
         self._idle = asyncio.Event()
@@ -306,7 +307,8 @@ class Node:
         server = grpc.aio.server(options=options)
         add_broker_service(BrokerService(self), server)
         add_service(server, api_pb2, "Admin", AdminService(self))
-        add_service(server, api_pb2, "Groups", GroupsService(self))
+        self._groups_service = GroupsService(self)
+        add_service(server, api_pb2, "Groups", self._groups_service)
         self._replication_service = ReplicationService(self.transport, self.register)
         add_replication_service(self._replication_service, server)
         try:
@@ -370,6 +372,8 @@ class Node:
                 break
         if self._replication_service is not None:
             self._replication_service.cancel_streams()
+        if self._groups_service is not None:
+            self._groups_service.cancel_streams()
         if self._server is not None:
             await self._server.stop(0.5)
         await self.groups.close()

@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 from support.nodes import LocalCluster
+from tidelog.client import Consumer, TopicPartition
 from tidelog.proto import api_pb2, api_pb2_grpc, common_pb2
 from tidelog.proto.common_pb2 import ErrorCode
 
@@ -86,3 +87,17 @@ def test_undecodable_request_ends_the_stream_with_invalid_argument(cluster: Loca
     # The node serves on.
     assert coordinator.OffsetCommit(commit(GROUP, 1, 43), timeout=10).error == ErrorCode.NONE
     assert committed(coordinator, 1) == 43
+
+
+def test_a_consumer_commits_again_after_its_coordinator_restarts(cluster: LocalCluster) -> None:
+    """tidelog.client's commits go over a stream that ends with its node (which still stops
+    cleanly); the next commit opens a new one to the restarted node."""
+    create_topic(cluster, TOPIC, 1)
+    tp = TopicPartition(TOPIC, 0)
+    with Consumer(bootstrap=cluster.bootstrap, group_id=GROUP, enable_auto_commit=False) as consumer:
+        consumer.assign([tp])
+        consumer.commit({tp: 5})
+        assert cluster.nodes[0].stop() == 0
+        cluster.nodes[0].start()
+        consumer.commit({tp: 6})
+        assert consumer.committed([tp]) == {tp: 6}
