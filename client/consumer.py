@@ -456,7 +456,9 @@ class AsyncConsumer:
     def seek(self, tp: TopicPartition, offset: int) -> None:
         if offset < 0:
             raise ValueError(f"invalid offset {offset}: use seek_to_beginning/seek_to_end")
-        self._state(tp).seek(offset)
+        with self._delivery_lock:  # against a drain_ready of another application thread
+            self._state(tp).seek(offset)
+        self._chores_due = 0.0  # its fetch goes out at the next poll even if that one is ready
         self._cancel_fetch_for(tp)
         self._drop_iterated(tp)
 
@@ -603,14 +605,17 @@ class AsyncConsumer:
                 pass
 
     def pause(self, *partitions: TopicPartition) -> None:
-        for tp in partitions:
-            self._state(tp).paused = True
+        with self._delivery_lock:
+            for tp in partitions:
+                self._state(tp).paused = True
 
     def resume(self, *partitions: TopicPartition) -> None:
-        for tp in partitions:
-            state = self._state(tp)
-            if not state.revoked:
-                state.paused = False
+        with self._delivery_lock:
+            for tp in partitions:
+                state = self._state(tp)
+                if not state.revoked:
+                    state.paused = False
+        self._chores_due = 0.0
         if self._pulse is not None:
             self._pulse.fire()
 
