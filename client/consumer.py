@@ -21,7 +21,9 @@ Fetching is pipelined: one Fetch per leader node is in flight at a time, sent ag
 the previous answer is checked, for every partition holding fewer than two undelivered answers;
 so the next records are on their way while the application handles the current ones, and at
 most two answers (``max_partition_fetch_bytes`` each) are buffered per partition, as raw
-batches: `poll` decodes a batch when it hands out its first record. A batch whose records do
+batches: `poll` decodes a batch when it hands out its first record. The sync `Consumer` does
+that on the application's thread when records are already fetched (`drain_ready`), without a
+trip to the loop; a group member's poll still goes to the loop. A batch whose records do
 not decode (or whose deserializer raises) stops its partition there: the records before it are
 delivered, then poll raises, again each time, until the application seeks past it. A fetch that
 reports a leader change marks the partition's leader unknown, takes the answer's leader hint and
@@ -1018,9 +1020,8 @@ class AsyncConsumer:
         partition's error), the loop not started yet, or a group (its membership counts the
         polls, commits from them and revokes partitions on the loop).
 
-        Safe beside the loop: the loop changes what this reads (answers arriving, resets, the
-        assignment) only under ``_delivery_lock``, and everything else that changes it
-        (seek, pause, assign) is a call the application's thread waits for."""
+        Safe beside the loop: the loop changes what this reads (answers arriving, resets,
+        seeks, pauses, the assignment) only under ``_delivery_lock``, which this holds."""
         if self._closed or self._pulse is None or self._coordinator is not None:
             return None
         with self._delivery_lock:
