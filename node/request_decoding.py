@@ -13,6 +13,7 @@ RESOURCE_EXHAUSTED for a request over max_request_bytes (DESIGN.md §6, §12).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
@@ -30,30 +31,59 @@ StreamBehavior = Callable[[AsyncIterator[Any], grpc.aio.ServicerContext], AsyncI
 DECODE_ERRORS = (DecodeError, ValueError)
 
 
-async def _refuse(context: grpc.aio.ServicerContext, message_name: str, exc: Exception) -> None:
+# A refused request is logged at most this often per service; the lines between are counted
+# and reported with the next one, so a client that sends garbage in a loop cannot flood the log.
+REFUSAL_LOG_INTERVAL_S = 10.0
+
+
+class RefusalLog:
+    """The warning lines of one service's refused requests, at most one per interval."""
+
+    def __init__(self, interval_s: float = REFUSAL_LOG_INTERVAL_S, clock: Callable[[], float] = time.monotonic
+                 ) -> None:
+        self._interval_s = interval_s
+        self._clock = clock
+        self._next_at = float("-inf")
+        self._suppressed = 0
+
+    def refused(self, message_name: str, peer: str, reason: str) -> None:
+        now = self._clock()
+        if now < self._next_at:
+            self._suppressed += 1
+            return
+        more = f" ({self._suppressed} more refused since the last such line)" if self._suppressed else ""
+        log.warning("refused an undecodable %s from %s: %s%s", message_name, peer, reason, more)
+        self._suppressed = 0
+        self._next_at = now + self._interval_s
+
+
+async def _refuse(context: grpc.aio.ServicerContext, message_name: str, exc: Exception,
+                  refusals: RefusalLog) -> None:
     reason = str(exc)
     if isinstance(exc, DecodeError):  # "Error parsing message with type 'X': why" names X twice
         reason = reason.rsplit(": ", 1)[-1]
     reason = " ".join(reason.split()) or type(exc).__name__
-    log.warning("refused an undecodable %s from %s: %s", message_name, context.peer(), reason)
+    refusals.refused(message_name, context.peer(), reason)
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                         f"the request is not a valid {message_name}: {reason}")
 
 
-def decoded_unary(behavior: UnaryBehavior, decode: Decoder, message_name: str) -> UnaryBehavior:
+def decoded_unary(behavior: UnaryBehavior, decode: Decoder, message_name: str, refusals: RefusalLog
+                  ) -> UnaryBehavior:
     """``behavior`` taking raw request bytes: decoded with ``decode``, or INVALID_ARGUMENT."""
 
     async def handle(data: bytes, context: grpc.aio.ServicerContext) -> Any:
         try:
             request = decode(data)
         except DECODE_ERRORS as exc:
-            await _refuse(context, message_name, exc)
+            await _refuse(context, message_name, exc, refusals)
         return await behavior(request, context)
 
     return handle
 
 
-def decoded_stream(behavior: StreamBehavior, decode: Decoder, message_name: str) -> StreamBehavior:
+def decoded_stream(behavior: StreamBehavior, decode: Decoder, message_name: str, refusals: RefusalLog
+                   ) -> StreamBehavior:
     """A stream-stream ``behavior`` taking raw request bytes: each decoded with ``decode``; the
     first that does not decode ends the call with INVALID_ARGUMENT (the servicer sees the
     abort come out of its request iterator)."""
@@ -64,7 +94,7 @@ def decoded_stream(behavior: StreamBehavior, decode: Decoder, message_name: str)
                 try:
                     request = decode(raw)
                 except DECODE_ERRORS as exc:
-                    await _refuse(context, message_name, exc)
+                    await _refuse(context, message_name, exc, refusals)
                 yield request
 
         async for response in behavior(requests(), context):
@@ -80,6 +110,7 @@ def add_service(server: grpc.aio.Server, module: Any, service_name: str, service
     this module; ``decoders`` replaces a method's protobuf parse (e.g. to keep records as views
     of the received bytes)."""
     service = module.DESCRIPTOR.services_by_name[service_name]
+    refusals = RefusalLog()
     handlers = {}
     for method in service.methods:
         request_class = getattr(module, method.input_type.name)
@@ -89,10 +120,10 @@ def add_service(server: grpc.aio.Server, module: Any, service_name: str, service
         name = method.input_type.full_name
         if method.client_streaming and method.server_streaming:
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(
-                decoded_stream(behavior, decode, name), response_serializer=encode)
+                decoded_stream(behavior, decode, name, refusals), response_serializer=encode)
         elif not method.client_streaming and not method.server_streaming:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                decoded_unary(behavior, decode, name), response_serializer=encode)
+                decoded_unary(behavior, decode, name, refusals), response_serializer=encode)
         else:  # pragma: no cover - tidelog's services have no such methods
             raise TypeError(f"{service.full_name}.{method.name}: only unary and bidirectional calls are supported")
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
