@@ -367,13 +367,15 @@ class GroupsService(api_pb2_grpc.GroupsServicer):
             self._commit_streams.add(stream)
         try:
             while True:
-                await wakeup.wait()
+                # Cleared before looking: whatever comes while the answers are written sets it.
                 wakeup.clear()
                 if ready:
                     answers, ready[:] = list(ready), []
                     yield api_pb2.OffsetCommitStreamResponse(answers=answers)
                 elif reader.done():
                     break
+                else:
+                    await wakeup.wait()
             await reader  # an undecodable request ended the stream: its INVALID_ARGUMENT
         finally:
             if stream is not None:
