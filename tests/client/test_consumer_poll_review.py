@@ -39,11 +39,22 @@ class WatchedLock:
         self._inner = threading.RLock()
         self._loop_thread = loop_thread
         self.loop_blocked = threading.Event()
+        # Set by a test: that thread, the next time it comes to the lock, says so (``arrived``)
+        # and waits for ``go`` before taking it.
+        self.stop_thread: threading.Thread | None = None
+        self.arrived = threading.Event()
+        self.go = threading.Event()
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        if threading.current_thread() is self._loop_thread and not self._inner.acquire(False):
+        if threading.current_thread() is self._loop_thread:
+            if self._inner.acquire(False):
+                return True
             self.loop_blocked.set()
             return self._inner.acquire(blocking, timeout)
+        if threading.current_thread() is self.stop_thread:
+            self.stop_thread = None
+            self.arrived.set()
+            assert self.go.wait(20)
         return self._inner.acquire(blocking, timeout)
 
     def release(self) -> None:
@@ -148,7 +159,74 @@ def test_a_deserializer_error_on_the_application_thread_hands_out_the_records_be
         assert [r.offset for r in consumer.poll(20_000)] == [5]
 
 
+def test_a_seek_from_another_thread_during_a_ready_poll_is_not_undone_by_it(fake_cluster) -> None:
+    """The poll may hand out what it drained before the seek, but never moves the position
+    after the seek has set it: the next poll starts where the seek said."""
+    fake_cluster.create_topic("t", 1)
+    fake_cluster.append(TP, batch_of(0, 3))
+    seeker: list[threading.Thread] = []
+    holder: dict[str, Any] = {}
+
+    def value(v: bytes | None) -> bytes | None:
+        consumer = holder["consumer"]
+        if v != b"v4" or seeker or threading.current_thread() is consumer._thread.thread:
+            return v
+        seeker.append(threading.Thread(target=consumer.seek, args=(TP, 0), daemon=True))
+        seeker[0].start()
+        # The seek either completes now, or (today) its loop waits for this drain's lock.
+        assert wait_for(lambda: not seeker[0].is_alive() or holder["lock"].loop_blocked.is_set())
+        return v
+
+    with Consumer(fake_cluster.bootstrap, auto_offset_reset="earliest", value_deserializer=value) as consumer:
+        holder["consumer"] = consumer
+        consumer.assign([TP])
+        assert [r.offset for r in consumer.poll(20_000)] == [0, 1, 2]
+        # No fetch in flight: the seek is the only thing of this consumer's the loop does.
+        buffer_two_answers(fake_cluster, consumer)
+        holder["lock"] = watch_drain_lock(consumer)
+        first = consumer.poll(0)
+        assert seeker, "the ready poll did not decode on this thread"
+        seeker[0].join(20)
+        assert not seeker[0].is_alive()
+        assert {r.offset for r in first} <= set(range(3, 9))
+        assert [r.offset for r in consumer.poll(20_000)][:1] == [0]
+        assert consumer.position(TP) > 0
+
+
 # --- defects found in the review (xfail, strict) -------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "AsyncConsumer.drain_ready (client/consumer.py) tests _closed before taking _delivery_lock and "
+    "close never takes it: a poll on one thread hands out records after close() returned on another"))
+def test_no_records_are_handed_out_after_close_returned_on_another_thread(fake_cluster) -> None:
+    fake_cluster.create_topic("t", 1)
+    fake_cluster.append(TP, batch_of(0, 3))
+    consumer = Consumer(fake_cluster.bootstrap, auto_offset_reset="earliest", max_poll_records=3)
+    try:
+        consumer.assign([TP])
+        assert [r.offset for r in consumer.poll(20_000)] == [0, 1, 2]
+        fake_cluster.append(TP, batch_of(3, 3))
+        assert wait_for(lambda: consumer._core.highwater(TP) == 6)
+        lock = watch_drain_lock(consumer)
+        outcome: list[Any] = []
+
+        def poll() -> None:
+            try:
+                outcome.append([r.offset for r in consumer.poll(0)])
+            except RuntimeError as exc:
+                outcome.append(exc)
+
+        poller = threading.Thread(target=poll, daemon=True)
+        lock.stop_thread = poller
+        poller.start()
+        assert lock.arrived.wait(20)  # past drain_ready's closed test, not yet at the lock
+        consumer.close()
+        lock.go.set()
+        poller.join(20)
+        assert outcome and (isinstance(outcome[0], RuntimeError) or outcome[0] == []), outcome
+    finally:
+        consumer.close()
 
 
 @pytest.mark.xfail(strict=True, reason=(
