@@ -233,9 +233,6 @@ class AsyncConsumer:
         # positions and the assignment. Never held across an await.
         self._delivery_lock = threading.RLock()
         self._fetch_slot_freed = False  # a drain handed out an answer's last record
-        # The application thread draining in `drain_ready` (deserializers run there, holding
-        # the lock): a blocking call of the sync Consumer from there is refused.
-        self.draining_thread: int | None = None
         self._chores_due = 0.0
         self._iter_buffer: deque[ConsumerRecord] = deque()
         self._closed = False
@@ -1017,19 +1014,22 @@ class AsyncConsumer:
         records. Returns the records and whether the loop is owed a poll's other chores
         (`do_chores`: fetch for a partition whose buffer has room again, or the periodic
         ones); None when this poll needs the loop: nothing ready (so it waits, or raises a
-        partition's error), the loop not started yet, or a group (its membership counts the
-        polls, commits from them and revokes partitions on the loop).
+        partition's error), the loop not started yet, a group (its membership counts the
+        polls, commits from them and revokes partitions on the loop), or a key or value
+        deserializer: application code never runs under ``_delivery_lock``, which the shared
+        I/O loop of every client in the process takes to store a fetch answer (a deserializer
+        that waited for any client there would wait for ever).
 
         Safe beside the loop: the loop changes what this reads (answers arriving, resets,
-        seeks, pauses, the assignment) only under ``_delivery_lock``, which this holds."""
-        if self._closed or self._pulse is None or self._coordinator is not None:
+        seeks, pauses, the assignment) only under ``_delivery_lock``, which this holds; close
+        marks the consumer closed under it too, so no records go out once close returned."""
+        if (self._closed or self._pulse is None or self._coordinator is not None
+                or self.key_deserializer is not None or self.value_deserializer is not None):
             return None
         with self._delivery_lock:
-            self.draining_thread = threading.get_ident()
-            try:
-                records = self._drain(max_records or self.max_poll_records)
-            finally:
-                self.draining_thread = None
+            if self._closed:  # closed by another thread while this one waited for the lock
+                return None
+            records = self._drain(max_records or self.max_poll_records)
             freed, self._fetch_slot_freed = self._fetch_slot_freed, False
         if not records:
             return None
@@ -1395,7 +1395,8 @@ class AsyncConsumer:
             await self._finish_within_close(self._leaving)
             await self._finish_within_close(self._auto_commit_task)
         finally:
-            self._closed = True
+            with self._delivery_lock:  # a drain_ready under way ends first (see there)
+                self._closed = True
         tasks = list(self._fetches.values())
         if self._reset_task is not None:
             tasks.append(self._reset_task)
@@ -1437,19 +1438,19 @@ class Consumer:
         return self._run(run())
 
     def _run(self, coro: Any) -> Any:
-        self._refuse_inside_drain(coro)
+        self._refuse_on_loop_thread(coro)
         return self._thread.run(coro)
 
-    def _refuse_inside_drain(self, coro: Any = None) -> None:
-        # A deserializer runs inside poll's drain on this thread, holding the lock the loop
-        # needs to store a fetch answer: waiting for the loop there could wait for ever (on
-        # the loop, the blocking call was refused too).
-        if self._core.draining_thread == threading.get_ident():
+    def _refuse_on_loop_thread(self, coro: Any = None) -> None:
+        # Key/value deserializers run on the clients' shared I/O thread: a blocking call there
+        # would wait for that very thread. Refused before anything changes (a ready poll from
+        # there would re-enter the drain that called the deserializer).
+        if self._thread.in_loop_thread():
             if coro is not None:
                 coro.close()
             raise RuntimeError(
-                "a blocking tidelog Consumer call was made inside a key/value deserializer; "
-                "call it after poll() returns"
+                "a blocking tidelog Consumer call was made on the clients' shared I/O thread "
+                "(inside a key/value deserializer or a delivery callback); call it after poll() returns"
             )
 
     # on_assign/on_revoke run on the application's thread, inside poll() or close(), as in
@@ -1507,7 +1508,7 @@ class Consumer:
         """Run ``coro`` on the loop, running meanwhile the callbacks the loop asks of this
         thread. A callback asked for after ``coro`` finished with a result for which
         ``defer_after`` holds (records to hand out) waits for the next call instead."""
-        self._refuse_inside_drain(coro)
+        self._refuse_on_loop_thread(coro)
         self._run_deferred()
         finished = object()
         future = self._thread.submit(coro)
@@ -1610,7 +1611,7 @@ class Consumer:
         return self._call(self._core.subscription)
 
     def poll(self, timeout_ms: float = 0, max_records: int | None = None) -> list[ConsumerRecord]:
-        self._refuse_inside_drain()
+        self._refuse_on_loop_thread()
         if not self._deferred:  # a rebalance callback owed to the application runs first
             ready = self._core.drain_ready(max_records)
             if ready is not None:
@@ -1711,6 +1712,7 @@ class Consumer:
         self._refuse_inside_callback("close()")
         if self._closed:
             return
+        self._refuse_on_loop_thread()  # before anything is closed: a refused close changes nothing
         self._closed = True
         try:
             self._serve(self._core.close(timeout))

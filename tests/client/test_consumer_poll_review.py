@@ -1,9 +1,12 @@
 """Review of the sync Consumer's poll served on the application's thread (`drain_ready`, issue #5).
 
 Each test forces one interleaving of the application's thread and the clients' shared I/O loop
-(a fake broker; the drain's lock watched, or a deserializer that acts at a chosen record), so its
-outcome does not depend on the machine's speed. Tests marked xfail(strict) pin a defect found in
-the review: they fail today, and start passing (so strict xfail fails) once it is fixed.
+(a fake broker; the drain's lock watched, or a deserializer or the drain itself acting at a
+chosen record), so its outcome does not depend on the machine's speed. The last two pin defects
+the review found (records after close; a poll from a deserializer re-entering the drain), which
+failed before their fix; the deserializer tests pin the fix of two more (a deserializer holding
+the shared loop up from the application's thread; a refused close leaving the consumer half
+closed).
 """
 
 from __future__ import annotations
@@ -132,7 +135,7 @@ def test_ready_polls_honour_max_records_and_rotate_over_partitions(fake_cluster)
             assert consumer.position(tp) == 6
 
 
-def test_a_deserializer_error_on_the_application_thread_hands_out_the_records_before_it(fake_cluster) -> None:
+def test_a_deserializer_error_hands_out_the_records_before_it(fake_cluster) -> None:
     fake_cluster.create_topic("t", 1)
     fake_cluster.append(TP, batch_of(0, 3))
 
@@ -151,7 +154,7 @@ def test_a_deserializer_error_on_the_application_thread_hands_out_the_records_be
         loop_polls = count_loop_polls(consumer)
         with pytest.raises(ValueError, match="v4"):
             consumer.poll(0)  # the batch 3-5 fails at its second record: nothing of it goes out
-        assert loop_polls[0] == 0
+        assert loop_polls[0] == 1  # with a deserializer, polls go to the loop (see below)
         with pytest.raises(ValueError, match="v4"):
             consumer.poll(0)  # again, until a seek past it
         assert consumer.position(TP) == 3
@@ -165,25 +168,27 @@ def test_a_seek_from_another_thread_during_a_ready_poll_is_not_undone_by_it(fake
     fake_cluster.create_topic("t", 1)
     fake_cluster.append(TP, batch_of(0, 3))
     seeker: list[threading.Thread] = []
-    holder: dict[str, Any] = {}
 
-    def value(v: bytes | None) -> bytes | None:
-        consumer = holder["consumer"]
-        if v != b"v4" or seeker or threading.current_thread() is consumer._thread.thread:
-            return v
-        seeker.append(threading.Thread(target=consumer.seek, args=(TP, 0), daemon=True))
-        seeker[0].start()
-        # The seek either completes now, or (today) its loop waits for this drain's lock.
-        assert wait_for(lambda: not seeker[0].is_alive() or holder["lock"].loop_blocked.is_set())
-        return v
-
-    with Consumer(fake_cluster.bootstrap, auto_offset_reset="earliest", value_deserializer=value) as consumer:
-        holder["consumer"] = consumer
+    with Consumer(fake_cluster.bootstrap, auto_offset_reset="earliest") as consumer:
         consumer.assign([TP])
         assert [r.offset for r in consumer.poll(20_000)] == [0, 1, 2]
         # No fetch in flight: the seek is the only thing of this consumer's the loop does.
         buffer_two_answers(fake_cluster, consumer)
-        holder["lock"] = watch_drain_lock(consumer)
+        lock = watch_drain_lock(consumer)
+        core: Any = consumer._core
+        decode_next = core._decode_next
+
+        def decode_then_seek(*args: Any) -> None:
+            decode_next(*args)
+            if seeker or threading.current_thread() is consumer._thread.thread:
+                return
+            # In the middle of the ready poll's drain, holding its lock: a seek from another
+            # thread, whose loop has to wait for the lock.
+            seeker.append(threading.Thread(target=consumer.seek, args=(TP, 0), daemon=True))
+            seeker[0].start()
+            assert lock.loop_blocked.wait(20)
+
+        core._decode_next = decode_then_seek
         first = consumer.poll(0)
         assert seeker, "the ready poll did not decode on this thread"
         seeker[0].join(20)
@@ -193,12 +198,57 @@ def test_a_seek_from_another_thread_during_a_ready_poll_is_not_undone_by_it(fake
         assert consumer.position(TP) > 0
 
 
-# --- defects found in the review (xfail, strict) -------------------------------------------------
+def test_deserializers_never_run_on_the_application_thread(fake_cluster) -> None:
+    """A ready poll decodes on the application's thread holding the drain's lock, which the
+    clients' shared I/O loop takes to store every fetch answer: a key/value deserializer there
+    would hold up every client of the process, and one that waited for a client would wait for
+    ever. So a consumer with one polls through the loop, where its deserializers always ran."""
+    fake_cluster.create_topic("t", 1)
+    fake_cluster.append(TP, batch_of(0, 3))
+    threads: set[threading.Thread] = set()
+
+    def value(v: bytes | None) -> bytes | None:
+        threads.add(threading.current_thread())
+        return v
+
+    with Consumer(fake_cluster.bootstrap, auto_offset_reset="earliest", value_deserializer=value) as consumer:
+        consumer.assign([TP])
+        assert [r.offset for r in consumer.poll(20_000)] == [0, 1, 2]
+        buffer_two_answers(fake_cluster, consumer)  # records ready: a ready poll could serve them
+        loop_polls = count_loop_polls(consumer)
+        assert [r.offset for r in consumer.poll(0)] == list(range(3, 9))
+        assert loop_polls[0] == 1
+        assert threads == {consumer._thread.thread}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "AsyncConsumer.drain_ready (client/consumer.py) tests _closed before taking _delivery_lock and "
-    "close never takes it: a poll on one thread hands out records after close() returned on another"))
+def test_a_close_refused_inside_a_deserializer_leaves_the_consumer_usable(fake_cluster) -> None:
+    fake_cluster.create_topic("t", 1)
+    fake_cluster.append(TP, batch_of(0, 3))
+    refused: list[BaseException] = []
+    holder: dict[str, Consumer] = {}
+
+    def value(v: bytes | None) -> bytes | None:
+        if v == b"v1" and not refused:
+            try:
+                holder["consumer"].close()
+            except RuntimeError as exc:
+                refused.append(exc)
+        return v
+
+    with Consumer(fake_cluster.bootstrap, auto_offset_reset="earliest", value_deserializer=value) as consumer:
+        holder["consumer"] = consumer
+        consumer.assign([TP])
+        assert [r.offset for r in consumer.poll(20_000)] == [0, 1, 2]
+        assert len(refused) == 1 and "deserializer" in str(refused[0])
+        assert consumer.position(TP) == 3  # not half closed: it answers, and consumes on
+        fake_cluster.append(TP, batch_of(3, 3))
+        assert [r.offset for r in consumer.poll(20_000)] == [3, 4, 5]
+
+
+# --- defects found in the review, fixed ----------------------------------------------------------
+
+
+
 def test_no_records_are_handed_out_after_close_returned_on_another_thread(fake_cluster) -> None:
     fake_cluster.create_topic("t", 1)
     fake_cluster.append(TP, batch_of(0, 3))
@@ -229,95 +279,6 @@ def test_no_records_are_handed_out_after_close_returned_on_another_thread(fake_c
         consumer.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "drain_ready (client/consumer.py) runs key/value deserializers on the application's thread "
-    "while holding _delivery_lock; _fetch stores every answer under that lock on the process's "
-    "shared I/O loop, so the loop (every tidelog client of the process) waits for the deserializers"))
-def test_a_deserializer_on_the_application_thread_never_holds_up_the_shared_loop(fake_cluster) -> None:
-    fake_cluster.create_topic("t", 1)
-    fake_cluster.append(TP, batch_of(0, 3))
-    outcome: dict[str, Any] = {}
-    armed = threading.Event()
-    holder: dict[str, Any] = {}
-
-    def value(v: bytes | None) -> bytes | None:
-        consumer = holder["consumer"]
-        loop_thread = consumer._thread.thread
-        if v != b"v3" or not armed.is_set() or threading.current_thread() is loop_thread:
-            return v
-        armed.clear()
-        outcome["on_application_thread"] = True
-        lock, core = holder["lock"], consumer._core
-        fake_cluster.append(TP, batch_of(6, 3))  # the loop's next fetch answer comes meanwhile
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if lock.loop_blocked.is_set():
-                outcome["loop"] = "waited for the drain's lock"
-                # Held by this very thread: nothing else runs on the loop until this returns, so
-                # a blocking call of any other tidelog client made here would never return.
-                other = asyncio.run_coroutine_threadsafe(asyncio.sleep(0), consumer._thread.loop)
-                outcome["other_client_ran"] = wait_for(other.done, timeout=0.5)
-                break
-            if core.highwater(TP) == 9:
-                outcome["loop"] = "stored the answer"
-                break
-            lock.loop_blocked.wait(0.01)
-        return v
-
-    with Consumer(fake_cluster.bootstrap, auto_offset_reset="earliest", value_deserializer=value) as consumer:
-        holder["consumer"] = consumer
-        consumer.assign([TP])
-        assert [r.offset for r in consumer.poll(20_000)] == [0, 1, 2]  # decoded on the loop
-        core: Any = consumer._core
-        fake_cluster.append(TP, batch_of(3, 3))
-        assert wait_for(lambda: core.highwater(TP) == 6)  # buffered, a fetch at 6 in flight
-        holder["lock"] = watch_drain_lock(consumer)
-        armed.set()
-        assert [r.offset for r in consumer.poll(0)] == [3, 4, 5]
-        assert outcome.get("on_application_thread"), "the ready poll did not decode on this thread"
-        assert outcome.get("loop") == "stored the answer", outcome
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "Consumer.close (client/consumer.py) sets _closed and, in its finally, stops the loop handle "
-    "even when _serve refuses it inside a deserializer: the refused close leaves the consumer "
-    "half closed (its handle stopped, the core never closed)"))
-def test_a_close_refused_inside_a_deserializer_leaves_the_consumer_usable(fake_cluster) -> None:
-    fake_cluster.create_topic("t", 1)
-    fake_cluster.append(TP, batch_of(0, 3))
-    refused: list[BaseException] = []
-    holder: dict[str, Consumer] = {}
-
-    def value(v: bytes | None) -> bytes | None:
-        consumer = holder["consumer"]
-        if v == b"v3" and threading.current_thread() is not consumer._thread.thread and not refused:
-            try:
-                consumer.close()
-            except RuntimeError as exc:
-                refused.append(exc)
-        return v
-
-    consumer = Consumer(fake_cluster.bootstrap, auto_offset_reset="earliest", value_deserializer=value)
-    holder["consumer"] = consumer
-    try:
-        consumer.assign([TP])
-        assert [r.offset for r in consumer.poll(20_000)] == [0, 1, 2]
-        # Nothing in flight: the loop never needs the drain's lock while close runs below (else
-        # the refused close's stop() would wait for the loop for ever, the loop for this thread).
-        buffer_two_answers(fake_cluster, consumer)
-        assert [r.offset for r in consumer.poll(0)] == list(range(3, 9))
-        assert len(refused) == 1 and "deserializer" in str(refused[0])
-        assert consumer.position(TP) == 9  # today: RuntimeError("the client is closed")
-    finally:
-        consumer.close()
-        if not consumer._core._closed:  # the half-closed consumer's fetches still run on the loop
-            asyncio.run_coroutine_threadsafe(consumer._core.close(0), consumer._thread.loop).result(20)
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "Consumer.poll (client/consumer.py) calls drain_ready before anything refuses a call from the "
-    "I/O loop: a deserializer run there by the loop's poll re-enters _drain (the drain lock is an "
-    "RLock) in the middle of _decode_next, so a record goes out twice and a batch is skipped"))
 def test_a_poll_from_a_deserializer_on_the_loop_is_refused(fake_cluster) -> None:
     fake_cluster.create_topic("t", 1)
     fake_cluster.append(TP, batch_of(0, 3))
@@ -342,5 +303,5 @@ def test_a_poll_from_a_deserializer_on_the_loop_is_refused(fake_cluster) -> None
         got = consumer.poll(20_000)
         assert inner, "the first batch was not decoded on the loop"
         inner_offsets = [r.offset for r in inner.get("records", [])]
-        # Today: the inner poll hands out [0], this one [0, 1, 2]; 3-5 are skipped (position 6).
+        # Before the fix: the inner poll handed out [0], this one [0, 1, 2]; 3-5 were skipped.
         assert ("refused" in inner, inner_offsets, [r.offset for r in got]) == (True, [], list(range(6)))
