@@ -443,8 +443,18 @@ class ProxyNet:
                 link.open.set()
                 if link.server is not None:
                     link.server.close()
-                for task in list(link.connections):
+            # Cancelled and awaited while the loop still runs: a connection task left pending
+            # when the loop stops closes its sockets only when collected, on a closed loop
+            # (an "Event loop is closed" error in whatever test runs then). Accepts already
+            # scheduled join the set on their first step, hence the rounds.
+            for _ in range(3):
+                tasks = [task for link in self._links.values() for task in link.connections]
+                if not tasks:
+                    break
+                for task in tasks:
                     task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                await asyncio.sleep(0)
         if self._loop.is_running():
             try:
                 asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(5)
