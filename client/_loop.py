@@ -170,7 +170,8 @@ class LoopThread:
             # callback they run (delivery callbacks, commit_async's), shares it.
             raise RuntimeError(
                 "a blocking tidelog client call was made from the clients' shared I/O thread "
-                "(e.g. inside a delivery callback); use the Async* classes there"
+                "(e.g. inside a delivery callback or a key/value deserializer); use the Async* "
+                "classes there, or call it after poll() returns"
             )
         future = self.submit(coro)
         try:

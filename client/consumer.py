@@ -1435,16 +1435,12 @@ class Consumer:
         async def run() -> Any:
             return fn()
 
-        return self._run(run())
-
-    def _run(self, coro: Any) -> Any:
-        self._refuse_on_loop_thread(coro)
-        return self._thread.run(coro)
+        return self._thread.run(run())
 
     def _refuse_on_loop_thread(self, coro: Any = None) -> None:
-        # Key/value deserializers run on the clients' shared I/O thread: a blocking call there
-        # would wait for that very thread. Refused before anything changes (a ready poll from
-        # there would re-enter the drain that called the deserializer).
+        # LoopThread.run refuses this too; poll, close and _serve need it before they change
+        # anything or submit (a ready poll from a deserializer would re-enter the drain that
+        # called it, a refused close would leave the consumer half closed).
         if self._thread.in_loop_thread():
             if coro is not None:
                 coro.close()
@@ -1557,7 +1553,7 @@ class Consumer:
     def commit(self, offsets: Mapping[TopicPartition, int] | None = None, timeout: float | None = None) -> None:
         """Commit ``offsets`` (default: every assigned partition's position) and wait."""
         offsets = None if offsets is None else dict(offsets)
-        self._run(self._core.commit(offsets, timeout))
+        self._thread.run(self._core.commit(offsets, timeout))
 
     def commit_async(
         self,
@@ -1592,7 +1588,7 @@ class Consumer:
     def committed(
         self, partitions: Iterable[TopicPartition], timeout: float | None = None
     ) -> dict[TopicPartition, int | None]:
-        return self._run(self._core.committed(list(partitions), timeout))
+        return self._thread.run(self._core.committed(list(partitions), timeout))
 
     def group_member(self) -> tuple[str, int] | None:
         return self._call(self._core.group_member)
@@ -1649,11 +1645,11 @@ class Consumer:
         self._drop_local([tp])
 
     def seek_to_beginning(self, *partitions: TopicPartition) -> None:
-        self._run(self._core.seek_to_beginning(*partitions))
+        self._thread.run(self._core.seek_to_beginning(*partitions))
         self._drop_local(partitions)
 
     def seek_to_end(self, *partitions: TopicPartition) -> None:
-        self._run(self._core.seek_to_end(*partitions))
+        self._thread.run(self._core.seek_to_end(*partitions))
         self._drop_local(partitions)
 
     def _drop_local(self, partitions: Sequence[TopicPartition]) -> None:
@@ -1664,22 +1660,22 @@ class Consumer:
             self._iter_buffer = deque(r for r in self._iter_buffer if r.topic_partition not in dropped)
 
     def position(self, tp: TopicPartition, timeout: float | None = None) -> int:
-        return self._run(self._core.position(tp, timeout))
+        return self._thread.run(self._core.position(tp, timeout))
 
     def beginning_offsets(
         self, partitions: Iterable[TopicPartition], timeout: float | None = None
     ) -> dict[TopicPartition, int]:
-        return self._run(self._core.beginning_offsets(list(partitions), timeout))
+        return self._thread.run(self._core.beginning_offsets(list(partitions), timeout))
 
     def end_offsets(
         self, partitions: Iterable[TopicPartition], timeout: float | None = None
     ) -> dict[TopicPartition, int]:
-        return self._run(self._core.end_offsets(list(partitions), timeout))
+        return self._thread.run(self._core.end_offsets(list(partitions), timeout))
 
     def offsets_for_times(
         self, timestamps: Mapping[TopicPartition, int], timeout: float | None = None
     ) -> dict[TopicPartition, OffsetAndTimestamp | None]:
-        return self._run(self._core.offsets_for_times(dict(timestamps), timeout))
+        return self._thread.run(self._core.offsets_for_times(dict(timestamps), timeout))
 
     def pause(self, *partitions: TopicPartition) -> None:
         self._call(lambda: self._core.pause(*partitions))
@@ -1694,10 +1690,10 @@ class Consumer:
         return self._call(lambda: self._core.highwater(tp))
 
     def partitions_for_topic(self, topic: str, timeout: float | None = None) -> set[int]:
-        return self._run(self._core.partitions_for_topic(topic, timeout))
+        return self._thread.run(self._core.partitions_for_topic(topic, timeout))
 
     def topics(self) -> set[str]:
-        return self._run(self._core.topics())
+        return self._thread.run(self._core.topics())
 
     def close(self, timeout: float | None = None) -> None:
         """See `AsyncConsumer.close`: ``timeout`` seconds bound the final commit and the leave
